@@ -1,0 +1,206 @@
+//! Configuration: the TOML file, its defaults, and validation into typed settings.
+//!
+//! Every option is documented in `docs/configuration.md`; a default here has a reason there.
+
+use crate::model::Role;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the single listening port (WebSocket and HTTP).
+    pub listen: SocketAddr,
+    /// Number of shard threads; 0 means one per available core.
+    pub shards: usize,
+    /// How long shutdown waits for clients to receive their close frame.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8000".parse().expect("static address"),
+            shards: 0,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+/// Every per-connection limit, with the defaults of SPEC §8.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest inbound message after reassembly (close 1009 beyond it).
+    pub max_message_bytes: usize,
+    /// Largest HTTP upgrade request head (slowloris and header bombs).
+    pub max_handshake_bytes: usize,
+    /// Time allowed to send a complete HTTP request head.
+    pub handshake_timeout_ms: u64,
+    /// Time allowed between the upgrade and a successful `auth` message.
+    pub auth_timeout_ms: u64,
+    /// Server ping interval; a connection silent for two intervals is closed.
+    pub heartbeat_interval_ms: u64,
+    /// Subscriptions (channel x entity) per connection.
+    pub max_subscriptions: usize,
+    /// Items in one `batch` message.
+    pub max_batch: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (1013).
+    pub max_outbound_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 1024,
+            max_handshake_bytes: 8 * 1024,
+            handshake_timeout_ms: 10_000,
+            auth_timeout_ms: 10_000,
+            heartbeat_interval_ms: 30_000,
+            max_subscriptions: 256,
+            max_batch: 50,
+            max_outbound_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_millis(self.auth_timeout_ms)
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Shared secret for HS256 tokens.
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM file with the RSA public key for RS256 tokens.
+    pub jwt_rs256_public_key_file: Option<String>,
+    /// PEM file with the EC public key for ES256 tokens.
+    pub jwt_es256_public_key_file: Option<String>,
+    /// Expected `iss` claim, when set.
+    pub jwt_issuer: Option<String>,
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub key: String,
+    pub user_id: String,
+    pub tenant: String,
+    pub role: Role,
+    /// For devices: the vehicles this key may publish for (empty: any in the tenant).
+    #[serde(default)]
+    pub vehicles: Vec<String>,
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        anyhow::ensure!(
+            l.max_message_bytes >= 64,
+            "limits.max_message_bytes must be at least 64"
+        );
+        anyhow::ensure!(l.max_batch >= 1, "limits.max_batch must be at least 1");
+        anyhow::ensure!(
+            l.heartbeat_interval_ms >= 10,
+            "limits.heartbeat_interval_ms must be at least 10"
+        );
+        anyhow::ensure!(
+            l.max_outbound_bytes >= 4096,
+            "limits.max_outbound_bytes must be at least 4096"
+        );
+        anyhow::ensure!(self.server.shards <= 64, "server.shards must be at most 64");
+        for k in &self.auth.api_keys {
+            anyhow::ensure!(
+                k.key.len() >= 16,
+                "api key for user {:?} is shorter than 16 characters",
+                k.user_id
+            );
+            anyhow::ensure!(!k.tenant.is_empty(), "api key for user {:?} has no tenant", k.user_id);
+        }
+        Ok(())
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards > 0 {
+            self.server.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_spec_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.limits.max_message_bytes, 1024);
+        assert_eq!(c.limits.max_batch, 50);
+        assert_eq!(c.limits.max_subscriptions, 256);
+        assert_eq!(c.limits.auth_timeout_ms, 10_000);
+        assert_eq!(c.limits.heartbeat_interval_ms, 30_000);
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8000");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(Config::from_toml("[limits]\nmax_frame = 3").is_err());
+        assert!(Config::from_toml("[limits]\nmax_batch = 0").is_err());
+        let ok = r#"
+[[auth.api_keys]]
+key = "0123456789abcdef"
+user_id = "u1"
+tenant = "fleet_001"
+role = "viewer"
+"#;
+        assert_eq!(Config::from_toml(ok).unwrap().auth.api_keys.len(), 1);
+        assert!(Config::from_toml(&ok.replace("viewer", "boss")).is_err());
+    }
+}

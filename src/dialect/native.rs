@@ -1,0 +1,655 @@
+//! The native dialect (SPEC §5, `seeds/bookovia-streaming-api.txt`): decoding client
+//! messages into commands, and encoding replies and events.
+//!
+//! Decoding copies the message into a scratch buffer that simd-json parses in place; the
+//! original bytes are kept so that payloads and ids are forwarded byte for byte.
+
+use crate::json::{self, array_elements};
+use crate::model::{Channel, EntityKeys, Severity};
+use simd_json::prelude::*;
+use simd_json::BorrowedValue as Value;
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// A client message the session acts on.
+#[derive(Debug)]
+pub enum Command {
+    Auth(AuthRequest),
+    Subscribe(SubscribeRequest),
+    Publish(PublishRequest),
+    /// Ranges of the batch items in the original message.
+    Batch(Vec<Range<usize>>),
+    Ping,
+    Ack,
+}
+
+#[derive(Debug, Default)]
+pub struct AuthRequest {
+    pub api_key: Option<String>,
+    pub token: Option<String>,
+    pub fleet_id: Option<String>,
+    pub subscriptions: Vec<Channel>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubAction {
+    Subscribe,
+    Unsubscribe,
+    Request,
+}
+
+#[derive(Debug)]
+pub struct SubscribeRequest {
+    pub action: SubAction,
+    pub channel: Channel,
+    pub filters: Filters,
+}
+
+/// Subscription filters. Entity filters select events about any named entity; value
+/// filters are checked per connection at delivery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filters {
+    pub vehicles: Vec<Box<str>>,
+    pub trips: Vec<Box<str>>,
+    pub drivers: Vec<Box<str>>,
+    /// Bit set of accepted severities; 0 accepts all.
+    pub severity: u8,
+    pub categories: Vec<Box<str>>,
+    pub metrics: Vec<Box<str>>,
+    pub status_types: Vec<Box<str>>,
+}
+
+impl Filters {
+    pub fn has_entities(&self) -> bool {
+        !(self.vehicles.is_empty() && self.trips.is_empty() && self.drivers.is_empty())
+    }
+}
+
+/// A validated publish: what routing needs, and where the payload sits in the message.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub channel: Channel,
+    pub payload: Range<usize>,
+    pub keys: EntityKeys,
+    pub severity: Option<Severity>,
+    pub category: Option<Box<str>>,
+    pub status: Option<Box<str>>,
+    /// The publisher's own timestamp: raw string range and UNIX milliseconds.
+    pub timestamp: Option<(Range<usize>, i64)>,
+    pub fleet_id: Option<Box<str>>,
+    pub ack: bool,
+}
+
+/// A refused message: the `error` reply's code, message and the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError {
+    pub code: u16,
+    pub message: Cow<'static, str>,
+    pub field: Option<&'static str>,
+}
+
+impl ProtoError {
+    pub fn new(code: u16, message: impl Into<Cow<'static, str>>) -> ProtoError {
+        ProtoError {
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub fn field(field: &'static str, message: impl Into<Cow<'static, str>>) -> ProtoError {
+        ProtoError {
+            code: 400,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+}
+
+/// Reusable parse state owned by a shard (no allocation per message once warm).
+#[derive(Default)]
+pub struct Parser {
+    scratch: Vec<u8>,
+    buffers: simd_json::Buffers,
+}
+
+/// Longest entity id accepted.
+const MAX_ID_LEN: usize = 128;
+/// Most entries in one filter list.
+const MAX_FILTER_LIST: usize = 256;
+
+impl Parser {
+    /// Decodes one message. Returns the raw range of its `id` (for the reply) and the
+    /// command or the reason it was refused.
+    pub fn decode(&mut self, raw: &[u8]) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(raw);
+        let value = match simd_json::to_borrowed_value_with_buffers(&mut self.scratch, &mut self.buffers) {
+            Ok(v) => v,
+            Err(e) => return (None, Err(ProtoError::new(400, format!("malformed JSON: {e}")))),
+        };
+        let members = json::object_members(raw);
+        let Some(members) = members.filter(|_| value.is_object()) else {
+            return (None, Err(ProtoError::new(400, "a message must be a JSON object")));
+        };
+        let range_of = |k: &str| {
+            members
+                .iter()
+                .find(|m| &raw[m.key.clone()] == k.as_bytes())
+                .map(|m| m.value.clone())
+        };
+        let id = range_of("id").filter(|r| matches!(raw[r.start], b'"' | b'-' | b'0'..=b'9'));
+        (id, decode_value(raw, &value, &range_of))
+    }
+}
+
+fn decode_value(
+    raw: &[u8],
+    v: &Value<'_>,
+    range_of: &dyn Fn(&str) -> Option<Range<usize>>,
+) -> Result<Command, ProtoError> {
+    let Some(ty) = v.get("type") else {
+        return Err(ProtoError::field("type", "missing message type"));
+    };
+    let ty = ty.as_str().ok_or_else(|| ProtoError::field("type", "type must be a string"))?;
+    let empty = Value::from(simd_json::value::borrowed::Object::new());
+    let payload = v.get("payload").unwrap_or(&empty);
+    match ty {
+        "auth" => decode_auth(payload).map(Command::Auth),
+        "subscribe" | "unsubscribe" => decode_subscribe(ty, payload).map(Command::Subscribe),
+        "ping" => Ok(Command::Ping),
+        "ack" => Ok(Command::Ack),
+        "batch" => {
+            let r = range_of("messages").ok_or_else(|| ProtoError::field("messages", "batch needs a messages array"))?;
+            array_elements(&raw[r.clone()])
+                .map(|items| Command::Batch(items.into_iter().map(|i| i.start + r.start..i.end + r.start).collect()))
+                .ok_or_else(|| ProtoError::field("messages", "messages must be an array"))
+        }
+        "publish" => {
+            let name = v
+                .get("channel")
+                .or_else(|| payload.get("channel"))
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| ProtoError::field("channel", "publish needs a channel"))?;
+            let channel = Channel::parse(name)
+                .filter(|c| *c != Channel::System)
+                .ok_or_else(|| ProtoError::field("channel", format!("unknown channel {name:?}")))?;
+            decode_publish(channel, v, payload, range_of).map(Command::Publish)
+        }
+        other => match Channel::from_publish_type(other) {
+            Some(channel) => decode_publish(channel, v, payload, range_of).map(Command::Publish),
+            None => Err(ProtoError::field("type", format!("unknown message type {other:?}"))),
+        },
+    }
+}
+
+fn opt_string(v: &Value<'_>, key: &'static str) -> Result<Option<String>, ProtoError> {
+    match v.get(key) {
+        None => Ok(None),
+        Some(x) if x.is_null() => Ok(None),
+        Some(x) => x
+            .as_str()
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| ProtoError::field(key, format!("{key} must be a string"))),
+    }
+}
+
+fn decode_auth(p: &Value<'_>) -> Result<AuthRequest, ProtoError> {
+    let mut subscriptions = Vec::new();
+    if let Some(list) = p.get("subscriptions") {
+        let list = list
+            .as_array()
+            .ok_or_else(|| ProtoError::field("subscriptions", "subscriptions must be a list of channels"))?;
+        for c in list.iter().take(Channel::COUNT + 1) {
+            let name = c.as_str().unwrap_or("");
+            subscriptions.push(
+                Channel::parse(name)
+                    .ok_or_else(|| ProtoError::field("subscriptions", format!("unknown channel {name:?}")))?,
+            );
+        }
+    }
+    Ok(AuthRequest {
+        api_key: opt_string(p, "api_key")?,
+        token: opt_string(p, "token")?,
+        fleet_id: opt_string(p, "fleet_id")?,
+        subscriptions,
+    })
+}
+
+fn decode_subscribe(ty: &str, p: &Value<'_>) -> Result<SubscribeRequest, ProtoError> {
+    let action = match p.get("action").map(|a| a.as_str()) {
+        None => {
+            if ty == "unsubscribe" {
+                SubAction::Unsubscribe
+            } else {
+                SubAction::Subscribe
+            }
+        }
+        Some(Some("subscribe")) => SubAction::Subscribe,
+        Some(Some("unsubscribe")) => SubAction::Unsubscribe,
+        Some(Some("request")) => SubAction::Request,
+        Some(_) => return Err(ProtoError::field("action", "action must be subscribe, unsubscribe or request")),
+    };
+    let data = p.get("data");
+    let name = p
+        .get("channel")
+        .or_else(|| data.and_then(|d| d.get("channel")))
+        .ok_or_else(|| ProtoError::field("channel", "missing channel"))?;
+    let name = name.as_str().ok_or_else(|| ProtoError::field("channel", "channel must be a string"))?;
+    let channel =
+        Channel::parse(name).ok_or_else(|| ProtoError::field("channel", format!("unknown channel {name:?}")))?;
+    let filters = match p.get("filters").or_else(|| data.and_then(|d| d.get("filters"))) {
+        None => Filters::default(),
+        Some(f) if f.is_null() => Filters::default(),
+        Some(f) if f.is_object() => decode_filters(f)?,
+        Some(_) => return Err(ProtoError::field("filters", "filters must be an object")),
+    };
+    Ok(SubscribeRequest {
+        action,
+        channel,
+        filters,
+    })
+}
+
+/// An entity id: a non-empty string or an integer (some seeds number their devices).
+fn entity_id(v: &Value<'_>) -> Option<Box<str>> {
+    if let Some(s) = v.as_str() {
+        return (!s.is_empty() && s.len() <= MAX_ID_LEN).then(|| s.into());
+    }
+    if v.is_i64() || v.is_u64() {
+        return Some(v.to_string().into());
+    }
+    None
+}
+
+/// A filter value given as one item or a list of items.
+fn list<T>(
+    v: Option<&Value<'_>>,
+    field: &'static str,
+    item: impl Fn(&Value<'_>) -> Option<T>,
+    out: &mut Vec<T>,
+) -> Result<(), ProtoError> {
+    let Some(v) = v else { return Ok(()) };
+    let bad = || ProtoError::field(field, format!("invalid {field}"));
+    match v.as_array() {
+        Some(items) => {
+            if items.len() > MAX_FILTER_LIST {
+                return Err(ProtoError::field(field, format!("at most {MAX_FILTER_LIST} entries")));
+            }
+            for i in items {
+                out.push(item(i).ok_or_else(bad)?);
+            }
+        }
+        None if v.is_null() => {}
+        None => out.push(item(v).ok_or_else(bad)?),
+    }
+    Ok(())
+}
+
+fn decode_filters(f: &Value<'_>) -> Result<Filters, ProtoError> {
+    let mut out = Filters::default();
+    list(f.get("vehicle_id"), "vehicle_id", entity_id, &mut out.vehicles)?;
+    list(f.get("vehicle_ids"), "vehicle_ids", entity_id, &mut out.vehicles)?;
+    list(f.get("device_id"), "device_id", entity_id, &mut out.vehicles)?;
+    list(f.get("trip_id"), "trip_id", entity_id, &mut out.trips)?;
+    list(f.get("driver_id"), "driver_id", entity_id, &mut out.drivers)?;
+    let mut sev = Vec::new();
+    list(f.get("severity"), "severity", |v| v.as_str().and_then(Severity::parse), &mut sev)?;
+    out.severity = sev.iter().fold(0, |m, s| m | s.bit());
+    let word = |v: &Value<'_>| v.as_str().filter(|s| s.len() <= MAX_ID_LEN).map(Into::into);
+    list(f.get("category"), "category", word, &mut out.categories)?;
+    list(f.get("alert_type"), "alert_type", word, &mut out.categories)?;
+    list(f.get("metrics"), "metrics", word, &mut out.metrics)?;
+    list(f.get("status_types"), "status_types", word, &mut out.status_types)?;
+    Ok(out)
+}
+
+fn required_id(p: &Value<'_>, field: &'static str) -> Result<Box<str>, ProtoError> {
+    match p.get(field) {
+        None => Err(ProtoError::field(field, format!("missing {field}"))),
+        Some(v) => entity_id(v).ok_or_else(|| {
+            ProtoError::field(field, format!("{field} must be a non-empty string of at most {MAX_ID_LEN} bytes"))
+        }),
+    }
+}
+
+fn optional_id(p: &Value<'_>, field: &'static str) -> Result<Option<Box<str>>, ProtoError> {
+    match p.get(field) {
+        None => Ok(None),
+        Some(v) if v.is_null() => Ok(None),
+        Some(_) => required_id(p, field).map(Some),
+    }
+}
+
+fn coordinate(loc: &Value<'_>, field: &'static str, bound: f64) -> Result<(), ProtoError> {
+    let v = loc
+        .get(field)
+        .ok_or_else(|| ProtoError::field(field, format!("missing location.{field}")))?;
+    let x = v
+        .cast_f64()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| ProtoError::field(field, format!("location.{field} must be a number")))?;
+    if !(-bound..=bound).contains(&x) {
+        return Err(ProtoError::field(field, format!("location.{field} must be in [-{bound}, {bound}]")));
+    }
+    Ok(())
+}
+
+fn decode_publish(
+    channel: Channel,
+    msg: &Value<'_>,
+    p: &Value<'_>,
+    range_of: &dyn Fn(&str) -> Option<Range<usize>>,
+) -> Result<PublishRequest, ProtoError> {
+    let payload = range_of("payload").ok_or_else(|| ProtoError::field("payload", "missing payload"))?;
+    if !p.is_object() {
+        return Err(ProtoError::field("payload", "payload must be an object"));
+    }
+    let mut keys = EntityKeys {
+        vehicle: optional_id(p, "vehicle_id")?,
+        trip: optional_id(p, "trip_id")?,
+        driver: optional_id(p, "driver_id")?,
+    };
+    if keys.vehicle.is_none() {
+        keys.vehicle = optional_id(p, "device_id")?;
+    }
+    let mut severity = None;
+    let mut category = None;
+    let mut status = None;
+    let opt_word = |field: &'static str| -> Result<Option<Box<str>>, ProtoError> {
+        Ok(opt_string(p, field)?.map(|s| s.into_boxed_str()))
+    };
+    match channel {
+        Channel::VehicleLocations => {
+            required_id(p, "vehicle_id")?;
+            let loc = p.get("location").ok_or_else(|| ProtoError::field("location", "missing location"))?;
+            if !loc.is_object() {
+                return Err(ProtoError::field("location", "location must be an object"));
+            }
+            coordinate(loc, "latitude", 90.0)?;
+            coordinate(loc, "longitude", 180.0)?;
+            for f in ["speed", "heading", "accuracy", "altitude"] {
+                if let Some(v) = loc.get(f)
+                    && !v.is_null()
+                    && v.cast_f64().is_none()
+                {
+                    return Err(ProtoError::field("location", format!("location.{f} must be a number")));
+                }
+            }
+        }
+        Channel::Telemetry | Channel::RouteProgress => {
+            if keys.vehicle.is_none() {
+                return Err(ProtoError::field("vehicle_id", "missing vehicle_id"));
+            }
+        }
+        Channel::DeviceStatus => {
+            if keys.vehicle.is_none() {
+                return Err(ProtoError::field("vehicle_id", "missing vehicle_id (or device_id)"));
+            }
+            status = opt_word("status")?.or(opt_word("new_status")?);
+        }
+        Channel::DriverStatus => {
+            if keys.driver.is_none() && keys.vehicle.is_none() {
+                return Err(ProtoError::field("driver_id", "missing driver_id or vehicle_id"));
+            }
+            status = opt_word("status")?;
+        }
+        Channel::TripEvents => {
+            required_id(p, "trip_id")?;
+            opt_string(p, "event")?.ok_or_else(|| ProtoError::field("event", "missing event"))?;
+        }
+        Channel::Alerts | Channel::MaintenanceAlerts => {
+            if channel == Channel::Alerts {
+                required_id(p, "alert_id")?;
+            }
+            let s = opt_string(p, "severity")?;
+            severity = match s {
+                Some(s) => Some(Severity::parse(&s).ok_or_else(|| {
+                    ProtoError::field("severity", "severity must be one of low, medium, high, critical")
+                })?),
+                None if channel == Channel::Alerts => return Err(ProtoError::field("severity", "missing severity")),
+                None => None,
+            };
+            category = opt_word("category")?.or(opt_word("alert_type")?);
+            if channel == Channel::Alerts && category.is_none() {
+                return Err(ProtoError::field("category", "missing category"));
+            }
+        }
+        Channel::FleetMetrics => {}
+        Channel::System => return Err(ProtoError::new(403, "the system channel is published by the broker")),
+    }
+    let timestamp = match msg.get("timestamp") {
+        None => None,
+        Some(t) if t.is_null() => None,
+        Some(t) => {
+            let s = t.as_str().ok_or_else(|| ProtoError::field("timestamp", "timestamp must be a string"))?;
+            let ms = parse_rfc3339_ms(s)
+                .ok_or_else(|| ProtoError::field("timestamp", "timestamp must be RFC 3339"))?;
+            Some((range_of("timestamp").expect("present"), ms))
+        }
+    };
+    let ack = msg.get("ack").and_then(|a| a.as_bool()).unwrap_or(false);
+    Ok(PublishRequest {
+        channel,
+        payload,
+        keys,
+        severity,
+        category,
+        status,
+        timestamp,
+        fleet_id: opt_string(p, "fleet_id")?.map(Into::into),
+        ack,
+    })
+}
+
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2024-03-15T14:30:00.123Z`.
+pub fn format_rfc3339_ms(unix_ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&f).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- encoding
+
+/// Starts a server message: `{"type":T,"id":ID,"timestamp":TS` (no closing brace).
+fn open(out: &mut Vec<u8>, ty: &str, id: Option<&[u8]>, ts: &str) {
+    out.extend_from_slice(b"{\"type\":");
+    json::write_str(out, ty);
+    out.extend_from_slice(b",\"id\":");
+    match id {
+        Some(raw) => out.extend_from_slice(raw),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"timestamp\":");
+    json::write_str(out, ts);
+}
+
+/// A reply with a JSON payload written by `payload`.
+pub fn reply(ty: &str, id: Option<&[u8]>, ts: &str, payload: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    open(&mut out, ty, id, ts);
+    out.extend_from_slice(b",\"payload\":");
+    payload(&mut out);
+    out.push(b'}');
+    out
+}
+
+pub fn error(id: Option<&[u8]>, ts: &str, e: &ProtoError) -> Vec<u8> {
+    reply("error", id, ts, |o| {
+        o.extend_from_slice(b"{\"code\":");
+        json::write_u64(o, e.code as u64);
+        o.extend_from_slice(b",\"message\":");
+        json::write_str(o, &e.message);
+        if let Some(f) = e.field {
+            o.extend_from_slice(b",\"field\":");
+            json::write_str(o, f);
+        }
+        o.push(b'}');
+    })
+}
+
+/// The fields of an event besides its payload.
+pub struct EventHead<'a> {
+    pub channel: Channel,
+    /// Raw JSON of the id (the publisher's, or a fresh string).
+    pub id: &'a [u8],
+    pub timestamp: &'a str,
+    /// `(seq, epoch)` on event channels.
+    pub seq: Option<(u64, u64)>,
+}
+
+/// Encodes a data event around a raw payload. Returns the JSON and the payload's range in it.
+pub fn event(head: &EventHead<'_>, payload: &[u8]) -> (Vec<u8>, Range<usize>) {
+    let mut out = Vec::with_capacity(payload.len() + 160);
+    open(&mut out, head.channel.event_type(), Some(head.id), head.timestamp);
+    out.extend_from_slice(b",\"channel\":");
+    json::write_str(&mut out, head.channel.name());
+    if let Some((seq, epoch)) = head.seq {
+        out.extend_from_slice(b",\"seq\":");
+        json::write_u64(&mut out, seq);
+        out.extend_from_slice(b",\"epoch\":");
+        json::write_u64(&mut out, epoch);
+    }
+    out.extend_from_slice(b",\"payload\":");
+    let start = out.len();
+    out.extend_from_slice(payload);
+    let range = start..out.len();
+    out.push(b'}');
+    (out, range)
+}
+
+/// Projects a payload's `telemetry` object to the given metric names, keeping every other
+/// member and the order of all members. Used only for subscribers with a `metrics` filter.
+pub fn project_metrics(payload: &[u8], metrics: &[Box<str>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len());
+    let Some(members) = json::object_members(payload) else {
+        return payload.to_vec();
+    };
+    out.push(b'{');
+    for (i, m) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(&payload[m.key.clone()]);
+        out.extend_from_slice(b"\":");
+        let value = &payload[m.value.clone()];
+        if &payload[m.key.clone()] == b"telemetry"
+            && let Some(inner) = json::object_members(value)
+        {
+            out.push(b'{');
+            let mut first = true;
+            for im in inner.iter().filter(|im| metrics.iter().any(|k| k.as_bytes() == &value[im.key.clone()])) {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.push(b'"');
+                out.extend_from_slice(&value[im.key.clone()]);
+                out.extend_from_slice(b"\":");
+                out.extend_from_slice(&value[im.value.clone()]);
+            }
+            out.push(b'}');
+        } else {
+            out.extend_from_slice(value);
+        }
+    }
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(s: &str) -> (Option<String>, Result<Command, ProtoError>) {
+        let mut p = Parser::default();
+        let (id, r) = p.decode(s.as_bytes());
+        (id.map(|r| s[r].to_string()), r)
+    }
+
+    #[test]
+    fn auth_and_subscribe_shapes() {
+        let (id, c) = dec(r#"{"type":"auth","id":"a1","payload":{"api_key":"k","fleet_id":"f","subscriptions":["alerts"]}}"#);
+        assert_eq!(id.as_deref(), Some("\"a1\""));
+        let Command::Auth(a) = c.unwrap() else { panic!() };
+        assert_eq!((a.api_key.as_deref(), a.fleet_id.as_deref()), (Some("k"), Some("f")));
+        assert_eq!(a.subscriptions, vec![Channel::Alerts]);
+
+        let (_, c) = dec(r#"{"type":"subscribe","payload":{"action":"subscribe","data":{"channel":"alerts"},"filters":{"severity":["high","critical"],"vehicle_ids":["v1",7]}}}"#);
+        let Command::Subscribe(s) = c.unwrap() else { panic!() };
+        assert_eq!(s.channel, Channel::Alerts);
+        assert_eq!(s.filters.vehicles, vec!["v1".into(), "7".into()]);
+        assert_eq!(s.filters.severity, Severity::High.bit() | Severity::Critical.bit());
+        let (_, c) = dec(r#"{"type":"subscribe","payload":{"action":"unsubscribe","channel":"telemetry"}}"#);
+        assert!(matches!(c.unwrap(), Command::Subscribe(SubscribeRequest { action: SubAction::Unsubscribe, .. })));
+    }
+
+    #[test]
+    fn publish_validation_names_the_field() {
+        let cases = [
+            (r#"{"type":"location_update","payload":{"location":{"latitude":1,"longitude":2}}}"#, "vehicle_id"),
+            (r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":91,"longitude":2}}}"#, "latitude"),
+            (r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":1,"longitude":-181}}}"#, "longitude"),
+            (r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":"1","longitude":2}}}"#, "latitude"),
+            (r#"{"type":"safety_alert","payload":{"alert_id":"a","severity":"meh","category":"x"}}"#, "severity"),
+            (r#"{"type":"safety_alert","payload":{"alert_id":"a","severity":"low"}}"#, "category"),
+            (r#"{"type":"trip_event","payload":{"event":"trip_started"}}"#, "trip_id"),
+            (r#"{"type":"location_update","timestamp":"yesterday","payload":{"vehicle_id":"v","location":{"latitude":1,"longitude":2}}}"#, "timestamp"),
+            (r#"{"type":"teleport","payload":{}}"#, "type"),
+            (r#"{"type":"publish","channel":"nope","payload":{}}"#, "channel"),
+        ];
+        for (msg, field) in cases {
+            let e = dec(msg).1.unwrap_err();
+            assert_eq!((e.code, e.field), (400, Some(field)), "{msg}: {e:?}");
+        }
+        assert_eq!(dec("{not json").1.unwrap_err().code, 400);
+        assert_eq!(dec("[1,2]").1.unwrap_err().code, 400);
+        assert_eq!(dec(r#"{"type":5}"#).1.unwrap_err().field, Some("type"));
+    }
+
+    #[test]
+    fn publish_keeps_payload_bytes_and_encodes_once() {
+        let msg = r#"{"type":"location_update","id":"m1","payload":{"zeta":1,"vehicle_id":"v1","location":{"latitude":40.7128,"longitude":-74.006},"alpha":{"x":[1,2]}}}"#;
+        let (id, c) = dec(msg);
+        let Command::Publish(p) = c.unwrap() else { panic!() };
+        assert_eq!(p.keys.vehicle.as_deref(), Some("v1"));
+        let payload = &msg[p.payload.clone()];
+        let id = id.unwrap();
+        let head = EventHead { channel: p.channel, id: id.as_bytes(), timestamp: "2024-03-15T14:30:00.000Z", seq: None };
+        let (bytes, range) = event(&head, payload.as_bytes());
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert_eq!(&text[range], payload);
+        assert_eq!(
+            text,
+            r#"{"type":"location_update","id":"m1","timestamp":"2024-03-15T14:30:00.000Z","channel":"vehicle_locations","payload":{"zeta":1,"vehicle_id":"v1","location":{"latitude":40.7128,"longitude":-74.006},"alpha":{"x":[1,2]}}}"#
+        );
+    }
+
+    #[test]
+    fn batch_items_are_ranges() {
+        let msg = r#"{"type":"batch","messages":[{"type":"ping"},{"type":"ack"}]}"#;
+        let Command::Batch(items) = dec(msg).1.unwrap() else { panic!() };
+        assert_eq!(items.iter().map(|r| &msg[r.clone()]).collect::<Vec<_>>(), vec![r#"{"type":"ping"}"#, r#"{"type":"ack"}"#]);
+    }
+
+    #[test]
+    fn metrics_projection_keeps_order() {
+        let p = br#"{"vehicle_id":"v","telemetry":{"fuel_level":75.5,"engine_rpm":2100,"odometer":1},"x":1}"#;
+        let out = project_metrics(p, &["odometer".into(), "fuel_level".into()]);
+        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"vehicle_id":"v","telemetry":{"fuel_level":75.5,"odometer":1},"x":1}"#);
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(format_rfc3339_ms(1_710_513_000_123), "2024-03-15T14:30:00.123Z");
+        assert_eq!(parse_rfc3339_ms("2024-03-15T14:30:00.123Z"), Some(1_710_513_000_123));
+    }
+}

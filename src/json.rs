@@ -1,0 +1,224 @@
+//! Small JSON helpers for the hot path: an escaping writer and a span scanner.
+//!
+//! The broker forwards publishers' payloads untouched, in their field order, so it never
+//! re-serializes them: simd-json validates a message and extracts the fields routing needs,
+//! and [`object_members`] finds the byte ranges of the members to copy verbatim.
+//! The scanner assumes its input already passed simd-json validation.
+
+use std::ops::Range;
+
+/// Appends `s` as a JSON string literal (with quotes).
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+pub fn write_u64(out: &mut Vec<u8>, n: u64) {
+    let mut b = itoa::Buffer::new();
+    out.extend_from_slice(b.format(n).as_bytes());
+}
+
+/// Appends `"key":` (the key must not need escaping).
+pub fn write_key(out: &mut Vec<u8>, key: &str) {
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && matches!(b[i], b' ' | b'\n' | b'\r' | b'\t') {
+        i += 1;
+    }
+    i
+}
+
+/// End (exclusive) of the string starting at `b[i] == '"'`.
+fn skip_string(b: &[u8], mut i: usize) -> usize {
+    i += 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// End (exclusive) of the value starting at `b[i]` (after whitespace).
+fn skip_value(b: &[u8], i: usize) -> usize {
+    match b.get(i) {
+        Some(b'"') => skip_string(b, i),
+        Some(b'{') | Some(b'[') => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < b.len() {
+                match b[j] {
+                    b'"' => {
+                        j = skip_string(b, j);
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return j + 1;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            b.len()
+        }
+        Some(_) => {
+            let mut j = i;
+            while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')
+            {
+                j += 1;
+            }
+            j
+        }
+        None => i,
+    }
+}
+
+/// One member of an object: the raw key (without quotes, still escaped) and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub key: Range<usize>,
+    pub value: Range<usize>,
+}
+
+/// The members of the object that spans `b` (leading/trailing whitespace allowed), in order.
+/// Returns `None` if `b` is not an object. `b` must be valid JSON.
+pub fn object_members(b: &[u8]) -> Option<Vec<Member>> {
+    let mut out = Vec::new();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(out);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let kend = skip_string(b, i);
+        let key = i + 1..kend - 1;
+        i = skip_ws(b, kend);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let vstart = skip_ws(b, i + 1);
+        let vend = skip_value(b, vstart);
+        out.push(Member {
+            key,
+            value: vstart..vend,
+        });
+        i = skip_ws(b, vend);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'}') => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
+/// The raw value of the top-level member `key` of the object `b`.
+pub fn member<'a>(b: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    object_members(b)?
+        .into_iter()
+        .find(|m| &b[m.key.clone()] == key.as_bytes())
+        .map(|m| &b[m.value])
+}
+
+/// The raw elements of the array that spans `b`, in order. `b` must be valid JSON.
+pub fn array_elements(b: &[u8]) -> Option<Vec<Range<usize>>> {
+    let mut out = Vec::new();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'[') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b']') {
+        return Some(out);
+    }
+    loop {
+        let end = skip_value(b, i);
+        out.push(i..end);
+        i = skip_ws(b, end);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b']') => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_strings() {
+        let mut v = Vec::new();
+        write_str(&mut v, "a\"b\\c\nd\u{1}é");
+        assert_eq!(std::str::from_utf8(&v).unwrap(), r#""a\"b\\c\nd\u0001é""#);
+        let back: String = serde_json::from_slice(&v).unwrap();
+        assert_eq!(back, "a\"b\\c\nd\u{1}é");
+    }
+
+    #[test]
+    fn finds_members_in_order_with_nesting() {
+        let src = br#" { "type" : "x", "payload": {"a": [1, {"b": "}"}], "s": "q\"}"}, "n": -1.5e3 , "t":true}"#;
+        let m = object_members(src).unwrap();
+        let keys: Vec<&[u8]> = m.iter().map(|m| &src[m.key.clone()]).collect();
+        assert_eq!(keys, vec![&b"type"[..], b"payload", b"n", b"t"]);
+        assert_eq!(
+            member(src, "payload").unwrap(),
+            br#"{"a": [1, {"b": "}"}], "s": "q\"}"}"#
+        );
+        assert_eq!(member(src, "n").unwrap(), b"-1.5e3");
+        assert_eq!(member(src, "t").unwrap(), b"true");
+        assert!(member(src, "zz").is_none());
+        assert_eq!(object_members(b"{}").unwrap(), vec![]);
+        assert!(object_members(b"[1]").is_none());
+    }
+
+    #[test]
+    fn finds_array_elements() {
+        let src = br#"[ {"a":[1,2]}, "x,y" ,3]"#;
+        let el: Vec<&[u8]> = array_elements(src).unwrap().into_iter().map(|r| &src[r]).collect();
+        assert_eq!(el, vec![&br#"{"a":[1,2]}"#[..], br#""x,y""#, b"3"]);
+        assert_eq!(array_elements(b"[]").unwrap(), vec![]);
+    }
+}

@@ -1,0 +1,25 @@
+//! fleetcast: a sharded WebSocket broker for real-time fleet telematics.
+//!
+//! Layers, from the bottom:
+//! - pure core, no IO and no clock: [`wire`] (HTTP upgrade, RFC 6455 frames), [`dialect`]
+//!   (message codecs), [`session`] (one connection's protocol state), [`route`] (the
+//!   subscriber index), [`auth`], [`config`], [`json`], [`event`];
+//! - [`hub`]: per-tenant state shared by shards (stream seq, last known state, interest);
+//! - [`shard`]: one thread per core driving sockets with mio;
+//! - [`node`]: starts and stops the shards.
+//!
+//! See `docs/architecture.md` for the path of one message.
+
+pub mod auth;
+pub mod config;
+pub mod dialect;
+pub mod event;
+pub mod hub;
+pub mod json;
+pub mod metrics;
+pub mod model;
+pub mod node;
+pub mod route;
+pub mod session;
+pub mod shard;
+pub mod wire;

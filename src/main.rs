@@ -1,0 +1,145 @@
+//! The `fleetcast` binary: parses the command line, builds the config, runs a node.
+
+use clap::{Parser, Subcommand};
+use fleetcast::config::{ApiKeyConfig, Config};
+use fleetcast::model::Role;
+use fleetcast::node::Node;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser)]
+#[command(name = "fleetcast", version, about = "High-throughput WebSocket broker for fleet telematics")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker. Without a config file it starts in development mode.
+    Serve {
+        /// TOML config file.
+        #[arg(long, env = "FLEETCAST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen address (overrides server.listen).
+        #[arg(long, env = "FLEETCAST_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Shard threads (overrides server.shards; 0 = one per core).
+        #[arg(long, env = "FLEETCAST_SHARDS")]
+        shards: Option<usize>,
+    },
+    /// Mint an HS256 JWT for development.
+    Token {
+        #[arg(long, env = "FLEETCAST_JWT_SECRET")]
+        secret: String,
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        #[arg(long)]
+        vehicle: Option<String>,
+    },
+    /// Validate a config file and explain what is wrong with it.
+    CheckConfig { path: PathBuf },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("unknown role {s:?} (device, viewer, service, admin)"))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random source is available");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Development mode: one tenant and a key per role, printed for the user.
+fn dev_config(mut cfg: Config) -> Config {
+    for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
+        cfg.auth.api_keys.push(ApiKeyConfig {
+            key: format!("dev-{}-{}", role.name(), random_hex(12)),
+            user_id: format!("dev-{}", role.name()),
+            tenant: "fleet_001".into(),
+            role,
+            vehicles: vec![],
+        });
+    }
+    cfg.auth.jwt_hs256_secret = Some(random_hex(24));
+    cfg
+}
+
+fn print_dev_banner(cfg: &Config, addr: SocketAddr) {
+    println!("fleetcast development mode: no config file given, tenant fleet_001 created.");
+    println!("API keys (valid until this process exits):");
+    for k in &cfg.auth.api_keys {
+        println!("  {:<8} {}", k.role.name(), k.key);
+    }
+    let viewer = &cfg.auth.api_keys[1].key;
+    println!("JWT secret (fleetcast token --secret ...): {}", cfg.auth.jwt_hs256_secret.as_deref().unwrap_or(""));
+    println!("Dashboard URL: ws://{addr}/v1/streaming/websocket?api_key={viewer}&fleet_id=fleet_001");
+    println!("Health:        http://{addr}/healthz");
+}
+
+fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, shards: Option<usize>) -> anyhow::Result<()> {
+    let dev = config.is_none();
+    let mut cfg = match &config {
+        Some(p) => Config::load(p)?,
+        None => dev_config(Config::default()),
+    };
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    if let Some(s) = shards {
+        cfg.server.shards = s;
+    }
+    cfg.validate()?;
+    let shown = cfg.clone();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let node = Node::start(cfg)?;
+    let addr = node.local_addr();
+    if dev {
+        print_dev_banner(&shown, addr);
+    }
+    tracing::info!(%addr, shards = node.shard_count(), "fleetcast listening");
+    println!("listening on {addr} with {} shards", node.shard_count());
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    node.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve { config, listen, shards } => serve(config, listen, shards),
+        Command::Token { secret, sub, tenant, role, ttl, vehicle } => {
+            let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + ttl;
+            println!("{}", fleetcast::auth::mint_hs256(&secret, &sub, &tenant, role, exp, vehicle.as_deref())?);
+            Ok(())
+        }
+        Command::CheckConfig { path } => {
+            Config::load(&path)?;
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+    }
+}

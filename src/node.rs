@@ -1,0 +1,150 @@
+//! A node: binds the listeners, starts one shard thread per core, and stops them.
+//! No protocol logic lives here.
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::hub::Hubs;
+use crate::metrics::{self, ShardStats};
+use crate::shard::{Shard, ShardMsg, WAKER};
+use crossbeam_channel::Sender;
+use mio::{Poll, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Read-mostly state every shard sees: config, credentials, tenant hubs, and the way to
+/// reach every other shard.
+pub struct Shared {
+    pub config: Config,
+    pub auth: Authenticator,
+    pub hubs: Hubs,
+    pub mesh: Vec<Sender<ShardMsg>>,
+    pub wakers: Vec<Arc<Waker>>,
+    pub stats: Vec<ShardStats>,
+}
+
+/// A shard whose loop has not turned for this long makes `/readyz` fail.
+const STALL_MS: u64 = 3_000;
+
+impl Shared {
+    pub fn readiness(&self) -> (u16, String) {
+        let now = unix_ms();
+        let stalled: Vec<usize> = self
+            .stats
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| now.saturating_sub(s.last_turn_ms.load(Ordering::Relaxed)) > STALL_MS)
+            .map(|(i, _)| i)
+            .collect();
+        if stalled.is_empty() {
+            (200, "ready\n".into())
+        } else {
+            (503, format!("stalled shards: {stalled:?}\n"))
+        }
+    }
+
+    pub fn render_metrics(&self) -> String {
+        metrics::render(&self.stats)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+pub struct Node {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
+    pub fn start(config: Config) -> anyhow::Result<Node> {
+        let n = config.shard_count();
+        let auth = Authenticator::new(&config.auth)?;
+        let first = bind(config.server.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(bind(addr)?);
+        }
+        let mut polls = Vec::new();
+        let mut wakers = Vec::new();
+        let mut mesh = Vec::new();
+        let mut inboxes = Vec::new();
+        for _ in 0..n {
+            let poll = Poll::new()?;
+            wakers.push(Arc::new(Waker::new(poll.registry(), WAKER)?));
+            polls.push(poll);
+            let (tx, rx) = crossbeam_channel::unbounded();
+            mesh.push(tx);
+            inboxes.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            config,
+            auth,
+            hubs: Hubs::new(unix_ms()),
+            mesh,
+            wakers,
+            stats: (0..n).map(|_| ShardStats::default()).collect(),
+        });
+        let mut threads = Vec::new();
+        for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
+            let shard = Shard::new(
+                id,
+                poll,
+                mio::net::TcpListener::from_std(listener),
+                inbox,
+                shared.clone(),
+            )?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fleetcast-shard-{id}"))
+                    .spawn(move || shard.run())?,
+            );
+        }
+        Ok(Node {
+            addr,
+            shared,
+            threads,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shared.mesh.len()
+    }
+
+    /// Stops accepting, closes every client with 1001 and waits for the shards to finish
+    /// (at most the configured grace period).
+    pub fn shutdown(self) {
+        for (tx, waker) in self.shared.mesh.iter().zip(&self.shared.wakers) {
+            let _ = tx.send(ShardMsg::Shutdown);
+            let _ = waker.wake();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}

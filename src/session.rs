@@ -1,0 +1,736 @@
+//! One client connection's protocol state, as plain code: no sockets, no clock, no threads.
+//!
+//! ```text
+//!            upgrade (credential in query/header?)
+//!                 |                    \
+//!                 v                     v
+//!          AwaitingAuth --auth ok--> Active --token expiry / heartbeat / close--> Closed
+//!                 |  \__ auth timeout (408, close 1008)
+//!                 \____ auth error (auth_error, close 1008)
+//! ```
+//!
+//! Call order, in quinn's manner:
+//! - input: [`Session::handle_message`] for every complete WebSocket message,
+//!   [`Session::handle_tick`] at least every [`Session::tick_interval`];
+//!   [`Session::set_fence`] after the shard took the snapshot a `Subscribe` asked for.
+//! - output: drain [`Session::poll_action`] after every input, in order.
+//! - delivery: [`Session::verdict`] for every event the shard's index routes here.
+
+use crate::auth::{AuthError, Authenticator, Credential, Principal};
+use crate::config::Limits;
+use crate::dialect::native::{
+    self, AuthRequest, Command, Filters, Parser, ProtoError, PublishRequest, SubAction,
+    SubscribeRequest,
+};
+use crate::event::{Event, Publication};
+use crate::json;
+use crate::model::{Channel, Role};
+use crate::wire::frame::{self, Message, close};
+use crate::wire::handshake::Scope;
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The two clocks a session needs: monotonic for deadlines, wall for timestamps.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub unix_ms: i64,
+}
+
+impl Now {
+    pub fn unix_secs(&self) -> u64 {
+        (self.unix_ms / 1000).max(0) as u64
+    }
+    fn rfc3339(&self) -> String {
+        native::format_rfc3339_ms(self.unix_ms)
+    }
+}
+
+/// Read-only inputs shared by every session of a shard.
+pub struct Ctx<'a> {
+    pub limits: &'a Limits,
+    pub auth: &'a Authenticator,
+    pub parser: &'a mut Parser,
+}
+
+/// Index keys a subscription change adds or removes. `all` is the channel-wide key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub all: bool,
+    pub vehicles: Vec<Box<str>>,
+    pub trips: Vec<Box<str>>,
+    pub drivers: Vec<Box<str>>,
+}
+
+impl Selection {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.vehicles.is_empty() && self.trips.is_empty() && self.drivers.is_empty()
+    }
+    fn len(&self) -> usize {
+        self.all as usize + self.vehicles.len() + self.trips.len() + self.drivers.len()
+    }
+    /// Whether an event about `keys` falls inside this selection.
+    pub fn matches(&self, keys: &crate::model::EntityKeys) -> bool {
+        let hit = |list: &[Box<str>], k: &Option<Box<str>>| {
+            k.as_ref().is_some_and(|k| list.iter().any(|x| x == k))
+        };
+        self.all
+            || hit(&self.vehicles, &keys.vehicle)
+            || hit(&self.trips, &keys.trip)
+            || hit(&self.drivers, &keys.driver)
+    }
+}
+
+/// What the session asks its shard to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Queue this complete frame for the client.
+    Send(Vec<u8>),
+    /// The session is now authenticated as [`Session::principal`].
+    Authenticated,
+    /// Add these keys to the index; then send a snapshot of `snapshot` (state channels)
+    /// and call [`Session::set_fence`].
+    Subscribe {
+        channel: Channel,
+        added: Selection,
+        snapshot: Selection,
+    },
+    /// Remove these keys from the index.
+    Unsubscribe { channel: Channel, removed: Selection },
+    /// Answer a one-off `request`: the current state of `selection` on `channel`.
+    SnapshotRequest {
+        channel: Channel,
+        selection: Selection,
+        id: Option<Vec<u8>>,
+    },
+    Publish(Publication),
+    /// Send a close frame with this code, then close the connection.
+    Close { code: u16, reason: &'static str },
+}
+
+/// Snapshot fence: the newest seq per entity already sent in a snapshot, so that an event
+/// still in flight when the snapshot was taken is not delivered a second time.
+#[derive(Debug, Default)]
+pub struct Fence {
+    pub seqs: HashMap<Box<str>, u64>,
+    pub max: u64,
+}
+
+#[derive(Debug, Default)]
+struct Subscription {
+    keys: Selection,
+    severity: u8,
+    categories: Vec<Box<str>>,
+    status_types: Vec<Box<str>>,
+    metrics: Option<Arc<[Box<str>]>>,
+    fence: Option<Box<Fence>>,
+}
+
+/// How one routed event reaches this connection.
+#[derive(Debug)]
+pub enum Verdict {
+    Skip,
+    /// The shared frame as is.
+    Shared,
+    /// A frame projected to these telemetry metrics.
+    Projected(Arc<[Box<str>]>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    AwaitingAuth { deadline: Instant },
+    Active,
+    Closed,
+}
+
+pub struct Session {
+    conn_id: Box<str>,
+    scope: Scope,
+    state: State,
+    principal: Option<Principal>,
+    subs: [Option<Box<Subscription>>; Channel::COUNT],
+    sub_count: usize,
+    last_heard: Instant,
+    next_ping: Instant,
+    heartbeat: Duration,
+    actions: VecDeque<Action>,
+}
+
+impl Session {
+    /// A session for a freshly upgraded connection; `principal` is set when the handshake
+    /// carried a valid credential.
+    pub fn new(
+        conn_id: Box<str>,
+        scope: Scope,
+        principal: Option<Principal>,
+        now: Instant,
+        limits: &Limits,
+    ) -> Session {
+        let state = match principal {
+            Some(_) => State::Active,
+            None => State::AwaitingAuth {
+                deadline: now + limits.auth_timeout(),
+            },
+        };
+        let mut s = Session {
+            conn_id,
+            scope,
+            state,
+            principal,
+            subs: Default::default(),
+            sub_count: 0,
+            last_heard: now,
+            next_ping: now + limits.heartbeat_interval(),
+            heartbeat: limits.heartbeat_interval(),
+            actions: VecDeque::new(),
+        };
+        if s.principal.is_some() {
+            s.actions.push_back(Action::Authenticated);
+        }
+        s
+    }
+
+    // ------------------------------------------------------------------ getters
+
+    pub fn principal(&self) -> Option<&Principal> {
+        self.principal.as_ref()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.sub_count
+    }
+
+    /// Every index key this session holds, for cleanup when the connection goes away.
+    pub fn subscriptions(&self) -> impl Iterator<Item = (Channel, &Selection)> {
+        Channel::ALL
+            .into_iter()
+            .filter_map(|c| self.subs[c.index()].as_ref().map(|s| (c, &s.keys)))
+    }
+
+    /// How often [`Session::handle_tick`] must be called for deadlines to hold.
+    pub fn tick_interval(limits: &Limits) -> Duration {
+        let fine = limits.heartbeat_interval().min(limits.auth_timeout()) / 4;
+        fine.clamp(Duration::from_millis(5), Duration::from_secs(1))
+    }
+
+    // ------------------------------------------------------------------ output
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    // ------------------------------------------------------------------ input
+
+    pub fn handle_message(&mut self, now: Now, msg: Message<'_>, ctx: &mut Ctx<'_>) {
+        if self.is_closed() {
+            return;
+        }
+        self.last_heard = now.mono;
+        match msg {
+            Message::Text(raw) => self.handle_text(now, raw, ctx, true),
+            Message::Binary(_) => self.close(close::UNSUPPORTED_DATA, "binary frames are not supported"),
+            Message::Ping(p) => self.send(frame::pong_frame(p)),
+            Message::Pong => {}
+            Message::Close(_) => self.close(close::NORMAL, ""),
+        }
+    }
+
+    pub fn handle_tick(&mut self, now: Now) {
+        match self.state {
+            State::Closed => return,
+            State::AwaitingAuth { deadline } if now.mono >= deadline => {
+                self.send_error(now, None, &ProtoError::new(408, "authentication timed out"));
+                self.close(close::POLICY_VIOLATION, "auth timeout");
+                return;
+            }
+            _ => {}
+        }
+        if let Some(exp) = self.principal.as_ref().and_then(|p| p.expires_at)
+            && now.unix_secs() >= exp
+        {
+            self.send_error(now, None, &ProtoError::new(401, "token expired"));
+            self.close(close::TOKEN_EXPIRED, "token expired");
+            return;
+        }
+        if now.mono.saturating_duration_since(self.last_heard) >= self.heartbeat * 2 {
+            self.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+            return;
+        }
+        if now.mono >= self.next_ping {
+            self.send(frame::ping_frame(b""));
+            self.next_ping = now.mono + self.heartbeat;
+        }
+    }
+
+    /// Records the snapshot fence for `channel` (after the shard sent the snapshot).
+    pub fn set_fence(&mut self, channel: Channel, fence: Fence) {
+        if let Some(sub) = self.subs[channel.index()].as_mut() {
+            sub.fence = (!fence.seqs.is_empty()).then(|| Box::new(fence));
+        }
+    }
+
+    /// Decides whether and how an event routed to this connection is delivered.
+    /// Cheap: integer and short-list comparisons, no JSON.
+    pub fn verdict(&mut self, ev: &Event) -> Verdict {
+        let Some(sub) = self.subs[ev.channel.index()].as_mut() else {
+            return Verdict::Skip;
+        };
+        if let Some(f) = &sub.fence {
+            if ev.seq > f.max {
+                sub.fence = None;
+            } else if let Some(k) = ev.keys.state_key(ev.channel)
+                && f.seqs.get(k).is_some_and(|&s| ev.seq <= s)
+            {
+                return Verdict::Skip;
+            }
+        }
+        if sub.severity != 0 && !ev.severity.is_some_and(|s| sub.severity & s.bit() != 0) {
+            return Verdict::Skip;
+        }
+        let listed = |list: &[Box<str>], v: &Option<Box<str>>| {
+            list.is_empty() || v.as_ref().is_some_and(|v| list.contains(v))
+        };
+        if !listed(&sub.categories, &ev.category) || !listed(&sub.status_types, &ev.status) {
+            return Verdict::Skip;
+        }
+        match &sub.metrics {
+            Some(m) => Verdict::Projected(m.clone()),
+            None => Verdict::Shared,
+        }
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    fn send(&mut self, frame: Vec<u8>) {
+        self.actions.push_back(Action::Send(frame));
+    }
+
+    fn send_json(&mut self, json: Vec<u8>) {
+        self.send(frame::text_frame(&json));
+    }
+
+    fn send_error(&mut self, now: Now, id: Option<&[u8]>, e: &ProtoError) {
+        self.send_json(native::error(id, &now.rfc3339(), e));
+    }
+
+    fn close(&mut self, code: u16, reason: &'static str) {
+        if self.state != State::Closed {
+            self.state = State::Closed;
+            self.actions.push_back(Action::Close { code, reason });
+        }
+    }
+
+    fn handle_text(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>, top_level: bool) {
+        let (id_range, cmd) = ctx.parser.decode(raw);
+        let id = id_range.map(|r| &raw[r]);
+        let cmd = match cmd {
+            Ok(c) => c,
+            Err(e) => return self.send_error(now, id, &e),
+        };
+        let authed = self.state == State::Active;
+        let result = match cmd {
+            Command::Auth(a) => self.handle_auth(now, id, a, ctx),
+            Command::Ping => {
+                let ts = now.rfc3339();
+                self.send_json(native::reply("pong", id, &ts, |o| {
+                    o.extend_from_slice(b"{\"server_time\":");
+                    json::write_str(o, &ts);
+                    o.push(b'}');
+                }));
+                Ok(())
+            }
+            Command::Ack => Ok(()),
+            _ if !authed => Err(ProtoError::new(401, "authenticate first")),
+            Command::Subscribe(s) => self.handle_subscribe(now, id, s, ctx.limits),
+            Command::Publish(p) => self.handle_publish(now, id, raw, p),
+            Command::Batch(_) if !top_level => Err(ProtoError::field("messages", "batches do not nest")),
+            Command::Batch(items) => self.handle_batch(now, raw, items, ctx),
+        };
+        if let Err(e) = result {
+            self.send_error(now, id, &e);
+        }
+    }
+
+    fn handle_batch(
+        &mut self,
+        now: Now,
+        raw: &[u8],
+        items: Vec<Range<usize>>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(), ProtoError> {
+        if items.len() > ctx.limits.max_batch {
+            return Err(ProtoError::field(
+                "messages",
+                format!("a batch holds at most {} messages", ctx.limits.max_batch),
+            ));
+        }
+        for item in items {
+            if self.is_closed() {
+                break;
+            }
+            self.handle_text(now, &raw[item], ctx, false);
+        }
+        Ok(())
+    }
+
+    fn handle_auth(
+        &mut self,
+        now: Now,
+        id: Option<&[u8]>,
+        a: AuthRequest,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(), ProtoError> {
+        let cred = match (&a.token, &a.api_key) {
+            (Some(t), _) => Some(Credential::Token(t)),
+            (None, Some(k)) => Some(Credential::ApiKey(k)),
+            (None, None) => None,
+        };
+        let verified = match cred {
+            Some(c) => ctx.auth.authenticate(c, now.unix_secs()).map_err(|e| auth_error(&e)),
+            // A repeat without a credential on an authenticated connection is fine.
+            None => self
+                .principal
+                .clone()
+                .ok_or_else(|| ProtoError::new(401, "auth needs api_key or token")),
+        };
+        let principal = verified.and_then(|p| {
+            let tenant_ok = a.fleet_id.as_deref().is_none_or(|f| f == &*p.tenant)
+                && match &self.scope {
+                    Scope::Fleet(f) => **f == *p.tenant,
+                    _ => true,
+                };
+            if tenant_ok {
+                Ok(p)
+            } else {
+                Err(ProtoError::new(403, "credential does not belong to this fleet"))
+            }
+        });
+        match (&self.state, principal) {
+            (State::Active, Ok(p)) => {
+                let current = self.principal.as_ref().expect("active has a principal");
+                if !current.same_identity(&p) {
+                    return Err(ProtoError::new(409, "connection is authenticated as another principal"));
+                }
+            }
+            (State::Active, Err(e)) => return Err(e),
+            (_, Ok(p)) => {
+                self.principal = Some(p);
+                self.state = State::Active;
+                self.actions.push_back(Action::Authenticated);
+            }
+            (_, Err(e)) => {
+                let ts = now.rfc3339();
+                self.send_json(native::reply("auth_error", id, &ts, |o| {
+                    write_code_message(o, e.code, &e.message)
+                }));
+                self.close(close::POLICY_VIOLATION, "authentication failed");
+                return Ok(());
+            }
+        }
+        self.send_auth_success(now, id, ctx.limits);
+        for c in a.subscriptions {
+            let req = SubscribeRequest {
+                action: SubAction::Subscribe,
+                channel: c,
+                filters: Filters::default(),
+            };
+            if let Err(e) = self.handle_subscribe(now, None, req, ctx.limits) {
+                self.send_error(now, id, &e);
+            }
+        }
+        Ok(())
+    }
+
+    fn send_auth_success(&mut self, now: Now, id: Option<&[u8]>, limits: &Limits) {
+        let p = self.principal.as_ref().expect("authenticated");
+        let ts = now.rfc3339();
+        let json = native::reply("auth_success", id, &ts, |o| {
+            o.extend_from_slice(b"{\"connection_id\":");
+            json::write_str(o, &self.conn_id);
+            o.extend_from_slice(b",\"user_id\":");
+            json::write_str(o, &p.user_id);
+            o.extend_from_slice(b",\"fleet_id\":");
+            json::write_str(o, &p.tenant);
+            o.extend_from_slice(b",\"role\":");
+            json::write_str(o, p.role.name());
+            o.extend_from_slice(b",\"server_time\":");
+            json::write_str(o, &ts);
+            o.extend_from_slice(b",\"limits\":{\"max_message_bytes\":");
+            json::write_u64(o, limits.max_message_bytes as u64);
+            o.extend_from_slice(b",\"max_subscriptions\":");
+            json::write_u64(o, limits.max_subscriptions as u64);
+            o.extend_from_slice(b",\"max_batch\":");
+            json::write_u64(o, limits.max_batch as u64);
+            o.extend_from_slice(b",\"heartbeat_interval_ms\":");
+            json::write_u64(o, limits.heartbeat_interval_ms);
+            o.extend_from_slice(b"}}");
+        });
+        self.send_json(json);
+    }
+
+    /// Applies the endpoint scope (`/vehicle/{id}`, `/trip/{id}`) to requested filters.
+    fn scoped(&self, mut f: Filters) -> Result<Filters, ProtoError> {
+        let outside = || ProtoError::new(403, "filter outside this endpoint's scope");
+        match &self.scope {
+            Scope::Vehicle(v) => {
+                if f.vehicles.iter().any(|x| x != v) || !f.trips.is_empty() || !f.drivers.is_empty() {
+                    return Err(outside());
+                }
+                f.vehicles = vec![v.clone()];
+            }
+            Scope::Trip(t) => {
+                if f.trips.iter().any(|x| x != t) || !f.vehicles.is_empty() || !f.drivers.is_empty() {
+                    return Err(outside());
+                }
+                f.trips = vec![t.clone()];
+            }
+            Scope::None | Scope::Fleet(_) => {}
+        }
+        Ok(f)
+    }
+
+    fn handle_subscribe(
+        &mut self,
+        now: Now,
+        id: Option<&[u8]>,
+        req: SubscribeRequest,
+        limits: &Limits,
+    ) -> Result<(), ProtoError> {
+        let role = self.principal.as_ref().expect("authenticated").role;
+        let channel = req.channel;
+        if req.action != SubAction::Unsubscribe && !role.may_subscribe(channel) {
+            return Err(ProtoError::new(
+                403,
+                format!("role {} may not subscribe to {channel}", role.name()),
+            ));
+        }
+        let f = self.scoped(req.filters)?;
+        let requested = Selection {
+            all: !f.has_entities(),
+            vehicles: f.vehicles.clone(),
+            trips: f.trips.clone(),
+            drivers: f.drivers.clone(),
+        };
+        let ts = now.rfc3339();
+        match req.action {
+            SubAction::Request => {
+                if !channel.is_state() {
+                    return Err(ProtoError::new(
+                        400,
+                        format!("{channel} keeps no state to request; subscribe with since for history"),
+                    ));
+                }
+                self.actions.push_back(Action::SnapshotRequest {
+                    channel,
+                    selection: requested,
+                    id: id.map(<[u8]>::to_vec),
+                });
+            }
+            SubAction::Subscribe => {
+                let sub = self.subs[channel.index()].get_or_insert_with(Default::default);
+                let added = Selection {
+                    all: requested.all && !sub.keys.all,
+                    vehicles: new_keys(&requested.vehicles, &sub.keys.vehicles),
+                    trips: new_keys(&requested.trips, &sub.keys.trips),
+                    drivers: new_keys(&requested.drivers, &sub.keys.drivers),
+                };
+                if self.sub_count + added.len() > limits.max_subscriptions {
+                    if sub.keys.is_empty() {
+                        self.subs[channel.index()] = None;
+                    }
+                    return Err(ProtoError::new(
+                        400,
+                        format!("at most {} subscriptions per connection", limits.max_subscriptions),
+                    ));
+                }
+                self.sub_count += added.len();
+                sub.keys.all |= added.all;
+                sub.keys.vehicles.extend(added.vehicles.iter().cloned());
+                sub.keys.trips.extend(added.trips.iter().cloned());
+                sub.keys.drivers.extend(added.drivers.iter().cloned());
+                sub.severity = f.severity;
+                sub.categories = f.categories.clone();
+                sub.status_types = f.status_types.clone();
+                sub.metrics = (!f.metrics.is_empty()).then(|| f.metrics.clone().into());
+                self.send_json(native::reply("subscribed", id, &ts, |o| {
+                    write_channel_filters(o, channel, &f)
+                }));
+                self.actions.push_back(Action::Subscribe {
+                    channel,
+                    added,
+                    snapshot: requested,
+                });
+            }
+            SubAction::Unsubscribe => {
+                let removed = match self.subs[channel.index()].as_mut() {
+                    None => Selection::default(),
+                    Some(sub) if requested.all => {
+                        let keys = std::mem::take(&mut sub.keys);
+                        self.subs[channel.index()] = None;
+                        keys
+                    }
+                    Some(sub) => {
+                        let removed = Selection {
+                            all: false,
+                            vehicles: take_keys(&mut sub.keys.vehicles, &requested.vehicles),
+                            trips: take_keys(&mut sub.keys.trips, &requested.trips),
+                            drivers: take_keys(&mut sub.keys.drivers, &requested.drivers),
+                        };
+                        if sub.keys.is_empty() {
+                            self.subs[channel.index()] = None;
+                        }
+                        removed
+                    }
+                };
+                self.sub_count -= removed.len();
+                self.send_json(native::reply("unsubscribed", id, &ts, |o| {
+                    write_channel_filters(o, channel, &f)
+                }));
+                if !removed.is_empty() {
+                    self.actions.push_back(Action::Unsubscribe { channel, removed });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_publish(
+        &mut self,
+        now: Now,
+        id: Option<&[u8]>,
+        raw: &[u8],
+        p: PublishRequest,
+    ) -> Result<(), ProtoError> {
+        let principal = self.principal.as_ref().expect("authenticated");
+        let channel = p.channel;
+        if !principal.role.may_publish(channel) {
+            return Err(ProtoError::new(
+                403,
+                format!("role {} may not publish to {channel}", principal.role.name()),
+            ));
+        }
+        if p.fleet_id.as_deref().is_some_and(|f| f != &*principal.tenant) {
+            return Err(ProtoError::new(403, "cannot publish for another fleet"));
+        }
+        let vehicle = p.keys.vehicle.as_deref();
+        if principal.role == Role::Device && !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v)) {
+            return Err(ProtoError::new(403, "device may only publish for its own vehicle"));
+        }
+        if let Scope::Vehicle(v) = &self.scope
+            && vehicle.is_some_and(|x| x != &**v)
+        {
+            return Err(ProtoError::new(403, "vehicle outside this endpoint's scope"));
+        }
+        let (timestamp, ts_ms) = match &p.timestamp {
+            Some((r, ms)) => {
+                let s = std::str::from_utf8(&raw[r.start + 1..r.end - 1]).unwrap_or_default();
+                (s.to_string(), *ms)
+            }
+            None => (now.rfc3339(), now.unix_ms),
+        };
+        if p.ack {
+            let ts = now.rfc3339();
+            self.send_json(native::reply("ack", id, &ts, |o| {
+                o.extend_from_slice(b"{\"status\":\"accepted\",\"channel\":");
+                json::write_str(o, channel.name());
+                o.push(b'}');
+            }));
+        }
+        self.actions.push_back(Action::Publish(Publication {
+            channel,
+            id: id.map(<[u8]>::to_vec),
+            payload: raw[p.payload].to_vec(),
+            keys: p.keys,
+            severity: p.severity,
+            category: p.category,
+            status: p.status,
+            timestamp,
+            ts_ms,
+        }));
+        Ok(())
+    }
+}
+
+fn new_keys(requested: &[Box<str>], existing: &[Box<str>]) -> Vec<Box<str>> {
+    let mut out: Vec<Box<str>> = Vec::new();
+    for k in requested {
+        if !existing.contains(k) && !out.contains(k) {
+            out.push(k.clone());
+        }
+    }
+    out
+}
+
+fn take_keys(existing: &mut Vec<Box<str>>, requested: &[Box<str>]) -> Vec<Box<str>> {
+    let mut removed = Vec::new();
+    existing.retain(|k| {
+        let drop = requested.contains(k);
+        if drop {
+            removed.push(k.clone());
+        }
+        !drop
+    });
+    removed
+}
+
+fn auth_error(e: &AuthError) -> ProtoError {
+    ProtoError::new(401, e.to_string())
+}
+
+fn write_code_message(o: &mut Vec<u8>, code: u16, message: &str) {
+    o.extend_from_slice(b"{\"code\":");
+    json::write_u64(o, code as u64);
+    o.extend_from_slice(b",\"message\":");
+    json::write_str(o, message);
+    o.push(b'}');
+}
+
+fn write_list(o: &mut Vec<u8>, key: &str, list: &[Box<str>], first: &mut bool) {
+    if list.is_empty() {
+        return;
+    }
+    if !*first {
+        o.push(b',');
+    }
+    *first = false;
+    json::write_key(o, key);
+    o.push(b'[');
+    for (i, v) in list.iter().enumerate() {
+        if i > 0 {
+            o.push(b',');
+        }
+        json::write_str(o, v);
+    }
+    o.push(b']');
+}
+
+fn write_channel_filters(o: &mut Vec<u8>, channel: Channel, f: &Filters) {
+    o.extend_from_slice(b"{\"channel\":");
+    json::write_str(o, channel.name());
+    o.extend_from_slice(b",\"filters\":{");
+    let mut first = true;
+    write_list(o, "vehicle_ids", &f.vehicles, &mut first);
+    write_list(o, "trip_ids", &f.trips, &mut first);
+    write_list(o, "driver_ids", &f.drivers, &mut first);
+    let sev: Vec<Box<str>> = [
+        (crate::model::Severity::Low, "low"),
+        (crate::model::Severity::Medium, "medium"),
+        (crate::model::Severity::High, "high"),
+        (crate::model::Severity::Critical, "critical"),
+    ]
+    .into_iter()
+    .filter(|(s, _)| f.severity & s.bit() != 0)
+    .map(|(_, n)| n.into())
+    .collect();
+    write_list(o, "severity", &sev, &mut first);
+    write_list(o, "category", &f.categories, &mut first);
+    write_list(o, "metrics", &f.metrics, &mut first);
+    write_list(o, "status_types", &f.status_types, &mut first);
+    o.extend_from_slice(b"}}");
+}

@@ -1,0 +1,59 @@
+//! One TCP connection as the shard sees it: socket, buffers, phase and protocol session.
+
+use super::outbox::Outbox;
+use crate::hub::TenantHub;
+use crate::session::Session;
+use crate::wire::frame::FrameReader;
+use mio::net::TcpStream;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP request head, until `deadline`.
+    Handshake { deadline: Instant },
+    /// WebSocket open.
+    Open,
+    /// A close frame is queued; after it is written the write side is shut and the
+    /// connection dropped when the peer closes or at `deadline`.
+    Closing { deadline: Instant, shut: bool },
+    /// An HTTP response is queued; drop after it is written.
+    HttpClose { deadline: Instant },
+}
+
+pub struct Conn {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub generation: u32,
+    pub phase: Phase,
+    /// Unprocessed inbound bytes (an incomplete head or frame). Empty, unallocated, when idle.
+    pub rbuf: Vec<u8>,
+    pub reader: FrameReader,
+    pub out: Outbox,
+    pub session: Option<Session>,
+    pub hub: Option<Arc<TenantHub>>,
+    /// In the shard's flush list already.
+    pub dirty: bool,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr, generation: u32, deadline: Instant, max_message: usize) -> Conn {
+        Conn {
+            stream,
+            peer,
+            generation,
+            phase: Phase::Handshake { deadline },
+            rbuf: Vec::new(),
+            reader: FrameReader::new(max_message),
+            out: Outbox::default(),
+            session: None,
+            hub: None,
+            dirty: false,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+}

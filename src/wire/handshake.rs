@@ -1,0 +1,258 @@
+//! The HTTP request head that opens every connection: WebSocket upgrade or plain HTTP.
+//!
+//! Pure: bytes in, a parsed request (or a reason to refuse) out; response bytes built here.
+
+/// Where a request goes, by path (SPEC §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Healthz,
+    Readyz,
+    Metrics,
+    /// The native (Bookovia-style) streaming endpoint, with its entity scope.
+    Native(Scope),
+    NotFound,
+}
+
+/// An entity named by the endpoint path; it scopes every subscription of the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scope {
+    #[default]
+    None,
+    Fleet(Box<str>),
+    Vehicle(Box<str>),
+    Trip(Box<str>),
+}
+
+impl Endpoint {
+    pub fn classify(path: &str) -> Endpoint {
+        const NATIVE: &str = "/v1/streaming/websocket";
+        match path {
+            "/healthz" => return Endpoint::Healthz,
+            "/readyz" => return Endpoint::Readyz,
+            "/metrics" => return Endpoint::Metrics,
+            NATIVE | "/v1/streaming/websocket/" => return Endpoint::Native(Scope::None),
+            _ => {}
+        }
+        let Some(rest) = path.strip_prefix(NATIVE).and_then(|r| r.strip_prefix('/')) else {
+            return Endpoint::NotFound;
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let Some((kind, id)) = rest.split_once('/') else {
+            return Endpoint::NotFound;
+        };
+        if id.is_empty() || id.contains('/') {
+            return Endpoint::NotFound;
+        }
+        let id = percent_decode(id).into_boxed_str();
+        match kind {
+            "fleet" => Endpoint::Native(Scope::Fleet(id)),
+            "vehicle" => Endpoint::Native(Scope::Vehicle(id)),
+            "trip" => Endpoint::Native(Scope::Trip(id)),
+            _ => Endpoint::NotFound,
+        }
+    }
+
+    pub fn is_websocket(&self) -> bool {
+        matches!(self, Endpoint::Native(_))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// The parts of a request head the broker uses.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub upgrade_websocket: bool,
+    pub connection_upgrade: bool,
+    pub ws_key: Option<String>,
+    pub ws_version: Option<String>,
+    pub authorization: Option<String>,
+}
+
+impl Request {
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The bearer credential of an `Authorization` header, if any.
+    pub fn bearer(&self) -> Option<&str> {
+        let v = self.authorization.as_deref()?.trim();
+        let (scheme, rest) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head {
+    /// Not a full head yet; read more.
+    Partial,
+    /// A full head of this many bytes.
+    Complete(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("request head too large")]
+    TooLarge,
+    #[error("malformed request")]
+    Malformed,
+}
+
+impl HeadError {
+    pub fn status(self) -> u16 {
+        match self {
+            HeadError::TooLarge => 431,
+            HeadError::Malformed => 400,
+        }
+    }
+}
+
+const MAX_HEADERS: usize = 32;
+
+/// Parses the request head at the start of `buf`.
+pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let status = match req.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let len = match status {
+        httparse::Status::Partial if buf.len() >= max_head => return Err(HeadError::TooLarge),
+        httparse::Status::Partial => return Ok((Head::Partial, Request::default())),
+        httparse::Status::Complete(n) if n > max_head => return Err(HeadError::TooLarge),
+        httparse::Status::Complete(n) => n,
+    };
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut out = Request {
+        method: req.method.unwrap_or("").to_string(),
+        path: path.to_string(),
+        query: form_urlencoded::parse(query.as_bytes()).into_owned().collect(),
+        ..Request::default()
+    };
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed)?;
+        let has_token = |t: &str| value.split(',').any(|p| p.trim().eq_ignore_ascii_case(t));
+        match h.name.to_ascii_lowercase().as_str() {
+            "upgrade" => out.upgrade_websocket = has_token("websocket"),
+            "connection" => out.connection_upgrade = has_token("upgrade"),
+            "sec-websocket-key" => out.ws_key = Some(value.trim().to_string()),
+            "sec-websocket-version" => out.ws_version = Some(value.trim().to_string()),
+            "authorization" => out.authorization = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    Ok((Head::Complete(len), out))
+}
+
+/// A complete HTTP/1.1 response that closes the connection.
+pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reason(status),
+        body.len()
+    );
+    if status == 426 {
+        out.push_str("Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n");
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A JSON error response: `{"error":{"code":..,"message":..}}`.
+pub fn json_error(status: u16, message: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64 + message.len());
+    body.extend_from_slice(b"{\"error\":{\"code\":");
+    crate::json::write_u64(&mut body, status as u64);
+    body.extend_from_slice(b",\"message\":");
+    crate::json::write_str(&mut body, message);
+    body.extend_from_slice(b"}}");
+    response(status, "application/json", &body)
+}
+
+/// The 101 answer to a valid upgrade.
+pub fn switching_protocols(ws_key: &str) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_paths() {
+        assert_eq!(Endpoint::classify("/healthz"), Endpoint::Healthz);
+        assert_eq!(Endpoint::classify("/v1/streaming/websocket"), Endpoint::Native(Scope::None));
+        assert_eq!(
+            Endpoint::classify("/v1/streaming/websocket/fleet/fleet_001"),
+            Endpoint::Native(Scope::Fleet("fleet_001".into()))
+        );
+        assert_eq!(
+            Endpoint::classify("/v1/streaming/websocket/vehicle/v%201/"),
+            Endpoint::Native(Scope::Vehicle("v 1".into()))
+        );
+        assert_eq!(
+            Endpoint::classify("/v1/streaming/websocket/trip/t9"),
+            Endpoint::Native(Scope::Trip("t9".into()))
+        );
+        for p in ["/", "/v1/streaming/websocketx", "/v1/streaming/websocket/fleet/", "/v1/streaming/websocket/car/1", "/v1/streaming/websocket/fleet/a/b"] {
+            assert_eq!(Endpoint::classify(p), Endpoint::NotFound, "{p}");
+        }
+    }
+
+    #[test]
+    fn parses_upgrade_with_query_and_bearer() {
+        let raw = b"GET /v1/streaming/websocket?api_key=k%2B1&fleet_id=fleet_001 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer abc\r\n\r\nextra";
+        let (head, req) = parse_request(raw, 8192).unwrap();
+        assert_eq!(head, Head::Complete(raw.len() - 5));
+        assert!(req.upgrade_websocket && req.connection_upgrade);
+        assert_eq!(req.query_param("api_key"), Some("k+1"));
+        assert_eq!(req.bearer(), Some("abc"));
+        let resp = String::from_utf8(switching_protocols(req.ws_key.as_deref().unwrap())).unwrap();
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn partial_and_oversized_heads() {
+        assert_eq!(parse_request(b"GET / HTTP/1.1\r\nHost:", 8192).unwrap().0, Head::Partial);
+        let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(9000));
+        assert_eq!(parse_request(big.as_bytes(), 8192).unwrap_err(), HeadError::TooLarge);
+        assert_eq!(parse_request(b"\x00\x01garbage\r\n\r\n", 8192).unwrap_err(), HeadError::Malformed);
+    }
+}
