@@ -131,7 +131,11 @@ impl Authenticator {
         })
     }
 
-    pub fn authenticate(&self, cred: Credential<'_>, now_unix: u64) -> Result<Principal, AuthError> {
+    pub fn authenticate(
+        &self,
+        cred: Credential<'_>,
+        now_unix: u64,
+    ) -> Result<Principal, AuthError> {
         match cred {
             Credential::ApiKey(k) => self.api_key(k),
             Credential::Token(t) => self.jwt(t, now_unix),
@@ -148,13 +152,17 @@ impl Authenticator {
     }
 
     fn jwt(&self, token: &str, now: u64) -> Result<Principal, AuthError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         let key = match header.alg {
             Algorithm::HS256 => self.hs256.as_ref(),
             Algorithm::RS256 => self.rs256.as_ref(),
             Algorithm::ES256 => self.es256.as_ref(),
-            other => return Err(AuthError::InvalidToken(format!("algorithm {other:?} not accepted"))),
+            other => {
+                return Err(AuthError::InvalidToken(format!(
+                    "algorithm {other:?} not accepted"
+                )));
+            }
         }
         .ok_or(AuthError::NoKeyForAlgorithm(header.alg))?;
         let mut v = Validation::new(header.alg);
@@ -178,9 +186,21 @@ impl Authenticator {
         {
             return Err(AuthError::NotYetValid);
         }
-        let tenant = c.tenant.filter(|t| !t.is_empty()).ok_or(AuthError::NoTenant)?;
-        let role = c.role.as_deref().and_then(Role::parse).ok_or(AuthError::NoRole)?;
-        let mut vehicles: Vec<Box<str>> = c.vehicles.unwrap_or_default().into_iter().map(Into::into).collect();
+        let tenant = c
+            .tenant
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::NoTenant)?;
+        let role = c
+            .role
+            .as_deref()
+            .and_then(Role::parse)
+            .ok_or(AuthError::NoRole)?;
+        let mut vehicles: Vec<Box<str>> = c
+            .vehicles
+            .unwrap_or_default()
+            .into_iter()
+            .map(Into::into)
+            .collect();
         if let Some(v) = c.vehicle_id {
             vehicles.push(v.into());
         }
@@ -249,26 +269,53 @@ mod tests {
     #[test]
     fn api_keys() {
         let a = auth();
-        let p = a.authenticate(Credential::ApiKey("dev-viewer-0123456789"), 0).unwrap();
+        let p = a
+            .authenticate(Credential::ApiKey("dev-viewer-0123456789"), 0)
+            .unwrap();
         assert_eq!(&*p.tenant, "fleet_001");
         assert_eq!(p.role, Role::Viewer);
         assert_eq!(
             a.authenticate(Credential::ApiKey("dev-viewer-012345678"), 0),
             Err(AuthError::UnknownApiKey)
         );
-        assert!(a.authenticate(Credential::Bearer("dev-viewer-0123456789"), 0).is_ok());
+        assert!(
+            a.authenticate(Credential::Bearer("dev-viewer-0123456789"), 0)
+                .is_ok()
+        );
     }
 
     #[test]
     fn jwt_claims_expiry_and_signature() {
         let a = auth();
-        let t = mint_hs256("s3cret-s3cret-s3cret", "d1", "fleet_9", Role::Device, 1000, Some("veh_1")).unwrap();
+        let t = mint_hs256(
+            "s3cret-s3cret-s3cret",
+            "d1",
+            "fleet_9",
+            Role::Device,
+            1000,
+            Some("veh_1"),
+        )
+        .unwrap();
         let p = a.authenticate(Credential::Token(&t), 999).unwrap();
-        assert_eq!((&*p.user_id, &*p.tenant, p.role), ("d1", "fleet_9", Role::Device));
+        assert_eq!(
+            (&*p.user_id, &*p.tenant, p.role),
+            ("d1", "fleet_9", Role::Device)
+        );
         assert!(p.may_act_for_vehicle("veh_1") && !p.may_act_for_vehicle("veh_2"));
         assert_eq!(p.expires_at, Some(1000));
-        assert_eq!(a.authenticate(Credential::Token(&t), 1000), Err(AuthError::Expired));
-        let forged = mint_hs256("other-secret-other", "d1", "fleet_9", Role::Admin, 1000, None).unwrap();
+        assert_eq!(
+            a.authenticate(Credential::Token(&t), 1000),
+            Err(AuthError::Expired)
+        );
+        let forged = mint_hs256(
+            "other-secret-other",
+            "d1",
+            "fleet_9",
+            Role::Admin,
+            1000,
+            None,
+        )
+        .unwrap();
         assert!(matches!(
             a.authenticate(Credential::Bearer(&forged), 0),
             Err(AuthError::InvalidToken(_))

@@ -8,22 +8,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            limits: Limits::default(),
-            auth: AuthConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,7 +147,11 @@ impl Config {
                 "api key for user {:?} is shorter than 16 characters",
                 k.user_id
             );
-            anyhow::ensure!(!k.tenant.is_empty(), "api key for user {:?} has no tenant", k.user_id);
+            anyhow::ensure!(
+                !k.tenant.is_empty(),
+                "api key for user {:?} has no tenant",
+                k.user_id
+            );
         }
         Ok(())
     }

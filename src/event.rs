@@ -92,7 +92,10 @@ impl Event {
     /// A frame for a subscriber that asked for only some telemetry metrics.
     pub fn projected_frame(&self, metrics: &[Box<str>]) -> Vec<u8> {
         let json = self.json();
-        let (ps, pe) = (self.payload.start - self.header_len, self.payload.end - self.header_len);
+        let (ps, pe) = (
+            self.payload.start - self.header_len,
+            self.payload.end - self.header_len,
+        );
         let mut out = Vec::with_capacity(json.len());
         out.extend_from_slice(&json[..ps]);
         out.extend_from_slice(&native::project_metrics(&json[ps..pe], metrics));

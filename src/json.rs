@@ -217,7 +217,11 @@ mod tests {
     #[test]
     fn finds_array_elements() {
         let src = br#"[ {"a":[1,2]}, "x,y" ,3]"#;
-        let el: Vec<&[u8]> = array_elements(src).unwrap().into_iter().map(|r| &src[r]).collect();
+        let el: Vec<&[u8]> = array_elements(src)
+            .unwrap()
+            .into_iter()
+            .map(|r| &src[r])
+            .collect();
         assert_eq!(el, vec![&br#"{"a":[1,2]}"#[..], br#""x,y""#, b"3"]);
         assert_eq!(array_elements(b"[]").unwrap(), vec![]);
     }

@@ -11,7 +11,11 @@ use std::path::PathBuf;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
-#[command(name = "fleetcast", version, about = "High-throughput WebSocket broker for fleet telematics")]
+#[command(
+    name = "fleetcast",
+    version,
+    about = "High-throughput WebSocket broker for fleet telematics"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,12 +87,21 @@ fn print_dev_banner(cfg: &Config, addr: SocketAddr) {
         println!("  {:<8} {}", k.role.name(), k.key);
     }
     let viewer = &cfg.auth.api_keys[1].key;
-    println!("JWT secret (fleetcast token --secret ...): {}", cfg.auth.jwt_hs256_secret.as_deref().unwrap_or(""));
-    println!("Dashboard URL: ws://{addr}/v1/streaming/websocket?api_key={viewer}&fleet_id=fleet_001");
+    println!(
+        "JWT secret (fleetcast token --secret ...): {}",
+        cfg.auth.jwt_hs256_secret.as_deref().unwrap_or("")
+    );
+    println!(
+        "Dashboard URL: ws://{addr}/v1/streaming/websocket?api_key={viewer}&fleet_id=fleet_001"
+    );
     println!("Health:        http://{addr}/healthz");
 }
 
-fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, shards: Option<usize>) -> anyhow::Result<()> {
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    shards: Option<usize>,
+) -> anyhow::Result<()> {
     let dev = config.is_none();
     let mut cfg = match &config {
         Some(p) => Config::load(p)?,
@@ -130,10 +143,27 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { config, listen, shards } => serve(config, listen, shards),
-        Command::Token { secret, sub, tenant, role, ttl, vehicle } => {
-            let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + ttl;
-            println!("{}", fleetcast::auth::mint_hs256(&secret, &sub, &tenant, role, exp, vehicle.as_deref())?);
+        Command::Serve {
+            config,
+            listen,
+            shards,
+        } => serve(config, listen, shards),
+        Command::Token {
+            secret,
+            sub,
+            tenant,
+            role,
+            ttl,
+            vehicle,
+        } => {
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                + ttl;
+            println!(
+                "{}",
+                fleetcast::auth::mint_hs256(&secret, &sub, &tenant, role, exp, vehicle.as_deref())?
+            );
             Ok(())
         }
         Command::CheckConfig { path } => {

@@ -107,7 +107,9 @@ impl Node {
             stats: (0..n).map(|_| ShardStats::default()).collect(),
         });
         let mut threads = Vec::new();
-        for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
+        for (id, ((poll, listener), inbox)) in
+            polls.into_iter().zip(listeners).zip(inboxes).enumerate()
+        {
             let shard = Shard::new(
                 id,
                 poll,

@@ -98,7 +98,10 @@ pub enum Action {
         snapshot: Selection,
     },
     /// Remove these keys from the index.
-    Unsubscribe { channel: Channel, removed: Selection },
+    Unsubscribe {
+        channel: Channel,
+        removed: Selection,
+    },
     /// Answer a one-off `request`: the current state of `selection` on `channel`.
     SnapshotRequest {
         channel: Channel,
@@ -107,7 +110,10 @@ pub enum Action {
     },
     Publish(Publication),
     /// Send a close frame with this code, then close the connection.
-    Close { code: u16, reason: &'static str },
+    Close {
+        code: u16,
+        reason: &'static str,
+    },
 }
 
 /// Snapshot fence: the newest seq per entity already sent in a snapshot, so that an event
@@ -234,7 +240,9 @@ impl Session {
         self.last_heard = now.mono;
         match msg {
             Message::Text(raw) => self.handle_text(now, raw, ctx, true),
-            Message::Binary(_) => self.close(close::UNSUPPORTED_DATA, "binary frames are not supported"),
+            Message::Binary(_) => {
+                self.close(close::UNSUPPORTED_DATA, "binary frames are not supported")
+            }
             Message::Ping(p) => self.send(frame::pong_frame(p)),
             Message::Pong => {}
             Message::Close(_) => self.close(close::NORMAL, ""),
@@ -290,7 +298,7 @@ impl Session {
                 return Verdict::Skip;
             }
         }
-        if sub.severity != 0 && !ev.severity.is_some_and(|s| sub.severity & s.bit() != 0) {
+        if sub.severity != 0 && ev.severity.is_none_or(|s| sub.severity & s.bit() == 0) {
             return Verdict::Skip;
         }
         let listed = |list: &[Box<str>], v: &Option<Box<str>>| {
@@ -349,7 +357,9 @@ impl Session {
             _ if !authed => Err(ProtoError::new(401, "authenticate first")),
             Command::Subscribe(s) => self.handle_subscribe(now, id, s, ctx.limits),
             Command::Publish(p) => self.handle_publish(now, id, raw, p),
-            Command::Batch(_) if !top_level => Err(ProtoError::field("messages", "batches do not nest")),
+            Command::Batch(_) if !top_level => {
+                Err(ProtoError::field("messages", "batches do not nest"))
+            }
             Command::Batch(items) => self.handle_batch(now, raw, items, ctx),
         };
         if let Err(e) = result {
@@ -392,7 +402,10 @@ impl Session {
             (None, None) => None,
         };
         let verified = match cred {
-            Some(c) => ctx.auth.authenticate(c, now.unix_secs()).map_err(|e| auth_error(&e)),
+            Some(c) => ctx
+                .auth
+                .authenticate(c, now.unix_secs())
+                .map_err(|e| auth_error(&e)),
             // A repeat without a credential on an authenticated connection is fine.
             None => self
                 .principal
@@ -408,14 +421,20 @@ impl Session {
             if tenant_ok {
                 Ok(p)
             } else {
-                Err(ProtoError::new(403, "credential does not belong to this fleet"))
+                Err(ProtoError::new(
+                    403,
+                    "credential does not belong to this fleet",
+                ))
             }
         });
         match (&self.state, principal) {
             (State::Active, Ok(p)) => {
                 let current = self.principal.as_ref().expect("active has a principal");
                 if !current.same_identity(&p) {
-                    return Err(ProtoError::new(409, "connection is authenticated as another principal"));
+                    return Err(ProtoError::new(
+                        409,
+                        "connection is authenticated as another principal",
+                    ));
                 }
             }
             (State::Active, Err(e)) => return Err(e),
@@ -479,13 +498,15 @@ impl Session {
         let outside = || ProtoError::new(403, "filter outside this endpoint's scope");
         match &self.scope {
             Scope::Vehicle(v) => {
-                if f.vehicles.iter().any(|x| x != v) || !f.trips.is_empty() || !f.drivers.is_empty() {
+                if f.vehicles.iter().any(|x| x != v) || !f.trips.is_empty() || !f.drivers.is_empty()
+                {
                     return Err(outside());
                 }
                 f.vehicles = vec![v.clone()];
             }
             Scope::Trip(t) => {
-                if f.trips.iter().any(|x| x != t) || !f.vehicles.is_empty() || !f.drivers.is_empty() {
+                if f.trips.iter().any(|x| x != t) || !f.vehicles.is_empty() || !f.drivers.is_empty()
+                {
                     return Err(outside());
                 }
                 f.trips = vec![t.clone()];
@@ -523,7 +544,9 @@ impl Session {
                 if !channel.is_state() {
                     return Err(ProtoError::new(
                         400,
-                        format!("{channel} keeps no state to request; subscribe with since for history"),
+                        format!(
+                            "{channel} keeps no state to request; subscribe with since for history"
+                        ),
                     ));
                 }
                 self.actions.push_back(Action::SnapshotRequest {
@@ -546,7 +569,10 @@ impl Session {
                     }
                     return Err(ProtoError::new(
                         400,
-                        format!("at most {} subscriptions per connection", limits.max_subscriptions),
+                        format!(
+                            "at most {} subscriptions per connection",
+                            limits.max_subscriptions
+                        ),
                     ));
                 }
                 self.sub_count += added.len();
@@ -593,7 +619,8 @@ impl Session {
                     write_channel_filters(o, channel, &f)
                 }));
                 if !removed.is_empty() {
-                    self.actions.push_back(Action::Unsubscribe { channel, removed });
+                    self.actions
+                        .push_back(Action::Unsubscribe { channel, removed });
                 }
             }
         }
@@ -612,20 +639,34 @@ impl Session {
         if !principal.role.may_publish(channel) {
             return Err(ProtoError::new(
                 403,
-                format!("role {} may not publish to {channel}", principal.role.name()),
+                format!(
+                    "role {} may not publish to {channel}",
+                    principal.role.name()
+                ),
             ));
         }
-        if p.fleet_id.as_deref().is_some_and(|f| f != &*principal.tenant) {
+        if p.fleet_id
+            .as_deref()
+            .is_some_and(|f| f != &*principal.tenant)
+        {
             return Err(ProtoError::new(403, "cannot publish for another fleet"));
         }
         let vehicle = p.keys.vehicle.as_deref();
-        if principal.role == Role::Device && !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v)) {
-            return Err(ProtoError::new(403, "device may only publish for its own vehicle"));
+        if principal.role == Role::Device
+            && !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v))
+        {
+            return Err(ProtoError::new(
+                403,
+                "device may only publish for its own vehicle",
+            ));
         }
         if let Scope::Vehicle(v) = &self.scope
             && vehicle.is_some_and(|x| x != &**v)
         {
-            return Err(ProtoError::new(403, "vehicle outside this endpoint's scope"));
+            return Err(ProtoError::new(
+                403,
+                "vehicle outside this endpoint's scope",
+            ));
         }
         let (timestamp, ts_ms) = match &p.timestamp {
             Some((r, ms)) => {

@@ -6,8 +6,8 @@
 
 use crate::json::{self, array_elements};
 use crate::model::{Channel, EntityKeys, Severity};
-use simd_json::prelude::*;
 use simd_json::BorrowedValue as Value;
+use simd_json::prelude::*;
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -123,13 +123,22 @@ impl Parser {
     pub fn decode(&mut self, raw: &[u8]) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
         self.scratch.clear();
         self.scratch.extend_from_slice(raw);
-        let value = match simd_json::to_borrowed_value_with_buffers(&mut self.scratch, &mut self.buffers) {
-            Ok(v) => v,
-            Err(e) => return (None, Err(ProtoError::new(400, format!("malformed JSON: {e}")))),
-        };
+        let value =
+            match simd_json::to_borrowed_value_with_buffers(&mut self.scratch, &mut self.buffers) {
+                Ok(v) => v,
+                Err(e) => {
+                    return (
+                        None,
+                        Err(ProtoError::new(400, format!("malformed JSON: {e}"))),
+                    );
+                }
+            };
         let members = json::object_members(raw);
         let Some(members) = members.filter(|_| value.is_object()) else {
-            return (None, Err(ProtoError::new(400, "a message must be a JSON object")));
+            return (
+                None,
+                Err(ProtoError::new(400, "a message must be a JSON object")),
+            );
         };
         let range_of = |k: &str| {
             members
@@ -150,7 +159,9 @@ fn decode_value(
     let Some(ty) = v.get("type") else {
         return Err(ProtoError::field("type", "missing message type"));
     };
-    let ty = ty.as_str().ok_or_else(|| ProtoError::field("type", "type must be a string"))?;
+    let ty = ty
+        .as_str()
+        .ok_or_else(|| ProtoError::field("type", "type must be a string"))?;
     let empty = Value::from(simd_json::value::borrowed::Object::new());
     let payload = v.get("payload").unwrap_or(&empty);
     match ty {
@@ -159,9 +170,17 @@ fn decode_value(
         "ping" => Ok(Command::Ping),
         "ack" => Ok(Command::Ack),
         "batch" => {
-            let r = range_of("messages").ok_or_else(|| ProtoError::field("messages", "batch needs a messages array"))?;
+            let r = range_of("messages")
+                .ok_or_else(|| ProtoError::field("messages", "batch needs a messages array"))?;
             array_elements(&raw[r.clone()])
-                .map(|items| Command::Batch(items.into_iter().map(|i| i.start + r.start..i.end + r.start).collect()))
+                .map(|items| {
+                    Command::Batch(
+                        items
+                            .into_iter()
+                            .map(|i| i.start + r.start..i.end + r.start)
+                            .collect(),
+                    )
+                })
                 .ok_or_else(|| ProtoError::field("messages", "messages must be an array"))
         }
         "publish" => {
@@ -177,7 +196,10 @@ fn decode_value(
         }
         other => match Channel::from_publish_type(other) {
             Some(channel) => decode_publish(channel, v, payload, range_of).map(Command::Publish),
-            None => Err(ProtoError::field("type", format!("unknown message type {other:?}"))),
+            None => Err(ProtoError::field(
+                "type",
+                format!("unknown message type {other:?}"),
+            )),
         },
     }
 }
@@ -196,15 +218,14 @@ fn opt_string(v: &Value<'_>, key: &'static str) -> Result<Option<String>, ProtoE
 fn decode_auth(p: &Value<'_>) -> Result<AuthRequest, ProtoError> {
     let mut subscriptions = Vec::new();
     if let Some(list) = p.get("subscriptions") {
-        let list = list
-            .as_array()
-            .ok_or_else(|| ProtoError::field("subscriptions", "subscriptions must be a list of channels"))?;
+        let list = list.as_array().ok_or_else(|| {
+            ProtoError::field("subscriptions", "subscriptions must be a list of channels")
+        })?;
         for c in list.iter().take(Channel::COUNT + 1) {
             let name = c.as_str().unwrap_or("");
-            subscriptions.push(
-                Channel::parse(name)
-                    .ok_or_else(|| ProtoError::field("subscriptions", format!("unknown channel {name:?}")))?,
-            );
+            subscriptions.push(Channel::parse(name).ok_or_else(|| {
+                ProtoError::field("subscriptions", format!("unknown channel {name:?}"))
+            })?);
         }
     }
     Ok(AuthRequest {
@@ -227,17 +248,27 @@ fn decode_subscribe(ty: &str, p: &Value<'_>) -> Result<SubscribeRequest, ProtoEr
         Some(Some("subscribe")) => SubAction::Subscribe,
         Some(Some("unsubscribe")) => SubAction::Unsubscribe,
         Some(Some("request")) => SubAction::Request,
-        Some(_) => return Err(ProtoError::field("action", "action must be subscribe, unsubscribe or request")),
+        Some(_) => {
+            return Err(ProtoError::field(
+                "action",
+                "action must be subscribe, unsubscribe or request",
+            ));
+        }
     };
     let data = p.get("data");
     let name = p
         .get("channel")
         .or_else(|| data.and_then(|d| d.get("channel")))
         .ok_or_else(|| ProtoError::field("channel", "missing channel"))?;
-    let name = name.as_str().ok_or_else(|| ProtoError::field("channel", "channel must be a string"))?;
-    let channel =
-        Channel::parse(name).ok_or_else(|| ProtoError::field("channel", format!("unknown channel {name:?}")))?;
-    let filters = match p.get("filters").or_else(|| data.and_then(|d| d.get("filters"))) {
+    let name = name
+        .as_str()
+        .ok_or_else(|| ProtoError::field("channel", "channel must be a string"))?;
+    let channel = Channel::parse(name)
+        .ok_or_else(|| ProtoError::field("channel", format!("unknown channel {name:?}")))?;
+    let filters = match p
+        .get("filters")
+        .or_else(|| data.and_then(|d| d.get("filters")))
+    {
         None => Filters::default(),
         Some(f) if f.is_null() => Filters::default(),
         Some(f) if f.is_object() => decode_filters(f)?,
@@ -273,7 +304,10 @@ fn list<T>(
     match v.as_array() {
         Some(items) => {
             if items.len() > MAX_FILTER_LIST {
-                return Err(ProtoError::field(field, format!("at most {MAX_FILTER_LIST} entries")));
+                return Err(ProtoError::field(
+                    field,
+                    format!("at most {MAX_FILTER_LIST} entries"),
+                ));
             }
             for i in items {
                 out.push(item(i).ok_or_else(bad)?);
@@ -287,19 +321,44 @@ fn list<T>(
 
 fn decode_filters(f: &Value<'_>) -> Result<Filters, ProtoError> {
     let mut out = Filters::default();
-    list(f.get("vehicle_id"), "vehicle_id", entity_id, &mut out.vehicles)?;
-    list(f.get("vehicle_ids"), "vehicle_ids", entity_id, &mut out.vehicles)?;
-    list(f.get("device_id"), "device_id", entity_id, &mut out.vehicles)?;
+    list(
+        f.get("vehicle_id"),
+        "vehicle_id",
+        entity_id,
+        &mut out.vehicles,
+    )?;
+    list(
+        f.get("vehicle_ids"),
+        "vehicle_ids",
+        entity_id,
+        &mut out.vehicles,
+    )?;
+    list(
+        f.get("device_id"),
+        "device_id",
+        entity_id,
+        &mut out.vehicles,
+    )?;
     list(f.get("trip_id"), "trip_id", entity_id, &mut out.trips)?;
     list(f.get("driver_id"), "driver_id", entity_id, &mut out.drivers)?;
     let mut sev = Vec::new();
-    list(f.get("severity"), "severity", |v| v.as_str().and_then(Severity::parse), &mut sev)?;
+    list(
+        f.get("severity"),
+        "severity",
+        |v| v.as_str().and_then(Severity::parse),
+        &mut sev,
+    )?;
     out.severity = sev.iter().fold(0, |m, s| m | s.bit());
     let word = |v: &Value<'_>| v.as_str().filter(|s| s.len() <= MAX_ID_LEN).map(Into::into);
     list(f.get("category"), "category", word, &mut out.categories)?;
     list(f.get("alert_type"), "alert_type", word, &mut out.categories)?;
     list(f.get("metrics"), "metrics", word, &mut out.metrics)?;
-    list(f.get("status_types"), "status_types", word, &mut out.status_types)?;
+    list(
+        f.get("status_types"),
+        "status_types",
+        word,
+        &mut out.status_types,
+    )?;
     Ok(out)
 }
 
@@ -307,7 +366,10 @@ fn required_id(p: &Value<'_>, field: &'static str) -> Result<Box<str>, ProtoErro
     match p.get(field) {
         None => Err(ProtoError::field(field, format!("missing {field}"))),
         Some(v) => entity_id(v).ok_or_else(|| {
-            ProtoError::field(field, format!("{field} must be a non-empty string of at most {MAX_ID_LEN} bytes"))
+            ProtoError::field(
+                field,
+                format!("{field} must be a non-empty string of at most {MAX_ID_LEN} bytes"),
+            )
         }),
     }
 }
@@ -329,7 +391,10 @@ fn coordinate(loc: &Value<'_>, field: &'static str, bound: f64) -> Result<(), Pr
         .filter(|x| x.is_finite())
         .ok_or_else(|| ProtoError::field(field, format!("location.{field} must be a number")))?;
     if !(-bound..=bound).contains(&x) {
-        return Err(ProtoError::field(field, format!("location.{field} must be in [-{bound}, {bound}]")));
+        return Err(ProtoError::field(
+            field,
+            format!("location.{field} must be in [-{bound}, {bound}]"),
+        ));
     }
     Ok(())
 }
@@ -340,7 +405,8 @@ fn decode_publish(
     p: &Value<'_>,
     range_of: &dyn Fn(&str) -> Option<Range<usize>>,
 ) -> Result<PublishRequest, ProtoError> {
-    let payload = range_of("payload").ok_or_else(|| ProtoError::field("payload", "missing payload"))?;
+    let payload =
+        range_of("payload").ok_or_else(|| ProtoError::field("payload", "missing payload"))?;
     if !p.is_object() {
         return Err(ProtoError::field("payload", "payload must be an object"));
     }
@@ -361,7 +427,9 @@ fn decode_publish(
     match channel {
         Channel::VehicleLocations => {
             required_id(p, "vehicle_id")?;
-            let loc = p.get("location").ok_or_else(|| ProtoError::field("location", "missing location"))?;
+            let loc = p
+                .get("location")
+                .ok_or_else(|| ProtoError::field("location", "missing location"))?;
             if !loc.is_object() {
                 return Err(ProtoError::field("location", "location must be an object"));
             }
@@ -372,7 +440,10 @@ fn decode_publish(
                     && !v.is_null()
                     && v.cast_f64().is_none()
                 {
-                    return Err(ProtoError::field("location", format!("location.{f} must be a number")));
+                    return Err(ProtoError::field(
+                        "location",
+                        format!("location.{f} must be a number"),
+                    ));
                 }
             }
         }
@@ -383,13 +454,19 @@ fn decode_publish(
         }
         Channel::DeviceStatus => {
             if keys.vehicle.is_none() {
-                return Err(ProtoError::field("vehicle_id", "missing vehicle_id (or device_id)"));
+                return Err(ProtoError::field(
+                    "vehicle_id",
+                    "missing vehicle_id (or device_id)",
+                ));
             }
             status = opt_word("status")?.or(opt_word("new_status")?);
         }
         Channel::DriverStatus => {
             if keys.driver.is_none() && keys.vehicle.is_none() {
-                return Err(ProtoError::field("driver_id", "missing driver_id or vehicle_id"));
+                return Err(ProtoError::field(
+                    "driver_id",
+                    "missing driver_id or vehicle_id",
+                ));
             }
             status = opt_word("status")?;
         }
@@ -404,9 +481,14 @@ fn decode_publish(
             let s = opt_string(p, "severity")?;
             severity = match s {
                 Some(s) => Some(Severity::parse(&s).ok_or_else(|| {
-                    ProtoError::field("severity", "severity must be one of low, medium, high, critical")
+                    ProtoError::field(
+                        "severity",
+                        "severity must be one of low, medium, high, critical",
+                    )
                 })?),
-                None if channel == Channel::Alerts => return Err(ProtoError::field("severity", "missing severity")),
+                None if channel == Channel::Alerts => {
+                    return Err(ProtoError::field("severity", "missing severity"));
+                }
                 None => None,
             };
             category = opt_word("category")?.or(opt_word("alert_type")?);
@@ -415,13 +497,20 @@ fn decode_publish(
             }
         }
         Channel::FleetMetrics => {}
-        Channel::System => return Err(ProtoError::new(403, "the system channel is published by the broker")),
+        Channel::System => {
+            return Err(ProtoError::new(
+                403,
+                "the system channel is published by the broker",
+            ));
+        }
     }
     let timestamp = match msg.get("timestamp") {
         None => None,
         Some(t) if t.is_null() => None,
         Some(t) => {
-            let s = t.as_str().ok_or_else(|| ProtoError::field("timestamp", "timestamp must be a string"))?;
+            let s = t
+                .as_str()
+                .ok_or_else(|| ProtoError::field("timestamp", "timestamp must be a string"))?;
             let ms = parse_rfc3339_ms(s)
                 .ok_or_else(|| ProtoError::field("timestamp", "timestamp must be RFC 3339"))?;
             Some((range_of("timestamp").expect("present"), ms))
@@ -508,7 +597,12 @@ pub struct EventHead<'a> {
 /// Encodes a data event around a raw payload. Returns the JSON and the payload's range in it.
 pub fn event(head: &EventHead<'_>, payload: &[u8]) -> (Vec<u8>, Range<usize>) {
     let mut out = Vec::with_capacity(payload.len() + 160);
-    open(&mut out, head.channel.event_type(), Some(head.id), head.timestamp);
+    open(
+        &mut out,
+        head.channel.event_type(),
+        Some(head.id),
+        head.timestamp,
+    );
     out.extend_from_slice(b",\"channel\":");
     json::write_str(&mut out, head.channel.name());
     if let Some((seq, epoch)) = head.seq {
@@ -546,7 +640,11 @@ pub fn project_metrics(payload: &[u8], metrics: &[Box<str>]) -> Vec<u8> {
         {
             out.push(b'{');
             let mut first = true;
-            for im in inner.iter().filter(|im| metrics.iter().any(|k| k.as_bytes() == &value[im.key.clone()])) {
+            for im in inner.iter().filter(|im| {
+                metrics
+                    .iter()
+                    .any(|k| k.as_bytes() == &value[im.key.clone()])
+            }) {
                 if !first {
                     out.push(b',');
                 }
@@ -577,34 +675,82 @@ mod tests {
 
     #[test]
     fn auth_and_subscribe_shapes() {
-        let (id, c) = dec(r#"{"type":"auth","id":"a1","payload":{"api_key":"k","fleet_id":"f","subscriptions":["alerts"]}}"#);
+        let (id, c) = dec(
+            r#"{"type":"auth","id":"a1","payload":{"api_key":"k","fleet_id":"f","subscriptions":["alerts"]}}"#,
+        );
         assert_eq!(id.as_deref(), Some("\"a1\""));
-        let Command::Auth(a) = c.unwrap() else { panic!() };
-        assert_eq!((a.api_key.as_deref(), a.fleet_id.as_deref()), (Some("k"), Some("f")));
+        let Command::Auth(a) = c.unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (a.api_key.as_deref(), a.fleet_id.as_deref()),
+            (Some("k"), Some("f"))
+        );
         assert_eq!(a.subscriptions, vec![Channel::Alerts]);
 
-        let (_, c) = dec(r#"{"type":"subscribe","payload":{"action":"subscribe","data":{"channel":"alerts"},"filters":{"severity":["high","critical"],"vehicle_ids":["v1",7]}}}"#);
-        let Command::Subscribe(s) = c.unwrap() else { panic!() };
+        let (_, c) = dec(
+            r#"{"type":"subscribe","payload":{"action":"subscribe","data":{"channel":"alerts"},"filters":{"severity":["high","critical"],"vehicle_ids":["v1",7]}}}"#,
+        );
+        let Command::Subscribe(s) = c.unwrap() else {
+            panic!()
+        };
         assert_eq!(s.channel, Channel::Alerts);
         assert_eq!(s.filters.vehicles, vec!["v1".into(), "7".into()]);
-        assert_eq!(s.filters.severity, Severity::High.bit() | Severity::Critical.bit());
-        let (_, c) = dec(r#"{"type":"subscribe","payload":{"action":"unsubscribe","channel":"telemetry"}}"#);
-        assert!(matches!(c.unwrap(), Command::Subscribe(SubscribeRequest { action: SubAction::Unsubscribe, .. })));
+        assert_eq!(
+            s.filters.severity,
+            Severity::High.bit() | Severity::Critical.bit()
+        );
+        let (_, c) =
+            dec(r#"{"type":"subscribe","payload":{"action":"unsubscribe","channel":"telemetry"}}"#);
+        assert!(matches!(
+            c.unwrap(),
+            Command::Subscribe(SubscribeRequest {
+                action: SubAction::Unsubscribe,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn publish_validation_names_the_field() {
         let cases = [
-            (r#"{"type":"location_update","payload":{"location":{"latitude":1,"longitude":2}}}"#, "vehicle_id"),
-            (r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":91,"longitude":2}}}"#, "latitude"),
-            (r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":1,"longitude":-181}}}"#, "longitude"),
-            (r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":"1","longitude":2}}}"#, "latitude"),
-            (r#"{"type":"safety_alert","payload":{"alert_id":"a","severity":"meh","category":"x"}}"#, "severity"),
-            (r#"{"type":"safety_alert","payload":{"alert_id":"a","severity":"low"}}"#, "category"),
-            (r#"{"type":"trip_event","payload":{"event":"trip_started"}}"#, "trip_id"),
-            (r#"{"type":"location_update","timestamp":"yesterday","payload":{"vehicle_id":"v","location":{"latitude":1,"longitude":2}}}"#, "timestamp"),
+            (
+                r#"{"type":"location_update","payload":{"location":{"latitude":1,"longitude":2}}}"#,
+                "vehicle_id",
+            ),
+            (
+                r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":91,"longitude":2}}}"#,
+                "latitude",
+            ),
+            (
+                r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":1,"longitude":-181}}}"#,
+                "longitude",
+            ),
+            (
+                r#"{"type":"location_update","payload":{"vehicle_id":"v","location":{"latitude":"1","longitude":2}}}"#,
+                "latitude",
+            ),
+            (
+                r#"{"type":"safety_alert","payload":{"alert_id":"a","severity":"meh","category":"x"}}"#,
+                "severity",
+            ),
+            (
+                r#"{"type":"safety_alert","payload":{"alert_id":"a","severity":"low"}}"#,
+                "category",
+            ),
+            (
+                r#"{"type":"trip_event","payload":{"event":"trip_started"}}"#,
+                "trip_id",
+            ),
+            (
+                r#"{"type":"location_update","timestamp":"yesterday","payload":{"vehicle_id":"v","location":{"latitude":1,"longitude":2}}}"#,
+                "timestamp",
+            ),
             (r#"{"type":"teleport","payload":{}}"#, "type"),
-            (r#"{"type":"publish","channel":"nope","payload":{}}"#, "channel"),
+            (
+                r#"{"type":"publish","channel":"nope","payload":{}}"#,
+                "channel",
+            ),
         ];
         for (msg, field) in cases {
             let e = dec(msg).1.unwrap_err();
@@ -619,11 +765,18 @@ mod tests {
     fn publish_keeps_payload_bytes_and_encodes_once() {
         let msg = r#"{"type":"location_update","id":"m1","payload":{"zeta":1,"vehicle_id":"v1","location":{"latitude":40.7128,"longitude":-74.006},"alpha":{"x":[1,2]}}}"#;
         let (id, c) = dec(msg);
-        let Command::Publish(p) = c.unwrap() else { panic!() };
+        let Command::Publish(p) = c.unwrap() else {
+            panic!()
+        };
         assert_eq!(p.keys.vehicle.as_deref(), Some("v1"));
         let payload = &msg[p.payload.clone()];
         let id = id.unwrap();
-        let head = EventHead { channel: p.channel, id: id.as_bytes(), timestamp: "2024-03-15T14:30:00.000Z", seq: None };
+        let head = EventHead {
+            channel: p.channel,
+            id: id.as_bytes(),
+            timestamp: "2024-03-15T14:30:00.000Z",
+            seq: None,
+        };
         let (bytes, range) = event(&head, payload.as_bytes());
         let text = std::str::from_utf8(&bytes).unwrap();
         assert_eq!(&text[range], payload);
@@ -636,20 +789,34 @@ mod tests {
     #[test]
     fn batch_items_are_ranges() {
         let msg = r#"{"type":"batch","messages":[{"type":"ping"},{"type":"ack"}]}"#;
-        let Command::Batch(items) = dec(msg).1.unwrap() else { panic!() };
-        assert_eq!(items.iter().map(|r| &msg[r.clone()]).collect::<Vec<_>>(), vec![r#"{"type":"ping"}"#, r#"{"type":"ack"}"#]);
+        let Command::Batch(items) = dec(msg).1.unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            items.iter().map(|r| &msg[r.clone()]).collect::<Vec<_>>(),
+            vec![r#"{"type":"ping"}"#, r#"{"type":"ack"}"#]
+        );
     }
 
     #[test]
     fn metrics_projection_keeps_order() {
         let p = br#"{"vehicle_id":"v","telemetry":{"fuel_level":75.5,"engine_rpm":2100,"odometer":1},"x":1}"#;
         let out = project_metrics(p, &["odometer".into(), "fuel_level".into()]);
-        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"vehicle_id":"v","telemetry":{"fuel_level":75.5,"odometer":1},"x":1}"#);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"vehicle_id":"v","telemetry":{"fuel_level":75.5,"odometer":1},"x":1}"#
+        );
     }
 
     #[test]
     fn timestamps() {
-        assert_eq!(format_rfc3339_ms(1_710_513_000_123), "2024-03-15T14:30:00.123Z");
-        assert_eq!(parse_rfc3339_ms("2024-03-15T14:30:00.123Z"), Some(1_710_513_000_123));
+        assert_eq!(
+            format_rfc3339_ms(1_710_513_000_123),
+            "2024-03-15T14:30:00.123Z"
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2024-03-15T14:30:00.123Z"),
+            Some(1_710_513_000_123)
+        );
     }
 }

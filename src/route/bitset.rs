@@ -35,7 +35,9 @@ impl BitSet {
     }
 
     pub fn contains(&self, i: usize) -> bool {
-        self.words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+        self.words
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 
     pub fn len(&self) -> usize {
@@ -55,7 +57,9 @@ impl BitSet {
 pub fn for_each_in_union(sets: &[&BitSet], mut f: impl FnMut(usize)) {
     let n = sets.iter().map(|s| s.words.len()).max().unwrap_or(0);
     for w in 0..n {
-        let mut word = sets.iter().fold(0u64, |acc, s| acc | s.words.get(w).copied().unwrap_or(0));
+        let mut word = sets
+            .iter()
+            .fold(0u64, |acc, s| acc | s.words.get(w).copied().unwrap_or(0));
         while word != 0 {
             let b = word.trailing_zeros() as usize;
             f(w * 64 + b);

@@ -52,7 +52,13 @@ fn remove_keys(map: &mut HashMap<Box<str>, BitSet>, keys: &[Box<str>], slot: usi
 impl SubscriberIndex {
     /// Adds `slot` under the keys of `sel`. Returns true if this shard had no interest in
     /// (tenant, channel) before (the node-wide mask must gain this shard).
-    pub fn add(&mut self, tenant: &Arc<str>, channel: Channel, sel: &Selection, slot: usize) -> bool {
+    pub fn add(
+        &mut self,
+        tenant: &Arc<str>,
+        channel: Channel,
+        sel: &Selection,
+        slot: usize,
+    ) -> bool {
         let t = self.tenants.entry(tenant.clone()).or_default();
         let c = &mut t.channels[channel.index()];
         let before = c.entries;
@@ -87,7 +93,13 @@ impl SubscriberIndex {
     }
 
     /// Calls `f` once per slot subscribed to an event of `tenant`/`channel` about `keys`.
-    pub fn for_each(&self, tenant: &str, channel: Channel, keys: &EntityKeys, f: impl FnMut(usize)) {
+    pub fn for_each(
+        &self,
+        tenant: &str,
+        channel: Channel,
+        keys: &EntityKeys,
+        f: impl FnMut(usize),
+    ) {
         let Some(t) = self.tenants.get(tenant) else {
             return;
         };
@@ -146,7 +158,10 @@ mod tests {
         ix.add(
             &a,
             Channel::VehicleLocations,
-            &Selection { trips: vec!["t1".into()], ..Default::default() },
+            &Selection {
+                trips: vec!["t1".into()],
+                ..Default::default()
+            },
             3,
         );
         ix.add(&b, Channel::VehicleLocations, &sel(true, &[]), 4);
@@ -160,11 +175,26 @@ mod tests {
         assert_eq!(collect("fleet_b", &keys("v1", None)), vec![4]);
         assert_eq!(collect("fleet_c", &keys("v1", None)), Vec::<usize>::new());
         let mut none = Vec::new();
-        ix.for_each("fleet_a", Channel::Alerts, &keys("v1", None), |s| none.push(s));
+        ix.for_each("fleet_a", Channel::Alerts, &keys("v1", None), |s| {
+            none.push(s)
+        });
         assert!(none.is_empty());
         assert!(!ix.remove("fleet_a", Channel::VehicleLocations, &sel(true, &["v1"]), 1));
-        assert!(!ix.remove("fleet_a", Channel::VehicleLocations, &sel(false, &["v1"]), 2));
-        assert!(ix.remove("fleet_a", Channel::VehicleLocations, &Selection { trips: vec!["t1".into()], ..Default::default() }, 3));
+        assert!(!ix.remove(
+            "fleet_a",
+            Channel::VehicleLocations,
+            &sel(false, &["v1"]),
+            2
+        ));
+        assert!(ix.remove(
+            "fleet_a",
+            Channel::VehicleLocations,
+            &Selection {
+                trips: vec!["t1".into()],
+                ..Default::default()
+            },
+            3
+        ));
         assert!(!ix.has_interest("fleet_a", Channel::VehicleLocations));
     }
 }

@@ -38,7 +38,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr, generation: u32, deadline: Instant, max_message: usize) -> Conn {
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        generation: u32,
+        deadline: Instant,
+        max_message: usize,
+    ) -> Conn {
         Conn {
             stream,
             peer,

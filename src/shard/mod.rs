@@ -132,7 +132,8 @@ impl Shard {
         let mut events = Events::with_capacity(1024);
         let tick = Session::tick_interval(&self.shared.config.limits);
         loop {
-            let busy = self.accept_pending || !self.pending_reads.is_empty() || !self.inbox.is_empty();
+            let busy =
+                self.accept_pending || !self.pending_reads.is_empty() || !self.inbox.is_empty();
             let timeout = if busy {
                 Duration::ZERO
             } else {
@@ -170,7 +171,11 @@ impl Shard {
             if Instant::now() >= self.next_tick {
                 self.on_tick();
                 // While shutting down, tick fast to pace the close frames.
-                let step = if self.shutdown_deadline.is_some() { SHUTDOWN_TICK } else { tick };
+                let step = if self.shutdown_deadline.is_some() {
+                    SHUTDOWN_TICK
+                } else {
+                    tick
+                };
                 self.next_tick = Instant::now() + step;
             }
             self.wake_others();
@@ -240,7 +245,9 @@ impl Shard {
             Instant::now() + limits.handshake_timeout(),
             limits.max_message_bytes,
         ));
-        self.stats().connections_accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats()
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn drop_conn(&mut self, slot: usize) {
@@ -250,14 +257,18 @@ impl Shard {
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.stream);
         if let (Some(session), Some(hub)) = (&conn.session, &conn.hub) {
-            let subs: Vec<(Channel, Selection)> =
-                session.subscriptions().map(|(c, s)| (c, s.clone())).collect();
+            let subs: Vec<(Channel, Selection)> = session
+                .subscriptions()
+                .map(|(c, s)| (c, s.clone()))
+                .collect();
             for (channel, sel) in subs {
                 self.unindex(hub, channel, &sel, slot);
             }
         }
         if conn.session.is_some() {
-            self.stats().connections_open.fetch_sub(1, Ordering::Relaxed);
+            self.stats()
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -266,10 +277,7 @@ impl Shard {
     fn on_readable(&mut self, slot: usize) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut budget = READ_BUDGET;
-        loop {
-            let Some(conn) = self.conns.get_mut(slot) else {
-                break;
-            };
+        while let Some(conn) = self.conns.get_mut(slot) {
             if budget == 0 {
                 self.pending_reads.push(slot);
                 break;
@@ -347,7 +355,9 @@ impl Shard {
             session.handle_message(now, msg, &mut ctx);
             !session.is_closed()
         });
-        self.stats().messages_in.fetch_add(messages, Ordering::Relaxed);
+        self.stats()
+            .messages_in
+            .fetch_add(messages, Ordering::Relaxed);
         let used = match result {
             Ok(used) => used,
             Err(e) => {
@@ -367,7 +377,9 @@ impl Shard {
             Ok((Head::Partial, _)) => return,
             Ok((Head::Complete(n), req)) => (n, req),
             Err(e) => {
-                self.stats().handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                self.stats()
+                    .handshakes_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 return self.http_reply(slot, handshake::json_error(e.status(), &e.to_string()));
             }
         };
@@ -376,10 +388,15 @@ impl Shard {
             return self.http_reply(slot, handshake::json_error(405, "method not allowed"));
         }
         let scope = match endpoint {
-            Endpoint::Healthz => return self.http_reply(slot, handshake::response(200, "text/plain", b"ok\n")),
+            Endpoint::Healthz => {
+                return self.http_reply(slot, handshake::response(200, "text/plain", b"ok\n"));
+            }
             Endpoint::Readyz => {
                 let (status, body) = self.shared.readiness();
-                return self.http_reply(slot, handshake::response(status, "text/plain", body.as_bytes()));
+                return self.http_reply(
+                    slot,
+                    handshake::response(status, "text/plain", body.as_bytes()),
+                );
             }
             Endpoint::Metrics => {
                 let body = self.shared.render_metrics();
@@ -388,15 +405,29 @@ impl Shard {
                     handshake::response(200, "text/plain; version=0.0.4", body.as_bytes()),
                 );
             }
-            Endpoint::NotFound => return self.http_reply(slot, handshake::json_error(404, "not found")),
+            Endpoint::NotFound => {
+                return self.http_reply(slot, handshake::json_error(404, "not found"));
+            }
             Endpoint::Native(scope) => scope,
         };
         if !(req.upgrade_websocket && req.connection_upgrade) {
-            return self.http_reply(slot, handshake::json_error(426, "this endpoint speaks WebSocket only"));
+            return self.http_reply(
+                slot,
+                handshake::json_error(426, "this endpoint speaks WebSocket only"),
+            );
         }
-        let Some(key) = req.ws_key.as_deref().filter(|_| req.ws_version.as_deref() == Some("13")) else {
-            self.stats().handshakes_failed.fetch_add(1, Ordering::Relaxed);
-            return self.http_reply(slot, handshake::json_error(400, "Sec-WebSocket-Key and version 13 required"));
+        let Some(key) = req
+            .ws_key
+            .as_deref()
+            .filter(|_| req.ws_version.as_deref() == Some("13"))
+        else {
+            self.stats()
+                .handshakes_failed
+                .fetch_add(1, Ordering::Relaxed);
+            return self.http_reply(
+                slot,
+                handshake::json_error(400, "Sec-WebSocket-Key and version 13 required"),
+            );
         };
         let cred = req
             .query_param("token")
@@ -408,7 +439,9 @@ impl Shard {
             Some(c) => match self.shared.auth.authenticate(c, now().unix_secs()) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    self.stats().handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    self.stats()
+                        .handshakes_failed
+                        .fetch_add(1, Ordering::Relaxed);
                     return self.http_reply(slot, handshake::json_error(401, &e.to_string()));
                 }
             },
@@ -422,18 +455,31 @@ impl Shard {
             if fleet.or(scoped_fleet).is_some_and(|f| f != &*p.tenant)
                 || scoped_fleet.is_some_and(|f| f != &*p.tenant)
             {
-                self.stats().handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                return self.http_reply(slot, handshake::json_error(403, "credential does not belong to this fleet"));
+                self.stats()
+                    .handshakes_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                return self.http_reply(
+                    slot,
+                    handshake::json_error(403, "credential does not belong to this fleet"),
+                );
             }
         }
         let conn = &mut self.conns[slot];
         conn.out.push_owned(handshake::switching_protocols(key));
         let conn_id = format!("c{}-{}-{}", self.id, slot, conn.generation).into_boxed_str();
-        conn.session = Some(Session::new(conn_id, scope, principal, Instant::now(), limits));
+        conn.session = Some(Session::new(
+            conn_id,
+            scope,
+            principal,
+            Instant::now(),
+            limits,
+        ));
         conn.phase = Phase::Open;
         let rest = conn.rbuf.split_off(head);
         conn.rbuf = Vec::new();
-        self.stats().connections_open.fetch_add(1, Ordering::Relaxed);
+        self.stats()
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
         self.stats().handshakes_ok.fetch_add(1, Ordering::Relaxed);
         self.mark_dirty(slot);
         self.apply_actions(slot, now());
@@ -469,7 +515,11 @@ impl Shard {
                     self.mark_dirty(slot);
                 }
                 Action::Authenticated => {
-                    let tenant = conn.session.as_ref().and_then(|s| s.principal()).map(|p| p.tenant.clone());
+                    let tenant = conn
+                        .session
+                        .as_ref()
+                        .and_then(|s| s.principal())
+                        .map(|p| p.tenant.clone());
                     conn.hub = tenant.map(|t| self.shared.hubs.tenant(&t));
                 }
                 Action::Subscribe {
@@ -482,16 +532,24 @@ impl Shard {
                         self.unindex(&hub, channel, &removed, slot);
                     }
                 }
-                Action::SnapshotRequest { channel, selection, id } => {
-                    self.snapshot_reply(slot, channel, &selection, id.as_deref(), now)
-                }
+                Action::SnapshotRequest {
+                    channel,
+                    selection,
+                    id,
+                } => self.snapshot_reply(slot, channel, &selection, id.as_deref(), now),
                 Action::Publish(p) => self.publish(slot, p, now),
                 Action::Close { code, reason } => self.close_conn(slot, code, reason),
             }
         }
     }
 
-    fn subscribe(&mut self, slot: usize, channel: Channel, added: &Selection, snapshot: &Selection) {
+    fn subscribe(
+        &mut self,
+        slot: usize,
+        channel: Channel,
+        added: &Selection,
+        snapshot: &Selection,
+    ) {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
@@ -529,7 +587,14 @@ impl Shard {
         }
     }
 
-    fn snapshot_reply(&mut self, slot: usize, channel: Channel, sel: &Selection, id: Option<&[u8]>, now: Now) {
+    fn snapshot_reply(
+        &mut self,
+        slot: usize,
+        channel: Channel,
+        sel: &Selection,
+        id: Option<&[u8]>,
+        now: Now,
+    ) {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
@@ -558,7 +623,13 @@ impl Shard {
         self.next_event += 1;
         let mut fresh = Vec::with_capacity(32);
         fresh.extend_from_slice(b"\"evt_");
-        fresh.extend_from_slice(format!("{:x}_{}_{}", self.shared.hubs.epoch, self.id, self.next_event).as_bytes());
+        fresh.extend_from_slice(
+            format!(
+                "{:x}_{}_{}",
+                self.shared.hubs.epoch, self.id, self.next_event
+            )
+            .as_bytes(),
+        );
         fresh.push(b'"');
         let channel = p.channel;
         let mut ch = hub.channel(channel).lock();
@@ -622,29 +693,38 @@ impl Shard {
         let mut slow = Vec::new();
         let conns = &mut self.conns;
         let dirty = &mut self.dirty;
-        self.index.for_each(&ev.tenant, ev.channel, &ev.keys, |slot| {
-            let Some(conn) = conns.get_mut(slot) else { return };
-            if !conn.is_open() || conn.hub.as_ref().is_none_or(|h| h.id != ev.tenant) {
-                return;
-            }
-            let Some(session) = conn.session.as_mut() else { return };
-            match session.verdict(ev) {
-                Verdict::Skip => return,
-                Verdict::Shared => conn.out.push_shared(ev.clone()),
-                Verdict::Projected(m) => conn.out.push_owned(ev.projected_frame(&m)),
-            }
-            delivered += 1;
-            if conn.out.bytes() > max_out {
-                slow.push(slot);
-            }
-            if !conn.dirty {
-                conn.dirty = true;
-                dirty.push(slot);
-            }
-        });
-        self.stats().deliveries.fetch_add(delivered, Ordering::Relaxed);
+        self.index
+            .for_each(&ev.tenant, ev.channel, &ev.keys, |slot| {
+                let Some(conn) = conns.get_mut(slot) else {
+                    return;
+                };
+                if !conn.is_open() || conn.hub.as_ref().is_none_or(|h| h.id != ev.tenant) {
+                    return;
+                }
+                let Some(session) = conn.session.as_mut() else {
+                    return;
+                };
+                match session.verdict(ev) {
+                    Verdict::Skip => return,
+                    Verdict::Shared => conn.out.push_shared(ev.clone()),
+                    Verdict::Projected(m) => conn.out.push_owned(ev.projected_frame(&m)),
+                }
+                delivered += 1;
+                if conn.out.bytes() > max_out {
+                    slow.push(slot);
+                }
+                if !conn.dirty {
+                    conn.dirty = true;
+                    dirty.push(slot);
+                }
+            });
+        self.stats()
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
         for slot in slow {
-            self.stats().slow_consumers_closed.fetch_add(1, Ordering::Relaxed);
+            self.stats()
+                .slow_consumers_closed
+                .fetch_add(1, Ordering::Relaxed);
             self.conns[slot].out.clear();
             self.close_conn(slot, close::TRY_AGAIN_LATER, "slow consumer");
         }
@@ -683,9 +763,15 @@ impl Shard {
             }
             match conn.phase {
                 Phase::HttpClose { .. } => self.drop_conn(slot),
-                Phase::Closing { shut: false, deadline } => {
+                Phase::Closing {
+                    shut: false,
+                    deadline,
+                } => {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
-                    conn.phase = Phase::Closing { deadline, shut: true };
+                    conn.phase = Phase::Closing {
+                        deadline,
+                        shut: true,
+                    };
                 }
                 _ => {}
             }
@@ -743,8 +829,9 @@ impl Shard {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        self.shutdown_deadline =
-            Some(Instant::now() + Duration::from_millis(self.shared.config.server.shutdown_grace_ms));
+        self.shutdown_deadline = Some(
+            Instant::now() + Duration::from_millis(self.shared.config.server.shutdown_grace_ms),
+        );
         self.next_tick = Instant::now();
         self.close_some_for_shutdown();
     }

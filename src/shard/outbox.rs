@@ -43,7 +43,8 @@ impl Outbox {
 
     pub fn push_owned(&mut self, frame: Vec<u8>) {
         self.bytes += frame.len();
-        self.chunks.push_back(Chunk::Owned(frame.into_boxed_slice()));
+        self.chunks
+            .push_back(Chunk::Owned(frame.into_boxed_slice()));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,7 +87,12 @@ impl Outbox {
     fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
         while n > 0 {
-            let front = self.chunks.front().expect("wrote more than queued").bytes().len();
+            let front = self
+                .chunks
+                .front()
+                .expect("wrote more than queued")
+                .bytes()
+                .len();
             let left = front - self.written;
             if n >= left {
                 n -= left;
@@ -117,7 +123,7 @@ mod tests {
         }
         fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
             self.calls += 1;
-            if self.calls % 2 == 0 {
+            if self.calls.is_multiple_of(2) {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let mut left = self.cap;
@@ -145,7 +151,11 @@ mod tests {
             o.push_owned(f);
         }
         assert_eq!(o.bytes(), expect.len());
-        let mut w = Trickle { out: Vec::new(), cap: 5, calls: 0 };
+        let mut w = Trickle {
+            out: Vec::new(),
+            cap: 5,
+            calls: 0,
+        };
         let mut rounds = 0;
         while !o.flush(&mut w).unwrap() {
             rounds += 1;

@@ -105,7 +105,9 @@ impl FrameReader {
             let go_on = match header.opcode {
                 OpCode::Control(Control::Ping) => on_message(Message::Ping(payload)),
                 OpCode::Control(Control::Pong) => on_message(Message::Pong),
-                OpCode::Control(Control::Close) => on_message(Message::Close(parse_close(payload)?)),
+                OpCode::Control(Control::Close) => {
+                    on_message(Message::Close(parse_close(payload)?))
+                }
                 OpCode::Data(Data::Continue) => {
                     let (text, mut data) = self.fragments.take().expect("checked in check()");
                     data.extend_from_slice(payload);
@@ -216,7 +218,8 @@ fn write_header(out: &mut Vec<u8>, opcode: OpCode, len: usize) {
         opcode,
         ..FrameHeader::default()
     };
-    h.format(len as u64, out).expect("writing to a Vec cannot fail");
+    h.format(len as u64, out)
+        .expect("writing to a Vec cannot fail");
 }
 
 /// Appends an unmasked, final server frame.
@@ -338,16 +341,16 @@ mod tests {
     #[test]
     fn violations_map_to_close_codes() {
         let cases: Vec<(Vec<u8>, u16)> = vec![
-            (client_frame(0xC1, b"x"), 1002),          // RSV1
-            (client_frame(0x83, b"x"), 1002),          // reserved data opcode
-            (client_frame(0x8B, b"x"), 1002),          // reserved control opcode
-            (client_frame(0x09, b"x"), 1002),          // fragmented ping
-            (client_frame(0x89, &[0u8; 126]), 1002),   // control > 125
-            (client_frame(0x80, b"x"), 1002),          // continuation of nothing
-            (client_frame(0x81, &[0xff, 0xfe]), 1007), // invalid UTF-8
-            (client_frame(0x81, &[b'a'; 1025]), 1009), // too big
-            (client_frame(0x88, &[0x03]), 1002),       // 1-byte close
-            (client_frame(0x88, &[0x03, 0xED]), 1002), // close code 1005 not allowed
+            (client_frame(0xC1, b"x"), 1002),                       // RSV1
+            (client_frame(0x83, b"x"), 1002),                       // reserved data opcode
+            (client_frame(0x8B, b"x"), 1002),                       // reserved control opcode
+            (client_frame(0x09, b"x"), 1002),                       // fragmented ping
+            (client_frame(0x89, &[0u8; 126]), 1002),                // control > 125
+            (client_frame(0x80, b"x"), 1002),                       // continuation of nothing
+            (client_frame(0x81, &[0xff, 0xfe]), 1007),              // invalid UTF-8
+            (client_frame(0x81, &[b'a'; 1025]), 1009),              // too big
+            (client_frame(0x88, &[0x03]), 1002),                    // 1-byte close
+            (client_frame(0x88, &[0x03, 0xED]), 1002),              // close code 1005 not allowed
             (vec![0x81, 0x05, b'h', b'e', b'l', b'l', b'o'], 1002), // unmasked
         ];
         for (bytes, code) in cases {

@@ -140,7 +140,9 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
     let mut out = Request {
         method: req.method.unwrap_or("").to_string(),
         path: path.to_string(),
-        query: form_urlencoded::parse(query.as_bytes()).into_owned().collect(),
+        query: form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect(),
         ..Request::default()
     };
     for h in req.headers.iter() {
@@ -218,7 +220,10 @@ mod tests {
     #[test]
     fn classifies_paths() {
         assert_eq!(Endpoint::classify("/healthz"), Endpoint::Healthz);
-        assert_eq!(Endpoint::classify("/v1/streaming/websocket"), Endpoint::Native(Scope::None));
+        assert_eq!(
+            Endpoint::classify("/v1/streaming/websocket"),
+            Endpoint::Native(Scope::None)
+        );
         assert_eq!(
             Endpoint::classify("/v1/streaming/websocket/fleet/fleet_001"),
             Endpoint::Native(Scope::Fleet("fleet_001".into()))
@@ -231,7 +236,13 @@ mod tests {
             Endpoint::classify("/v1/streaming/websocket/trip/t9"),
             Endpoint::Native(Scope::Trip("t9".into()))
         );
-        for p in ["/", "/v1/streaming/websocketx", "/v1/streaming/websocket/fleet/", "/v1/streaming/websocket/car/1", "/v1/streaming/websocket/fleet/a/b"] {
+        for p in [
+            "/",
+            "/v1/streaming/websocketx",
+            "/v1/streaming/websocket/fleet/",
+            "/v1/streaming/websocket/car/1",
+            "/v1/streaming/websocket/fleet/a/b",
+        ] {
             assert_eq!(Endpoint::classify(p), Endpoint::NotFound, "{p}");
         }
     }
@@ -250,9 +261,18 @@ mod tests {
 
     #[test]
     fn partial_and_oversized_heads() {
-        assert_eq!(parse_request(b"GET / HTTP/1.1\r\nHost:", 8192).unwrap().0, Head::Partial);
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost:", 8192).unwrap().0,
+            Head::Partial
+        );
         let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(9000));
-        assert_eq!(parse_request(big.as_bytes(), 8192).unwrap_err(), HeadError::TooLarge);
-        assert_eq!(parse_request(b"\x00\x01garbage\r\n\r\n", 8192).unwrap_err(), HeadError::Malformed);
+        assert_eq!(
+            parse_request(big.as_bytes(), 8192).unwrap_err(),
+            HeadError::TooLarge
+        );
+        assert_eq!(
+            parse_request(b"\x00\x01garbage\r\n\r\n", 8192).unwrap_err(),
+            HeadError::Malformed
+        );
     }
 }
