@@ -326,3 +326,59 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod asymmetric_tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn sign(alg: Algorithm, key: jsonwebtoken::EncodingKey, tenant: &str) -> String {
+        let claims = serde_json::json!({"sub":"svc","fleet_id":tenant,"role":"service","exp":2000});
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_verify_with_configured_public_keys() {
+        let a = Authenticator::new(&AuthConfig {
+            jwt_rs256_public_key_file: Some(fixture("rs256-public.pem")),
+            jwt_es256_public_key_file: Some(fixture("es256-public.pem")),
+            ..Default::default()
+        })
+        .unwrap();
+        let rsa = std::fs::read(fixture("rs256-private.pem")).unwrap();
+        let ec = std::fs::read(fixture("es256-private.pem")).unwrap();
+        let t = sign(
+            Algorithm::RS256,
+            jsonwebtoken::EncodingKey::from_rsa_pem(&rsa).unwrap(),
+            "fleet_r",
+        );
+        let p = a.authenticate(Credential::Bearer(&t), 1000).unwrap();
+        assert_eq!((&*p.tenant, p.role), ("fleet_r", Role::Service));
+        let t = sign(
+            Algorithm::ES256,
+            jsonwebtoken::EncodingKey::from_ec_pem(&ec).unwrap(),
+            "fleet_e",
+        );
+        assert_eq!(
+            &*a.authenticate(Credential::Token(&t), 1000).unwrap().tenant,
+            "fleet_e"
+        );
+        // An HS256 token is refused when no HS256 secret is configured.
+        let hs = mint_hs256(
+            "whatever-secret-123",
+            "x",
+            "fleet_r",
+            Role::Admin,
+            2000,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            a.authenticate(Credential::Token(&hs), 1000),
+            Err(AuthError::NoKeyForAlgorithm(Algorithm::HS256))
+        );
+    }
+}

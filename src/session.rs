@@ -775,3 +775,311 @@ fn write_channel_filters(o: &mut Vec<u8>, channel: Channel, f: &Filters) {
     write_list(o, "status_types", &f.status_types, &mut first);
     o.extend_from_slice(b"}}");
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session driven with a fake clock: no sockets, no sleeps.
+    use super::*;
+    use crate::config::{ApiKeyConfig, AuthConfig};
+    use crate::model::{EntityKeys, Role};
+    use serde_json::Value;
+
+    struct Fixture {
+        limits: Limits,
+        auth: Authenticator,
+        parser: Parser,
+        t0: Instant,
+    }
+
+    const VIEWER: &str = "viewer-key-0123456789";
+    const DEVICE: &str = "device-key-0123456789";
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let key = |k: &str, role| ApiKeyConfig {
+                key: k.into(),
+                user_id: format!("u-{k}"),
+                tenant: "fleet_a".into(),
+                role,
+                vehicles: if role == Role::Device {
+                    vec!["v1".into()]
+                } else {
+                    vec![]
+                },
+            };
+            let auth = Authenticator::new(&AuthConfig {
+                api_keys: vec![key(VIEWER, Role::Viewer), key(DEVICE, Role::Device)],
+                ..Default::default()
+            })
+            .unwrap();
+            Fixture {
+                limits: Limits::default(),
+                auth,
+                parser: Parser::default(),
+                t0: Instant::now(),
+            }
+        }
+
+        fn at(&self, ms: u64) -> Now {
+            Now {
+                mono: self.t0 + Duration::from_millis(ms),
+                unix_ms: 1_700_000_000_000 + ms as i64,
+            }
+        }
+
+        fn session(&self, scope: Scope) -> Session {
+            Session::new("c0-1-1".into(), scope, None, self.t0, &self.limits)
+        }
+
+        fn send(&mut self, s: &mut Session, ms: u64, text: &str) -> Vec<Action> {
+            let now = self.at(ms);
+            let mut ctx = Ctx {
+                limits: &self.limits,
+                auth: &self.auth,
+                parser: &mut self.parser,
+            };
+            s.handle_message(now, Message::Text(text.as_bytes()), &mut ctx);
+            std::iter::from_fn(|| s.poll_action()).collect()
+        }
+    }
+
+    /// The JSON of every `Send` that carries a text frame.
+    fn texts(actions: &[Action]) -> Vec<Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(f) if f[0] == 0x81 => {
+                    let hl = match f[1] & 0x7f {
+                        126 => 4,
+                        127 => 10,
+                        _ => 2,
+                    };
+                    serde_json::from_slice(&f[hl..]).ok()
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closes(actions: &[Action]) -> Vec<u16> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Close { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn auth_message_then_subscribe_emits_index_and_snapshot_actions() {
+        let mut f = Fixture::new();
+        let mut s = f.session(Scope::None);
+        let a = f.send(
+            &mut s,
+            1,
+            &format!(r#"{{"type":"auth","id":"a","payload":{{"api_key":"{VIEWER}"}}}}"#),
+        );
+        assert!(matches!(a[0], Action::Authenticated));
+        let t = texts(&a);
+        assert_eq!(
+            (t[0]["type"].as_str(), t[0]["id"].as_str()),
+            (Some("auth_success"), Some("a"))
+        );
+        assert_eq!(t[0]["payload"]["fleet_id"], "fleet_a");
+        let a = f.send(&mut s, 2, r#"{"type":"subscribe","id":7,"payload":{"action":"subscribe","channel":"vehicle_locations","filters":{"vehicle_ids":["v1","v2"]}}}"#);
+        assert_eq!(texts(&a)[0]["type"], "subscribed");
+        assert_eq!(texts(&a)[0]["id"], 7);
+        let Action::Subscribe {
+            channel,
+            added,
+            snapshot,
+        } = &a[1]
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(*channel, Channel::VehicleLocations);
+        assert_eq!(added.vehicles, vec!["v1".into(), "v2".into()]);
+        assert_eq!(snapshot, added);
+        // Subscribing v2 and v3 adds only v3 to the index.
+        let a = f.send(&mut s, 3, r#"{"type":"subscribe","payload":{"channel":"vehicle_locations","filters":{"vehicle_id":["v2","v3"]}}}"#);
+        let Action::Subscribe { added, .. } = &a[1] else {
+            panic!()
+        };
+        assert_eq!(added.vehicles, vec!["v3".into()]);
+        assert_eq!(s.subscription_count(), 3);
+        let a = f.send(
+            &mut s,
+            4,
+            r#"{"type":"unsubscribe","payload":{"channel":"vehicle_locations"}}"#,
+        );
+        let Action::Unsubscribe { removed, .. } = &a[1] else {
+            panic!()
+        };
+        assert_eq!(removed.vehicles.len(), 3);
+        assert_eq!(s.subscription_count(), 0);
+    }
+
+    #[test]
+    fn auth_failure_and_timeout_close() {
+        let mut f = Fixture::new();
+        let mut s = f.session(Scope::None);
+        let a = f.send(
+            &mut s,
+            1,
+            r#"{"type":"auth","id":"x","payload":{"api_key":"nope-nope-nope-nope"}}"#,
+        );
+        assert_eq!(texts(&a)[0]["type"], "auth_error");
+        assert_eq!(texts(&a)[0]["payload"]["code"], 401);
+        assert_eq!(closes(&a), vec![close::POLICY_VIOLATION]);
+
+        let mut s = f.session(Scope::None);
+        s.handle_tick(f.at(9_999));
+        assert!(s.poll_action().is_none());
+        s.handle_tick(f.at(10_000));
+        let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert_eq!(texts(&a)[0]["payload"]["code"], 408);
+        assert_eq!(closes(&a), vec![close::POLICY_VIOLATION]);
+    }
+
+    #[test]
+    fn heartbeat_pings_then_times_out() {
+        let mut f = Fixture::new();
+        let mut s = f.session(Scope::None);
+        f.send(
+            &mut s,
+            0,
+            &format!(r#"{{"type":"auth","payload":{{"api_key":"{VIEWER}"}}}}"#),
+        );
+        s.handle_tick(f.at(30_000));
+        let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert!(matches!(&a[..], [Action::Send(p)] if p[0] == 0x89), "{a:?}");
+        s.handle_tick(f.at(59_999));
+        assert!(closes(&std::iter::from_fn(|| s.poll_action()).collect::<Vec<_>>()).is_empty());
+        s.handle_tick(f.at(60_000));
+        let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert_eq!(closes(&a), vec![close::HEARTBEAT_TIMEOUT]);
+    }
+
+    #[test]
+    fn device_publishes_only_for_its_vehicle_and_vehicle_scope_applies() {
+        let mut f = Fixture::new();
+        let mut s = f.session(Scope::None);
+        f.send(
+            &mut s,
+            0,
+            &format!(r#"{{"type":"auth","payload":{{"api_key":"{DEVICE}"}}}}"#),
+        );
+        let ok = r#"{"type":"location_update","id":"m","ack":true,"payload":{"vehicle_id":"v1","location":{"latitude":1,"longitude":2}}}"#;
+        let a = f.send(&mut s, 1, ok);
+        assert_eq!(texts(&a)[0]["type"], "ack");
+        let Action::Publish(p) = &a[1] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(p.keys.vehicle.as_deref(), Some("v1"));
+        assert_eq!(p.id.as_deref(), Some(&b"\"m\""[..]));
+        let a = f.send(&mut s, 2, &ok.replace("\"v1\"", "\"v2\""));
+        assert_eq!(texts(&a)[0]["payload"]["code"], 403);
+        assert_eq!(a.len(), 1);
+        let a = f.send(
+            &mut s,
+            3,
+            r#"{"type":"subscribe","id":"s","payload":{"channel":"alerts"}}"#,
+        );
+        assert_eq!(texts(&a)[0]["payload"]["code"], 403);
+
+        let mut s = f.session(Scope::Vehicle("v9".into()));
+        f.send(
+            &mut s,
+            0,
+            &format!(r#"{{"type":"auth","payload":{{"api_key":"{VIEWER}"}}}}"#),
+        );
+        let a = f.send(
+            &mut s,
+            1,
+            r#"{"type":"subscribe","payload":{"channel":"telemetry"}}"#,
+        );
+        let Action::Subscribe { added, .. } = &a[1] else {
+            panic!()
+        };
+        assert_eq!(
+            (added.all, added.vehicles.clone()),
+            (false, vec!["v9".into()])
+        );
+        let a = f.send(&mut s, 2, r#"{"type":"subscribe","id":"z","payload":{"channel":"telemetry","filters":{"vehicle_id":"v1"}}}"#);
+        assert_eq!(texts(&a)[0]["payload"]["code"], 403);
+        assert_eq!(texts(&a)[0]["id"], "z");
+    }
+
+    #[test]
+    fn verdict_applies_value_filters_and_fence() {
+        let mut f = Fixture::new();
+        let mut s = f.session(Scope::None);
+        f.send(
+            &mut s,
+            0,
+            &format!(r#"{{"type":"auth","payload":{{"api_key":"{VIEWER}"}}}}"#),
+        );
+        f.send(&mut s, 1, r#"{"type":"subscribe","payload":{"channel":"alerts","filters":{"severity":["high"]}}}"#);
+        f.send(
+            &mut s,
+            1,
+            r#"{"type":"subscribe","payload":{"channel":"vehicle_locations"}}"#,
+        );
+        let ev = |channel, seq, vehicle: &str, severity| {
+            let p = Publication {
+                channel,
+                id: None,
+                payload: b"{}".to_vec(),
+                keys: EntityKeys {
+                    vehicle: Some(vehicle.into()),
+                    trip: None,
+                    driver: None,
+                },
+                severity,
+                category: None,
+                status: None,
+                timestamp: "t".into(),
+                ts_ms: 0,
+            };
+            Event::encode("fleet_a".into(), p, seq, 1, b"\"e\"", f.t0)
+        };
+        use crate::model::Severity;
+        assert!(matches!(
+            s.verdict(&ev(Channel::Alerts, 1, "v1", Some(Severity::High))),
+            Verdict::Shared
+        ));
+        assert!(matches!(
+            s.verdict(&ev(Channel::Alerts, 2, "v1", Some(Severity::Low))),
+            Verdict::Skip
+        ));
+        assert!(matches!(
+            s.verdict(&ev(Channel::Telemetry, 1, "v1", None)),
+            Verdict::Skip
+        ));
+        // A snapshot sent v1 at seq 5: in-flight v1 events up to 5 are skipped, v2 is not.
+        let mut fence = Fence {
+            max: 6,
+            ..Fence::default()
+        };
+        fence.seqs.insert("v1".into(), 5);
+        s.set_fence(Channel::VehicleLocations, fence);
+        assert!(matches!(
+            s.verdict(&ev(Channel::VehicleLocations, 4, "v1", None)),
+            Verdict::Skip
+        ));
+        assert!(matches!(
+            s.verdict(&ev(Channel::VehicleLocations, 5, "v1", None)),
+            Verdict::Skip
+        ));
+        assert!(matches!(
+            s.verdict(&ev(Channel::VehicleLocations, 6, "v2", None)),
+            Verdict::Shared
+        ));
+        // Past the fence's max it is dropped; later events of v1 flow.
+        assert!(matches!(
+            s.verdict(&ev(Channel::VehicleLocations, 7, "v1", None)),
+            Verdict::Shared
+        ));
+    }
+}
