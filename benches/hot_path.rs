@@ -48,19 +48,32 @@ fn decode_parse(c: &mut Criterion) {
 }
 
 fn event() -> Arc<Event> {
-    let payload = fleetcast::json::member(LOCATION.as_bytes(), "payload").unwrap().to_vec();
+    let payload = fleetcast::json::member(LOCATION.as_bytes(), "payload")
+        .unwrap()
+        .to_vec();
     let p = Publication {
         channel: Channel::VehicleLocations,
         id: None,
         payload,
-        keys: EntityKeys { vehicle: Some("vehicle_001".into()), trip: None, driver: None },
+        keys: EntityKeys {
+            vehicle: Some("vehicle_001".into()),
+            trip: None,
+            driver: None,
+        },
         severity: None,
         category: None,
         status: None,
         timestamp: "2024-03-15T14:30:00.000Z".into(),
         ts_ms: 0,
     };
-    Arc::new(Event::encode("fleet_001".into(), p, 1, 1, b"\"evt_1\"", Instant::now()))
+    Arc::new(Event::encode(
+        "fleet_001".into(),
+        p,
+        1,
+        1,
+        b"\"evt_1\"",
+        Instant::now(),
+    ))
 }
 
 fn fanout(c: &mut Criterion) {
@@ -78,19 +91,39 @@ fn fanout(c: &mut Criterion) {
         let mut index = SubscriberIndex::default();
         let mut sessions: Vec<(Session, Outbox)> = (0..n)
             .map(|i| {
-                let s = Session::new(format!("c{i}").into(), Scope::None, Some(principal.clone()), Instant::now(), &limits);
+                let s = Session::new(
+                    format!("c{i}").into(),
+                    Scope::None,
+                    Some(principal.clone()),
+                    Instant::now(),
+                    &limits,
+                );
                 (s, Outbox::default())
             })
             .collect();
-        let sel = Selection { all: true, ..Default::default() };
+        let sel = Selection {
+            all: true,
+            ..Default::default()
+        };
         for (i, (s, _)) in sessions.iter_mut().enumerate() {
             index.add(&tenant, Channel::VehicleLocations, &sel, i);
             // Register the subscription inside the session through its public input.
             let msg = br#"{"type":"subscribe","payload":{"channel":"vehicle_locations"}}"#;
             let mut parser = Parser::default();
             let auth = fleetcast::auth::Authenticator::new(&Default::default()).unwrap();
-            let mut ctx = fleetcast::session::Ctx { limits: &limits, auth: &auth, parser: &mut parser };
-            s.handle_message(fleetcast::session::Now { mono: Instant::now(), unix_ms: 0 }, Message::Text(msg), &mut ctx);
+            let mut ctx = fleetcast::session::Ctx {
+                limits: &limits,
+                auth: &auth,
+                parser: &mut parser,
+            };
+            s.handle_message(
+                fleetcast::session::Now {
+                    mono: Instant::now(),
+                    unix_ms: 0,
+                },
+                Message::Text(msg),
+                &mut ctx,
+            );
             while s.poll_action().is_some() {}
         }
         let ev = event();

@@ -698,7 +698,12 @@ impl Shard {
                 let Some(conn) = conns.get_mut(slot) else {
                     return;
                 };
-                if !conn.is_open() || conn.hub.as_ref().is_none_or(|h| h.id != ev.tenant) {
+                if !conn.is_open()
+                    || conn
+                        .hub
+                        .as_ref()
+                        .is_none_or(|h| !Arc::ptr_eq(&h.id, &ev.tenant))
+                {
                     return;
                 }
                 let Some(session) = conn.session.as_mut() else {

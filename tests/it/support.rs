@@ -57,7 +57,10 @@ impl Broker {
     pub fn start(cfg: Config) -> Broker {
         let node = Node::start(cfg).expect("node starts");
         let addr = node.local_addr();
-        Broker { node: Some(node), addr }
+        Broker {
+            node: Some(node),
+            addr,
+        }
     }
 
     pub fn with_shards(n: usize) -> Broker {
@@ -88,8 +91,15 @@ impl Broker {
         s.write_all(raw.as_bytes()).unwrap();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
-        let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -175,11 +185,15 @@ impl Client {
                 }
                 Ok(_) => continue,
                 Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
                 {
                     return Err(Ended::Timeout);
                 }
-                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => {
                     return Err(Ended::Closed(None));
                 }
                 Err(e) => return Err(Ended::Error(e.to_string())),
@@ -188,7 +202,8 @@ impl Client {
     }
 
     pub fn recv(&mut self) -> Value {
-        self.next(Duration::from_secs(5)).expect("a message within 5 s")
+        self.next(Duration::from_secs(5))
+            .expect("a message within 5 s")
     }
 
     /// Reads until a message of type `ty` arrives (others are skipped) and returns it.
