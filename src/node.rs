@@ -104,7 +104,15 @@ impl Node {
             hubs: Hubs::new(unix_ms()),
             mesh,
             wakers,
-            stats: (0..n).map(|_| ShardStats::default()).collect(),
+            // A shard that has not turned yet is starting, not stalled: its clock
+            // starts now, so `/readyz` is green from the start and red after STALL_MS.
+            stats: (0..n)
+                .map(|_| {
+                    let s = ShardStats::default();
+                    s.last_turn_ms.store(unix_ms(), Ordering::Relaxed);
+                    s
+                })
+                .collect(),
         });
         let mut threads = Vec::new();
         for (id, ((poll, listener), inbox)) in

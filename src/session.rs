@@ -436,6 +436,8 @@ impl Session {
                         "connection is authenticated as another principal",
                     ));
                 }
+                // Same identity: take the new credential's expiry (a refreshed token).
+                self.principal = Some(p);
             }
             (State::Active, Err(e)) => return Err(e),
             (_, Ok(p)) => {
@@ -670,8 +672,8 @@ impl Session {
         }
         let (timestamp, ts_ms) = match &p.timestamp {
             Some((r, ms)) => {
-                let s = std::str::from_utf8(&raw[r.start + 1..r.end - 1]).unwrap_or_default();
-                (s.to_string(), *ms)
+                let s = json::unescape(&raw[r.start + 1..r.end - 1]);
+                (s.into_owned(), *ms)
             }
             None => (now.rfc3339(), now.unix_ms),
         };
@@ -793,6 +795,7 @@ mod tests {
 
     const VIEWER: &str = "viewer-key-0123456789";
     const DEVICE: &str = "device-key-0123456789";
+    const SECRET: &str = "session-test-secret-0123456789";
 
     impl Fixture {
         fn new() -> Fixture {
@@ -809,6 +812,7 @@ mod tests {
             };
             let auth = Authenticator::new(&AuthConfig {
                 api_keys: vec![key(VIEWER, Role::Viewer), key(DEVICE, Role::Device)],
+                jwt_hs256_secret: Some(SECRET.into()),
                 ..Default::default()
             })
             .unwrap();
@@ -1009,6 +1013,34 @@ mod tests {
         let a = f.send(&mut s, 2, r#"{"type":"subscribe","id":"z","payload":{"channel":"telemetry","filters":{"vehicle_id":"v1"}}}"#);
         assert_eq!(texts(&a)[0]["payload"]["code"], 403);
         assert_eq!(texts(&a)[0]["id"], "z");
+    }
+
+    #[test]
+    fn refreshed_token_extends_the_connection() {
+        let mut f = Fixture::new();
+        let mut s = f.session(Scope::None);
+        // f.at(ms) is UNIX 1_700_000_000 s + ms.
+        let exp1 = 1_700_000_010;
+        let t1 = crate::auth::mint_hs256(SECRET, "d", "fleet_a", Role::Viewer, exp1, None).unwrap();
+        let t2 =
+            crate::auth::mint_hs256(SECRET, "d", "fleet_a", Role::Viewer, exp1 + 60, None).unwrap();
+        f.send(
+            &mut s,
+            0,
+            &format!(r#"{{"type":"auth","payload":{{"token":"{t1}"}}}}"#),
+        );
+        let a = f.send(
+            &mut s,
+            5_000,
+            &format!(r#"{{"type":"auth","payload":{{"token":"{t2}"}}}}"#),
+        );
+        assert_eq!(texts(&a)[0]["type"], "auth_success");
+        s.handle_tick(f.at(10_000));
+        let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert!(closes(&a).is_empty(), "{a:?}");
+        s.handle_tick(f.at(70_000));
+        let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert_eq!(closes(&a), vec![close::TOKEN_EXPIRED]);
     }
 
     #[test]
