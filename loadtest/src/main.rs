@@ -138,7 +138,7 @@ fn fanout(
                                 Ok(Message::Text(t)) => {
                                     idle = false;
                                     n += 1;
-                                    if n % 16 == 0
+                                    if n.is_multiple_of(16)
                                         && let Some(s) = sent_us(t.as_str())
                                     {
                                         local.push(now_us().saturating_sub(s));
