@@ -5,6 +5,7 @@
 //! and [`object_members`] finds the byte ranges of the members to copy verbatim.
 //! The scanner assumes its input already passed simd-json validation.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// Appends `s` as a JSON string literal (with quotes).
@@ -151,6 +152,62 @@ pub fn object_members(b: &[u8]) -> Option<Vec<Member>> {
             _ => return None,
         }
     }
+}
+
+/// Whether a raw member name (as in [`Member::key`], still escaped) is `key`.
+pub fn key_is(raw: &[u8], key: &str) -> bool {
+    raw == key.as_bytes() || (raw.contains(&b'\\') && unescape(raw) == key)
+}
+
+/// The text of a raw string body (between its quotes, from valid JSON), escapes decoded.
+pub fn unescape(raw: &[u8]) -> Cow<'_, str> {
+    if !raw.contains(&b'\\') {
+        return String::from_utf8_lossy(raw);
+    }
+    let hex4 = |at: usize| {
+        raw.get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+    };
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let start = i;
+        while i < raw.len() && raw[i] != b'\\' {
+            i += 1;
+        }
+        out.push_str(&String::from_utf8_lossy(&raw[start..i]));
+        if i + 1 >= raw.len() {
+            break;
+        }
+        let c = match raw[i + 1] {
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = hex4(i + 2).unwrap_or(0xFFFD);
+                i += 4;
+                let lo = (raw.get(i + 2..i + 4) == Some(b"\\u"))
+                    .then(|| hex4(i + 4))
+                    .flatten()
+                    .filter(|lo| (0xD800..0xDC00).contains(&hi) && (0xDC00..0xE000).contains(lo));
+                match lo {
+                    Some(lo) => {
+                        i += 6;
+                        char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                    }
+                    None => char::from_u32(hi),
+                }
+                .unwrap_or('\u{FFFD}')
+            }
+            other => other as char,
+        };
+        out.push(c);
+        i += 2;
+    }
+    Cow::Owned(out)
 }
 
 /// The raw value of the top-level member `key` of the object `b`.

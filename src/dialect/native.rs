@@ -143,9 +143,23 @@ impl Parser {
         let range_of = |k: &str| {
             members
                 .iter()
-                .find(|m| &raw[m.key.clone()] == k.as_bytes())
+                .find(|m| json::key_is(&raw[m.key.clone()], k))
                 .map(|m| m.value.clone())
         };
+        // These members are validated from simd-json's value (which keeps the first of a
+        // repeated name up to 32 members, the last beyond) and forwarded from their raw
+        // bytes: a repeated one could forward bytes other than those validated.
+        for k in ["payload", "timestamp"] {
+            let mut named = members
+                .iter()
+                .filter(|m| json::key_is(&raw[m.key.clone()], k));
+            if named.nth(1).is_some() {
+                return (
+                    None,
+                    Err(ProtoError::field(k, format!("duplicate member {k:?}"))),
+                );
+            }
+        }
         let id = range_of("id").filter(|r| matches!(raw[r.start], b'"' | b'-' | b'0'..=b'9'));
         (id, decode_value(raw, &value, &range_of))
     }
@@ -513,7 +527,9 @@ fn decode_publish(
                 .ok_or_else(|| ProtoError::field("timestamp", "timestamp must be a string"))?;
             let ms = parse_rfc3339_ms(s)
                 .ok_or_else(|| ProtoError::field("timestamp", "timestamp must be RFC 3339"))?;
-            Some((range_of("timestamp").expect("present"), ms))
+            let range = range_of("timestamp")
+                .ok_or_else(|| ProtoError::field("timestamp", "timestamp must be a string"))?;
+            Some((range, ms))
         }
     };
     let ack = msg.get("ack").and_then(|a| a.as_bool()).unwrap_or(false);
@@ -635,7 +651,7 @@ pub fn project_metrics(payload: &[u8], metrics: &[Box<str>]) -> Vec<u8> {
         out.extend_from_slice(&payload[m.key.clone()]);
         out.extend_from_slice(b"\":");
         let value = &payload[m.value.clone()];
-        if &payload[m.key.clone()] == b"telemetry"
+        if json::key_is(&payload[m.key.clone()], "telemetry")
             && let Some(inner) = json::object_members(value)
         {
             out.push(b'{');
@@ -643,7 +659,7 @@ pub fn project_metrics(payload: &[u8], metrics: &[Box<str>]) -> Vec<u8> {
             for im in inner.iter().filter(|im| {
                 metrics
                     .iter()
-                    .any(|k| k.as_bytes() == &value[im.key.clone()])
+                    .any(|k| json::key_is(&value[im.key.clone()], k))
             }) {
                 if !first {
                     out.push(b',');

@@ -57,11 +57,11 @@ impl Endpoint {
     }
 }
 
+/// Decodes the `%XX` escapes of a path segment (`+` stays `+` in a path).
 fn percent_decode(s: &str) -> String {
-    form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// The parts of a request head the broker uses.
