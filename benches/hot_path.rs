@@ -65,6 +65,7 @@ fn event() -> Arc<Event> {
         status: None,
         timestamp: "2024-03-15T14:30:00.000Z".into(),
         ts_ms: 0,
+        ack: false,
     };
     Arc::new(Event::encode(
         "fleet_001".into(),
@@ -115,6 +116,7 @@ fn fanout(c: &mut Criterion) {
                 limits: &limits,
                 auth: &auth,
                 parser: &mut parser,
+                admission: &fleetcast::session::AdmitAll,
             };
             s.handle_message(
                 fleetcast::session::Now {

@@ -14,6 +14,27 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
+    pub testing: TestingConfig,
+}
+
+/// Testing aids, all off by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// Serve `/echo`: an unauthenticated WebSocket that echoes every message, through the
+    /// same frame reader and writer as the broker, for conformance suites (Autobahn).
+    pub echo_endpoint: bool,
+    /// Largest message the echo endpoint accepts.
+    pub echo_max_message_bytes: usize,
+}
+
+impl Default for TestingConfig {
+    fn default() -> Self {
+        TestingConfig {
+            echo_endpoint: false,
+            echo_max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +78,66 @@ pub struct Limits {
     pub max_batch: usize,
     /// Bytes queued for one connection before it is closed as a slow consumer (1013).
     pub max_outbound_bytes: usize,
+    /// Bytes queued for one connection past which state channels are conflated to the
+    /// newest pending value per entity.
+    pub soft_outbound_bytes: usize,
+    /// Inbound messages per second per connection (token bucket, one second of burst).
+    pub messages_per_second: u32,
+    /// A connection over its message rate for this long is closed (1008).
+    pub abuse_close_after_ms: u64,
+    /// Open connections per user (principal).
+    pub max_connections_per_user: usize,
+    /// Open WebSocket connections per node.
+    pub max_connections: usize,
+    /// New connections per minute per user.
+    pub new_connections_per_minute_per_user: u32,
+    /// New connections per minute per client IP address.
+    pub new_connections_per_minute_per_ip: u32,
+    /// Minimum time between two accepted location updates of one vehicle; 0 disables.
+    pub location_update_interval_ms: u64,
+    /// Per-role overrides of the per-connection and per-user limits above.
+    pub roles: RoleOverrides,
+}
+
+/// Overrides by role; a missing value falls back to the `[limits]` value.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleOverrides {
+    pub device: RoleLimits,
+    pub viewer: RoleLimits,
+    pub service: RoleLimits,
+    pub admin: RoleLimits,
+}
+
+impl Default for RoleOverrides {
+    fn default() -> Self {
+        RoleOverrides {
+            device: RoleLimits::default(),
+            viewer: RoleLimits::default(),
+            // A backend publishing for a whole fleet sends far more than a dashboard.
+            service: RoleLimits {
+                messages_per_second: Some(5_000),
+                ..RoleLimits::default()
+            },
+            admin: RoleLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleLimits {
+    pub messages_per_second: Option<u32>,
+    pub max_connections_per_user: Option<usize>,
+    pub new_connections_per_minute_per_user: Option<u32>,
+}
+
+/// The limits that apply to one role, overrides resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveLimits {
+    pub messages_per_second: u32,
+    pub max_connections_per_user: usize,
+    pub new_connections_per_minute_per_user: u32,
 }
 
 impl Default for Limits {
@@ -70,11 +151,43 @@ impl Default for Limits {
             max_subscriptions: 256,
             max_batch: 50,
             max_outbound_bytes: 4 * 1024 * 1024,
+            soft_outbound_bytes: 1024 * 1024,
+            messages_per_second: 100,
+            abuse_close_after_ms: 3_000,
+            max_connections_per_user: 100,
+            max_connections: 1_000,
+            new_connections_per_minute_per_user: 10,
+            new_connections_per_minute_per_ip: 10,
+            location_update_interval_ms: 1_000,
+            roles: RoleOverrides::default(),
         }
     }
 }
 
 impl Limits {
+    pub fn for_role(&self, role: Role) -> EffectiveLimits {
+        let o = match role {
+            Role::Device => &self.roles.device,
+            Role::Viewer => &self.roles.viewer,
+            Role::Service => &self.roles.service,
+            Role::Admin => &self.roles.admin,
+        };
+        EffectiveLimits {
+            messages_per_second: o.messages_per_second.unwrap_or(self.messages_per_second),
+            max_connections_per_user: o
+                .max_connections_per_user
+                .unwrap_or(self.max_connections_per_user),
+            new_connections_per_minute_per_user: o
+                .new_connections_per_minute_per_user
+                .unwrap_or(self.new_connections_per_minute_per_user),
+        }
+    }
+    pub fn abuse_close_after(&self) -> Duration {
+        Duration::from_millis(self.abuse_close_after_ms)
+    }
+    pub fn location_update_interval(&self) -> Duration {
+        Duration::from_millis(self.location_update_interval_ms)
+    }
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_millis(self.auth_timeout_ms)
     }
@@ -140,6 +253,17 @@ impl Config {
             l.max_outbound_bytes >= 4096,
             "limits.max_outbound_bytes must be at least 4096"
         );
+        anyhow::ensure!(
+            l.soft_outbound_bytes <= l.max_outbound_bytes,
+            "limits.soft_outbound_bytes must not exceed limits.max_outbound_bytes"
+        );
+        for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
+            anyhow::ensure!(
+                l.for_role(role).messages_per_second >= 1,
+                "messages_per_second for {} must be at least 1",
+                role.name()
+            );
+        }
         anyhow::ensure!(self.server.shards <= 64, "server.shards must be at most 64");
         for k in &self.auth.api_keys {
             anyhow::ensure!(

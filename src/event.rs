@@ -22,6 +22,8 @@ pub struct Publication {
     /// The event's own time (the publisher's, or the broker's when it gave none).
     pub timestamp: String,
     pub ts_ms: i64,
+    /// The publisher asked for an `ack` once the event is accepted.
+    pub ack: bool,
 }
 
 /// An event ready for delivery: routing facts plus its native frame.

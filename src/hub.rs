@@ -72,6 +72,19 @@ impl ChannelHub {
         (out, fence)
     }
 
+    /// Whether the entity of `keys` had an event accepted less than `interval` before `now`.
+    pub fn accepted_within(
+        &self,
+        keys: &crate::model::EntityKeys,
+        now: std::time::Instant,
+        interval: std::time::Duration,
+    ) -> bool {
+        keys.vehicle
+            .as_deref()
+            .and_then(|v| self.last.get(v))
+            .is_some_and(|ev| now.saturating_duration_since(ev.accepted_at) < interval)
+    }
+
     pub fn state_len(&self) -> usize {
         self.last.len()
     }

@@ -10,6 +10,7 @@
 //!
 //! See `docs/architecture.md` for the path of one message.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod dialect;

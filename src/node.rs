@@ -1,6 +1,7 @@
 //! A node: binds the listeners, starts one shard thread per core, and stops them.
 //! No protocol logic lives here.
 
+use crate::admission::NodeAdmission;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::hub::Hubs;
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct Shared {
     pub config: Config,
     pub auth: Authenticator,
+    pub admission: NodeAdmission,
     pub hubs: Hubs,
     pub mesh: Vec<Sender<ShardMsg>>,
     pub wakers: Vec<Arc<Waker>>,
@@ -99,6 +101,7 @@ impl Node {
             inboxes.push(rx);
         }
         let shared = Arc::new(Shared {
+            admission: NodeAdmission::new(config.limits.clone()),
             config,
             auth,
             hubs: Hubs::new(unix_ms()),

@@ -24,6 +24,7 @@ use crate::dialect::native::{
 };
 use crate::event::{Event, Publication};
 use crate::json;
+use crate::metrics::Limit;
 use crate::model::{Channel, Role};
 use crate::wire::frame::{self, Message, close};
 use crate::wire::handshake::Scope;
@@ -53,6 +54,51 @@ pub struct Ctx<'a> {
     pub limits: &'a Limits,
     pub auth: &'a Authenticator,
     pub parser: &'a mut Parser,
+    pub admission: &'a dyn Admission,
+}
+
+/// Node-wide admission of an authenticated principal (connection caps per user).
+/// On `Ok` the connection counts against its user until the shard releases it.
+pub trait Admission {
+    fn admit(&self, principal: &Principal, now: Now) -> Result<(), Limit>;
+}
+
+/// Admits everyone (unit tests, benches).
+pub struct AdmitAll;
+
+impl Admission for AdmitAll {
+    fn admit(&self, _: &Principal, _: Now) -> Result<(), Limit> {
+        Ok(())
+    }
+}
+
+/// A token bucket with one second of burst.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(now: Instant, rate: u32) -> Bucket {
+        Bucket {
+            tokens: rate as f64,
+            last: now,
+        }
+    }
+
+    /// Takes `n` tokens if there are that many.
+    fn try_take(&mut self, now: Instant, rate: u32, n: u32) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate as f64).min(rate as f64);
+        self.last = now;
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Index keys a subscription change adds or removes. `all` is the channel-wide key.
@@ -109,6 +155,8 @@ pub enum Action {
         id: Option<Vec<u8>>,
     },
     Publish(Publication),
+    /// A limit was breached (counted in `/metrics`).
+    Breach(Limit),
     /// Send a close frame with this code, then close the connection.
     Close {
         code: u16,
@@ -161,6 +209,12 @@ pub struct Session {
     last_heard: Instant,
     next_ping: Instant,
     heartbeat: Duration,
+    bucket: Bucket,
+    /// Rate for the bucket: the default until authenticated, then the role's.
+    rate: u32,
+    /// Since when messages have been dropped for rate, with no quiet second between.
+    abuse_since: Option<Instant>,
+    last_drop: Option<Instant>,
     actions: VecDeque<Action>,
 }
 
@@ -180,6 +234,10 @@ impl Session {
                 deadline: now + limits.auth_timeout(),
             },
         };
+        let rate = match &principal {
+            Some(p) => limits.for_role(p.role).messages_per_second,
+            None => limits.messages_per_second,
+        };
         let mut s = Session {
             conn_id,
             scope,
@@ -190,6 +248,10 @@ impl Session {
             last_heard: now,
             next_ping: now + limits.heartbeat_interval(),
             heartbeat: limits.heartbeat_interval(),
+            bucket: Bucket::new(now, rate),
+            rate,
+            abuse_since: None,
+            last_drop: None,
             actions: VecDeque::new(),
         };
         if s.principal.is_some() {
@@ -238,6 +300,13 @@ impl Session {
             return;
         }
         self.last_heard = now.mono;
+        if matches!(
+            msg,
+            Message::Text(_) | Message::Binary(_) | Message::Ping(_)
+        ) && !self.bucket.try_take(now.mono, self.rate, 1)
+        {
+            return self.rate_limited(now, &msg, ctx.limits);
+        }
         match msg {
             Message::Text(raw) => self.handle_text(now, raw, ctx, true),
             Message::Binary(_) => {
@@ -249,10 +318,39 @@ impl Session {
         }
     }
 
+    /// A message over the rate is dropped with `error` 429; dropping for longer than
+    /// `abuse_close_after` without a quiet second closes the connection (1008).
+    fn rate_limited(&mut self, now: Now, msg: &Message<'_>, limits: &Limits) {
+        self.actions.push_back(Action::Breach(Limit::MessageRate));
+        let quiet = self
+            .last_drop
+            .is_none_or(|t| now.mono.saturating_duration_since(t) >= Duration::from_secs(1));
+        if quiet {
+            self.abuse_since = Some(now.mono);
+        }
+        self.last_drop = Some(now.mono);
+        let since = self.abuse_since.unwrap_or(now.mono);
+        if now.mono.saturating_duration_since(since) >= limits.abuse_close_after() {
+            self.actions.push_back(Action::Breach(Limit::RateAbuse));
+            return self.close(close::POLICY_VIOLATION, "message rate exceeded");
+        }
+        let id = match msg {
+            Message::Text(raw) => json::member(raw, "id")
+                .filter(|v| matches!(v.first(), Some(b'"' | b'-' | b'0'..=b'9'))),
+            _ => None,
+        };
+        self.send_error(
+            now,
+            id,
+            &ProtoError::new(429, format!("over {} messages per second", self.rate)),
+        );
+    }
+
     pub fn handle_tick(&mut self, now: Now) {
         match self.state {
             State::Closed => return,
             State::AwaitingAuth { deadline } if now.mono >= deadline => {
+                self.actions.push_back(Action::Breach(Limit::AuthTimeout));
                 self.send_error(now, None, &ProtoError::new(408, "authentication timed out"));
                 self.close(close::POLICY_VIOLATION, "auth timeout");
                 return;
@@ -375,9 +473,23 @@ impl Session {
         ctx: &mut Ctx<'_>,
     ) -> Result<(), ProtoError> {
         if items.len() > ctx.limits.max_batch {
+            self.actions.push_back(Action::Breach(Limit::BatchSize));
             return Err(ProtoError::field(
                 "messages",
                 format!("a batch holds at most {} messages", ctx.limits.max_batch),
+            ));
+        }
+        // A batch costs one message per item, so batching does not bypass the rate.
+        let extra = items.len().saturating_sub(1) as u32;
+        if extra > 0 && !self.bucket.try_take(now.mono, self.rate, extra) {
+            self.actions.push_back(Action::Breach(Limit::MessageRate));
+            return Err(ProtoError::new(
+                429,
+                format!(
+                    "batch of {} is over {} messages per second",
+                    items.len(),
+                    self.rate
+                ),
             ));
         }
         for item in items {
@@ -441,6 +553,16 @@ impl Session {
             }
             (State::Active, Err(e)) => return Err(e),
             (_, Ok(p)) => {
+                if let Err(limit) = ctx.admission.admit(&p, now) {
+                    self.actions.push_back(Action::Breach(limit));
+                    let ts = now.rfc3339();
+                    self.send_json(native::reply("auth_error", id, &ts, |o| {
+                        write_code_message(o, 429, limit.message())
+                    }));
+                    self.close(close::POLICY_VIOLATION, "too many connections");
+                    return Ok(());
+                }
+                self.rate = ctx.limits.for_role(p.role).messages_per_second;
                 self.principal = Some(p);
                 self.state = State::Active;
                 self.actions.push_back(Action::Authenticated);
@@ -566,6 +688,7 @@ impl Session {
                     drivers: new_keys(&requested.drivers, &sub.keys.drivers),
                 };
                 if self.sub_count + added.len() > limits.max_subscriptions {
+                    self.actions.push_back(Action::Breach(Limit::Subscriptions));
                     if sub.keys.is_empty() {
                         self.subs[channel.index()] = None;
                     }
@@ -677,18 +800,11 @@ impl Session {
             }
             None => (now.rfc3339(), now.unix_ms),
         };
-        if p.ack {
-            let ts = now.rfc3339();
-            self.send_json(native::reply("ack", id, &ts, |o| {
-                o.extend_from_slice(b"{\"status\":\"accepted\",\"channel\":");
-                json::write_str(o, channel.name());
-                o.push(b'}');
-            }));
-        }
         self.actions.push_back(Action::Publish(Publication {
             channel,
             id: id.map(<[u8]>::to_vec),
             payload: raw[p.payload].to_vec(),
+            ack: p.ack,
             keys: p.keys,
             severity: p.severity,
             category: p.category,
@@ -841,6 +957,7 @@ mod tests {
                 limits: &self.limits,
                 auth: &self.auth,
                 parser: &mut self.parser,
+                admission: &AdmitAll,
             };
             s.handle_message(now, Message::Text(text.as_bytes()), &mut ctx);
             std::iter::from_fn(|| s.poll_action()).collect()
@@ -976,8 +1093,7 @@ mod tests {
         );
         let ok = r#"{"type":"location_update","id":"m","ack":true,"payload":{"vehicle_id":"v1","location":{"latitude":1,"longitude":2}}}"#;
         let a = f.send(&mut s, 1, ok);
-        assert_eq!(texts(&a)[0]["type"], "ack");
-        let Action::Publish(p) = &a[1] else {
+        let Action::Publish(p) = &a[0] else {
             panic!("{a:?}")
         };
         assert_eq!(p.keys.vehicle.as_deref(), Some("v1"));
@@ -1073,6 +1189,7 @@ mod tests {
                 status: None,
                 timestamp: "t".into(),
                 ts_ms: 0,
+                ack: false,
             };
             Event::encode("fleet_a".into(), p, seq, 1, b"\"e\"", f.t0)
         };

@@ -2337,7 +2337,7 @@ proptest! {
         for (step, delay) in steps {
             clock += delay;
             let now = h.at(clock);
-            let mut ctx = Ctx { limits: &h.limits, auth: &h.auth, parser: &mut h.parser };
+            let mut ctx = Ctx { limits: &h.limits, auth: &h.auth, parser: &mut h.parser, admission: &fleetcast::session::AdmitAll };
             if !matches!(step, Step::Tick) {
                 last_heard = clock;
             }
@@ -2361,6 +2361,7 @@ proptest! {
                             other => prop_assert!(false, "opcode {} sent as data", other),
                         }
                     }
+                    Action::Breach(_) => {}
                     Action::Close { code, .. } => {
                         prop_assert!(matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999));
                         prop_assert!(!auth_failed || code == 1008, "auth_error then close {}", code);
@@ -2440,6 +2441,7 @@ fn session_actions(messages: &[&str]) -> Vec<Action> {
             limits: &h.limits,
             auth: &h.auth,
             parser: &mut h.parser,
+            admission: &fleetcast::session::AdmitAll,
         };
         s.handle_message(now, Message::Text(m.as_bytes()), &mut ctx);
         out.extend(std::iter::from_fn(|| s.poll_action()));

@@ -35,6 +35,8 @@ pub struct Conn {
     pub hub: Option<Arc<TenantHub>>,
     /// In the shard's flush list already.
     pub dirty: bool,
+    /// An echo-endpoint connection (testing aid): no session.
+    pub echo: bool,
 }
 
 impl Conn {
@@ -56,6 +58,7 @@ impl Conn {
             session: None,
             hub: None,
             dirty: false,
+            echo: false,
         }
     }
 

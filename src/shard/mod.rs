@@ -15,15 +15,15 @@
 pub mod conn;
 pub mod outbox;
 
-use crate::dialect::native::Parser;
+use crate::dialect::native::{self, Parser, ProtoError};
 use crate::event::Event;
 use crate::hub::TenantHub;
 use crate::json;
-use crate::metrics::ShardStats;
+use crate::metrics::{Drop as StatDrop, Limit, Outcome, ShardStats};
 use crate::node::Shared;
 use crate::session::{Action, Ctx, Now, Selection, Session, Verdict};
-use crate::wire::frame::{self, close};
-use crate::wire::handshake::{self, Endpoint, Head};
+use crate::wire::frame::{self, FrameError, FrameReader, Message, close};
+use crate::wire::handshake::{self, Endpoint, Head, HeadError};
 use crate::{auth::Credential, model::Channel};
 use conn::{Conn, Phase};
 use crossbeam_channel::Receiver;
@@ -34,6 +34,7 @@ use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
@@ -184,9 +185,11 @@ impl Shard {
             stats
                 .last_turn_ms
                 .store(now().unix_ms as u64, Ordering::Relaxed);
+            let work = turn_start.elapsed();
             stats
                 .busy_ns
-                .fetch_add(turn_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add(work.as_nanos() as u64, Ordering::Relaxed);
+            stats.loop_iteration.observe(work);
             if let Some(deadline) = self.shutdown_deadline
                 && (self.conns.is_empty() || Instant::now() >= deadline)
             {
@@ -265,10 +268,17 @@ impl Shard {
                 self.unindex(hub, channel, &sel, slot);
             }
         }
-        if conn.session.is_some() {
-            self.stats()
-                .connections_open
-                .fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = conn.session.as_ref().and_then(Session::principal) {
+            self.shared.admission.release_user(p);
+        }
+        if conn.session.is_some() || conn.echo {
+            self.shared.admission.close();
+            let gauge = if conn.echo {
+                &self.stats().connections_echo
+            } else {
+                &self.stats().connections_native
+            };
+            gauge.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -338,12 +348,16 @@ impl Shard {
     /// Decodes complete frames from `buf`, runs them through the session and applies its
     /// actions. Returns the bytes consumed.
     fn decode_frames(&mut self, slot: usize, buf: &mut [u8]) -> usize {
+        if self.conns[slot].echo {
+            return self.echo_frames(slot, buf);
+        }
         let now = now();
         let shared = self.shared.clone();
         let mut ctx = Ctx {
             limits: &shared.config.limits,
             auth: &shared.auth,
             parser: &mut self.parser,
+            admission: &shared.admission,
         };
         let conn = &mut self.conns[slot];
         let Some(session) = conn.session.as_mut() else {
@@ -362,7 +376,7 @@ impl Shard {
             Ok(used) => used,
             Err(e) => {
                 self.apply_actions(slot, now);
-                self.close_conn(slot, e.close_code(), &e.to_string());
+                self.frame_error(slot, e);
                 return buf.len();
             }
         };
@@ -370,117 +384,167 @@ impl Shard {
         used
     }
 
-    fn on_handshake_bytes(&mut self, slot: usize) {
-        let limits = &self.shared.config.limits;
+    fn frame_error(&mut self, slot: usize, e: FrameError) {
+        let limit = match e {
+            FrameError::TooBig => Limit::MessageSize,
+            FrameError::Protocol(_) | FrameError::InvalidUtf8 => Limit::ProtocolError,
+        };
+        self.stats().breach(limit);
+        self.close_conn(slot, e.close_code(), &e.to_string());
+    }
+
+    /// The echo endpoint (a testing aid): every message goes back as it came.
+    fn echo_frames(&mut self, slot: usize, buf: &mut [u8]) -> usize {
         let conn = &mut self.conns[slot];
+        let out = &mut conn.out;
+        let mut close_code = None;
+        let result = conn.reader.decode(buf, |msg| {
+            let mut f = Vec::new();
+            match msg {
+                Message::Text(t) => frame::write_frame(&mut f, OpCode::Data(Data::Text), t),
+                Message::Binary(b) => frame::write_frame(&mut f, OpCode::Data(Data::Binary), b),
+                Message::Ping(p) => f = frame::pong_frame(p),
+                Message::Pong => return true,
+                Message::Close(code) => {
+                    close_code = Some(code.unwrap_or(close::NORMAL));
+                    return false;
+                }
+            }
+            out.push_owned(f);
+            true
+        });
+        self.mark_dirty(slot);
+        match result {
+            Ok(used) => {
+                if let Some(code) = close_code {
+                    self.close_conn(slot, code, "");
+                }
+                used
+            }
+            Err(e) => {
+                self.frame_error(slot, e);
+                buf.len()
+            }
+        }
+    }
+
+    fn on_handshake_bytes(&mut self, slot: usize) {
+        let shared = self.shared.clone();
+        let limits = &shared.config.limits;
+        let conn = &mut self.conns[slot];
+        let peer = conn.peer.ip();
         let (head, req) = match handshake::parse_request(&conn.rbuf, limits.max_handshake_bytes) {
             Ok((Head::Partial, _)) => return,
             Ok((Head::Complete(n), req)) => (n, req),
             Err(e) => {
-                self.stats()
-                    .handshakes_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                return self.http_reply(slot, handshake::json_error(e.status(), &e.to_string()));
+                if e == HeadError::TooLarge {
+                    self.stats().breach(Limit::HandshakeSize);
+                }
+                return self.http_error(slot, e.status(), &e.to_string());
             }
         };
-        let endpoint = Endpoint::classify(&req.path);
+        let endpoint = match Endpoint::classify(&req.path) {
+            Endpoint::Echo if !shared.config.testing.echo_endpoint => Endpoint::NotFound,
+            e => e,
+        };
         if req.method != "GET" && endpoint != Endpoint::NotFound {
-            return self.http_reply(slot, handshake::json_error(405, "method not allowed"));
+            return self.http_error(slot, 405, "method not allowed");
         }
         let scope = match endpoint {
-            Endpoint::Healthz => {
-                return self.http_reply(slot, handshake::response(200, "text/plain", b"ok\n"));
-            }
+            Endpoint::Healthz => return self.http_reply(slot, 200, "text/plain", b"ok\n"),
             Endpoint::Readyz => {
-                let (status, body) = self.shared.readiness();
-                return self.http_reply(
-                    slot,
-                    handshake::response(status, "text/plain", body.as_bytes()),
-                );
+                let (status, body) = shared.readiness();
+                return self.http_reply(slot, status, "text/plain", body.as_bytes());
             }
             Endpoint::Metrics => {
-                let body = self.shared.render_metrics();
-                return self.http_reply(
-                    slot,
-                    handshake::response(200, "text/plain; version=0.0.4", body.as_bytes()),
-                );
+                let body = shared.render_metrics();
+                return self.http_reply(slot, 200, "text/plain; version=0.0.4", body.as_bytes());
             }
-            Endpoint::NotFound => {
-                return self.http_reply(slot, handshake::json_error(404, "not found"));
-            }
-            Endpoint::Native(scope) => scope,
+            Endpoint::NotFound => return self.http_error(slot, 404, "not found"),
+            Endpoint::Echo => None,
+            Endpoint::Native(scope) => Some(scope),
         };
         if !(req.upgrade_websocket && req.connection_upgrade) {
-            return self.http_reply(
-                slot,
-                handshake::json_error(426, "this endpoint speaks WebSocket only"),
-            );
+            return self.http_error(slot, 426, "this endpoint speaks WebSocket only");
         }
         let Some(key) = req
             .ws_key
             .as_deref()
             .filter(|_| req.ws_version.as_deref() == Some("13"))
         else {
-            self.stats()
-                .handshakes_failed
-                .fetch_add(1, Ordering::Relaxed);
-            return self.http_reply(
-                slot,
-                handshake::json_error(400, "Sec-WebSocket-Key and version 13 required"),
-            );
+            return self.http_error(slot, 400, "Sec-WebSocket-Key and version 13 required");
+        };
+        let now = now();
+        if let Err(limit) = shared.admission.open(peer, now.mono) {
+            self.stats().breach(limit);
+            let status = if limit == Limit::ConnectionsPerNode {
+                503
+            } else {
+                429
+            };
+            return self.http_error(slot, status, limit.message());
+        }
+        // From here on the connection is counted as open; every refusal must release it.
+        let refuse = |shard: &mut Shard, status: u16, message: &str| {
+            shared.admission.close();
+            shard.http_error(slot, status, message);
+        };
+        let Some(scope) = scope else {
+            return self.upgrade(slot, head, key, None);
         };
         let cred = req
             .query_param("token")
             .map(Credential::Token)
             .or_else(|| req.query_param("api_key").map(Credential::ApiKey))
             .or_else(|| req.bearer().map(Credential::Bearer));
-        let principal = match cred {
+        let principal = match cred.map(|c| shared.auth.authenticate(c, now.unix_secs())) {
             None => None,
-            Some(c) => match self.shared.auth.authenticate(c, now().unix_secs()) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    self.stats()
-                        .handshakes_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    return self.http_reply(slot, handshake::json_error(401, &e.to_string()));
-                }
-            },
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => return refuse(self, 401, &e.to_string()),
         };
         if let Some(p) = &principal {
-            let fleet = req.query_param("fleet_id");
             let scoped_fleet = match &scope {
                 handshake::Scope::Fleet(f) => Some(&**f),
                 _ => None,
             };
-            if fleet.or(scoped_fleet).is_some_and(|f| f != &*p.tenant)
-                || scoped_fleet.is_some_and(|f| f != &*p.tenant)
-            {
-                self.stats()
-                    .handshakes_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                return self.http_reply(
-                    slot,
-                    handshake::json_error(403, "credential does not belong to this fleet"),
-                );
+            let wrong = [req.query_param("fleet_id"), scoped_fleet]
+                .into_iter()
+                .flatten()
+                .any(|f| f != &*p.tenant);
+            if wrong {
+                return refuse(self, 403, "credential does not belong to this fleet");
+            }
+            if let Err(limit) = shared.admission.admit_user(p, now.mono) {
+                self.stats().breach(limit);
+                return refuse(self, 429, limit.message());
             }
         }
+        let conn_id = format!("c{}-{}-{}", self.id, slot, self.conns[slot].generation);
+        let session = Session::new(conn_id.into(), scope, principal, now.mono, limits);
+        self.upgrade(slot, head, key, Some(session));
+    }
+
+    /// Answers 101 and switches the connection to WebSocket (a session, or echo).
+    fn upgrade(&mut self, slot: usize, head: usize, key: &str, session: Option<Session>) {
+        let echo_max = self.shared.config.testing.echo_max_message_bytes;
         let conn = &mut self.conns[slot];
         conn.out.push_owned(handshake::switching_protocols(key));
-        let conn_id = format!("c{}-{}-{}", self.id, slot, conn.generation).into_boxed_str();
-        conn.session = Some(Session::new(
-            conn_id,
-            scope,
-            principal,
-            Instant::now(),
-            limits,
-        ));
+        conn.echo = session.is_none();
+        if conn.echo {
+            conn.reader = FrameReader::new(echo_max);
+        }
+        conn.session = session;
         conn.phase = Phase::Open;
         let rest = conn.rbuf.split_off(head);
         conn.rbuf = Vec::new();
-        self.stats()
-            .connections_open
-            .fetch_add(1, Ordering::Relaxed);
-        self.stats().handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        let echo = conn.echo;
+        let stats = self.stats();
+        stats.handshake(Outcome::Upgraded);
+        if echo {
+            stats.connections_echo.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.connections_native.fetch_add(1, Ordering::Relaxed);
+        }
         self.mark_dirty(slot);
         self.apply_actions(slot, now());
         if !rest.is_empty() {
@@ -489,14 +553,21 @@ impl Shard {
         }
     }
 
-    fn http_reply(&mut self, slot: usize, response: Vec<u8>) {
+    fn http_reply(&mut self, slot: usize, status: u16, content_type: &str, body: &[u8]) {
+        self.stats().handshake(Outcome::from_status(status));
         let conn = &mut self.conns[slot];
         conn.rbuf = Vec::new();
-        conn.out.push_owned(response);
+        conn.out
+            .push_owned(handshake::response(status, content_type, body));
         conn.phase = Phase::HttpClose {
             deadline: Instant::now() + CLOSE_LINGER,
         };
         self.mark_dirty(slot);
+    }
+
+    fn http_error(&mut self, slot: usize, status: u16, message: &str) {
+        let body = handshake::json_error_body(status, message);
+        self.http_reply(slot, status, "application/json", &body);
     }
 
     // ------------------------------------------------------------------ actions
@@ -538,6 +609,12 @@ impl Shard {
                     id,
                 } => self.snapshot_reply(slot, channel, &selection, id.as_deref(), now),
                 Action::Publish(p) => self.publish(slot, p, now),
+                Action::Breach(limit) => {
+                    self.stats().breach(limit);
+                    if limit == Limit::MessageRate {
+                        self.stats().drop(StatDrop::RateLimited, 1);
+                    }
+                }
                 Action::Close { code, reason } => self.close_conn(slot, code, reason),
             }
         }
@@ -616,23 +693,35 @@ impl Shard {
         self.mark_dirty(slot);
     }
 
-    fn publish(&mut self, slot: usize, p: crate::event::Publication, _now: Now) {
+    fn publish(&mut self, slot: usize, p: crate::event::Publication, now: Now) {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
         self.next_event += 1;
-        let mut fresh = Vec::with_capacity(32);
+        let mut fresh = Vec::with_capacity(40);
         fresh.extend_from_slice(b"\"evt_");
-        fresh.extend_from_slice(
-            format!(
-                "{:x}_{}_{}",
-                self.shared.hubs.epoch, self.id, self.next_event
-            )
-            .as_bytes(),
+        let id = format!(
+            "{:x}_{}_{}",
+            self.shared.hubs.epoch, self.id, self.next_event
         );
+        fresh.extend_from_slice(id.as_bytes());
         fresh.push(b'"');
         let channel = p.channel;
+        let ack = p.ack.then(|| p.id.clone());
+        let interval = self.shared.config.limits.location_update_interval();
         let mut ch = hub.channel(channel).lock();
+        if channel == Channel::VehicleLocations
+            && !interval.is_zero()
+            && ch.accepted_within(&p.keys, now.mono, interval)
+        {
+            drop(ch);
+            self.stats().breach(Limit::LocationRate);
+            self.stats().drop(StatDrop::RateLimited, 1);
+            let e = ProtoError::new(429, "at most one location update per vehicle per interval");
+            let ts = native::format_rfc3339_ms(now.unix_ms);
+            let json = native::error(p.id.as_deref(), &ts, &e);
+            return self.send_owned(slot, frame::text_frame(&json));
+        }
         ch.seq += 1;
         let ev = Arc::new(Event::encode(
             hub.id.clone(),
@@ -640,7 +729,7 @@ impl Shard {
             ch.seq,
             self.shared.hubs.epoch,
             &fresh,
-            Instant::now(),
+            now.mono,
         ));
         ch.record_state(&ev);
         let mut mask = ch.shard_mask;
@@ -653,7 +742,25 @@ impl Shard {
             }
         }
         drop(ch);
-        self.stats().publishes.fetch_add(1, Ordering::Relaxed);
+        self.stats().publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(id) = ack {
+            let ts = native::format_rfc3339_ms(now.unix_ms);
+            let json = native::reply("ack", id.as_deref(), &ts, |o| {
+                o.extend_from_slice(b"{\"status\":\"accepted\",\"channel\":");
+                json::write_str(o, channel.name());
+                o.extend_from_slice(b",\"seq\":");
+                json::write_u64(o, ev.seq);
+                o.push(b'}');
+            });
+            self.send_owned(slot, frame::text_frame(&json));
+        }
+    }
+
+    fn send_owned(&mut self, slot: usize, frame: Vec<u8>) {
+        if let Some(conn) = self.conns.get_mut(slot) {
+            conn.out.push_owned(frame);
+            self.mark_dirty(slot);
+        }
     }
 
     fn close_conn(&mut self, slot: usize, code: u16, reason: &str) {
@@ -688,8 +795,10 @@ impl Shard {
     }
 
     fn deliver(&mut self, ev: &Arc<Event>) {
-        let max_out = self.shared.config.limits.max_outbound_bytes;
+        let limits = &self.shared.config.limits;
+        let (soft, hard) = (limits.soft_outbound_bytes, limits.max_outbound_bytes);
         let mut delivered = 0u64;
+        let mut conflated = 0u64;
         let mut slow = Vec::new();
         let conns = &mut self.conns;
         let dirty = &mut self.dirty;
@@ -698,12 +807,11 @@ impl Shard {
                 let Some(conn) = conns.get_mut(slot) else {
                     return;
                 };
-                if !conn.is_open()
-                    || conn
-                        .hub
-                        .as_ref()
-                        .is_none_or(|h| !Arc::ptr_eq(&h.id, &ev.tenant))
-                {
+                let same_tenant = conn
+                    .hub
+                    .as_ref()
+                    .is_some_and(|h| Arc::ptr_eq(&h.id, &ev.tenant));
+                if !conn.is_open() || !same_tenant {
                     return;
                 }
                 let Some(session) = conn.session.as_mut() else {
@@ -711,11 +819,11 @@ impl Shard {
                 };
                 match session.verdict(ev) {
                     Verdict::Skip => return,
-                    Verdict::Shared => conn.out.push_shared(ev.clone()),
+                    Verdict::Shared => conflated += conn.out.push_event(ev.clone(), soft) as u64,
                     Verdict::Projected(m) => conn.out.push_owned(ev.projected_frame(&m)),
                 }
                 delivered += 1;
-                if conn.out.bytes() > max_out {
+                if conn.out.bytes() > hard {
                     slow.push(slot);
                 }
                 if !conn.dirty {
@@ -723,14 +831,17 @@ impl Shard {
                     dirty.push(slot);
                 }
             });
-        self.stats()
-            .deliveries
-            .fetch_add(delivered, Ordering::Relaxed);
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
+        let c = ev.channel.index();
+        stats.deliveries[c].fetch_add(delivered, Ordering::Relaxed);
+        stats.delivered_bytes[c].fetch_add(delivered * ev.frame.len() as u64, Ordering::Relaxed);
+        stats.drop(StatDrop::Conflated, conflated);
         for slot in slow {
-            self.stats()
-                .slow_consumers_closed
-                .fetch_add(1, Ordering::Relaxed);
-            self.conns[slot].out.clear();
+            stats.breach(Limit::SlowConsumer);
+            let conn = &mut self.conns[slot];
+            stats.drop(StatDrop::SlowConsumer, conn.out.len() as u64);
+            conn.out.clear();
             self.close_conn(slot, close::TRY_AGAIN_LATER, "slow consumer");
         }
     }
@@ -745,13 +856,21 @@ impl Shard {
     }
 
     fn flush_dirty(&mut self) {
+        let written_at = Instant::now();
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
         for slot in std::mem::take(&mut self.dirty) {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
             conn.dirty = false;
             let before = conn.out.bytes();
-            let done = match conn.out.flush(&mut conn.stream) {
+            let flushed = conn.out.flush(&mut conn.stream, |ev| {
+                stats
+                    .publish_to_write
+                    .observe(written_at.saturating_duration_since(ev.accepted_at))
+            });
+            let done = match flushed {
                 Ok(done) => done,
                 Err(_) => {
                     self.drop_conn(slot);
@@ -759,9 +878,7 @@ impl Shard {
                 }
             };
             let written = before - conn.out.bytes();
-            self.shared.stats[self.id]
-                .bytes_out
-                .fetch_add(written as u64, Ordering::Relaxed);
+            stats.bytes_out.fetch_add(written as u64, Ordering::Relaxed);
             if !done {
                 // The socket is full; a writable event will mark it dirty again.
                 continue;
@@ -803,8 +920,16 @@ impl Shard {
             }
         }
         for slot in expired {
+            if matches!(self.conns[slot].phase, Phase::Handshake { .. }) {
+                self.stats().breach(Limit::HandshakeTimeout);
+                self.stats().handshake(Outcome::Timeout);
+            }
             self.drop_conn(slot);
         }
+        let queued: usize = self.conns.iter().map(|(_, c)| c.out.bytes()).sum();
+        self.stats()
+            .queued_bytes
+            .store(queued as u64, Ordering::Relaxed);
         for slot in ticked {
             if let Some(s) = self.conns[slot].session.as_mut() {
                 s.handle_tick(now);

@@ -1,8 +1,12 @@
 //! A connection's outbound queue: shared event frames and owned replies, flushed with
 //! vectored writes. Empty outboxes hold no heap memory.
+//!
+//! Past the soft bound, a state-channel event replaces the pending (unwritten) value of the
+//! same entity instead of queueing behind it (conflation); event channels always queue.
 
 use crate::event::Event;
-use std::collections::VecDeque;
+use crate::model::Channel;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
 use std::sync::Arc;
 
@@ -26,6 +30,9 @@ impl Chunk {
 /// Frames written per `writev` call.
 const MAX_IOVECS: usize = 64;
 
+/// Per state channel: entity -> id of the chunk holding its pending value.
+type PendingState = [HashMap<Box<str>, u64>; Channel::COUNT];
+
 #[derive(Debug, Default)]
 pub struct Outbox {
     chunks: VecDeque<Chunk>,
@@ -33,9 +40,45 @@ pub struct Outbox {
     written: usize,
     /// Bytes queued and not yet written.
     bytes: usize,
+    /// Id of `chunks[0]`; chunk ids increase by one per push.
+    front_id: u64,
+    /// Past the soft bound: per state channel, the chunk id of each entity's pending value.
+    pending: Option<Box<PendingState>>,
 }
 
 impl Outbox {
+    /// Queues an event, conflating state channels when more than `soft` bytes are queued.
+    /// Returns true if the event replaced a pending value instead of being queued.
+    pub fn push_event(&mut self, ev: Arc<Event>, soft: usize) -> bool {
+        let key = ev
+            .keys
+            .state_key(ev.channel)
+            .filter(|_| ev.channel.is_state());
+        let Some(key) = key.filter(|_| self.bytes > soft) else {
+            self.push_shared(ev);
+            return false;
+        };
+        let front_id = self.front_id;
+        let partially_written = self.written > 0;
+        let pending = self.pending.get_or_insert_with(Default::default);
+        let map = &mut pending[ev.channel.index()];
+        if let Some(&id) = map.get(key)
+            && id >= front_id
+            && !(id == front_id && partially_written)
+            && let Some(Chunk::Shared(old)) = self.chunks.get_mut((id - front_id) as usize)
+            && old.channel == ev.channel
+            && old.keys.state_key(old.channel) == Some(key)
+        {
+            self.bytes = self.bytes - old.frame.len() + ev.frame.len();
+            *old = ev;
+            return true;
+        }
+        let id = front_id + self.chunks.len() as u64;
+        map.insert(key.into(), id);
+        self.push_shared(ev);
+        false
+    }
+
     pub fn push_shared(&mut self, ev: Arc<Event>) {
         self.bytes += ev.frame.len();
         self.chunks.push_back(Chunk::Shared(ev));
@@ -51,6 +94,11 @@ impl Outbox {
         self.chunks.is_empty()
     }
 
+    /// Frames queued.
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -59,8 +107,13 @@ impl Outbox {
         *self = Outbox::default();
     }
 
-    /// Writes as much as the socket takes. Returns Ok(true) when everything was written.
-    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<bool> {
+    /// Writes as much as the socket takes, calling `on_written` for each shared event
+    /// written completely. Returns Ok(true) when everything was written.
+    pub fn flush(
+        &mut self,
+        w: &mut impl Write,
+        mut on_written: impl FnMut(&Event),
+    ) -> io::Result<bool> {
         while !self.chunks.is_empty() {
             let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
@@ -76,15 +129,16 @@ impl Outbox {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            self.consume(written);
+            self.consume(written, &mut on_written);
         }
         if self.chunks.capacity() > 16 {
             self.chunks = VecDeque::new();
         }
+        self.pending = None;
         Ok(true)
     }
 
-    fn consume(&mut self, mut n: usize) {
+    fn consume(&mut self, mut n: usize, on_written: &mut impl FnMut(&Event)) {
         self.bytes -= n;
         while n > 0 {
             let front = self
@@ -97,7 +151,10 @@ impl Outbox {
             if n >= left {
                 n -= left;
                 self.written = 0;
-                self.chunks.pop_front();
+                self.front_id += 1;
+                if let Some(Chunk::Shared(ev)) = self.chunks.pop_front() {
+                    on_written(&ev);
+                }
             } else {
                 self.written += n;
                 n = 0;
@@ -157,12 +214,63 @@ mod tests {
             calls: 0,
         };
         let mut rounds = 0;
-        while !o.flush(&mut w).unwrap() {
+        while !o.flush(&mut w, |_| {}).unwrap() {
             rounds += 1;
             assert!(rounds < 10_000);
         }
         assert_eq!(w.out, expect);
         assert_eq!(o.bytes(), 0);
         assert!(o.is_empty());
+    }
+
+    fn state_event(vehicle: &str, seq: u64, channel: Channel) -> Arc<Event> {
+        let p = crate::event::Publication {
+            channel,
+            id: None,
+            payload: format!("{{\"n\":{seq}}}").into_bytes(),
+            keys: crate::model::EntityKeys {
+                vehicle: Some(vehicle.into()),
+                trip: None,
+                driver: None,
+            },
+            severity: None,
+            category: None,
+            status: None,
+            timestamp: "t".into(),
+            ts_ms: 0,
+            ack: false,
+        };
+        Arc::new(Event::encode(
+            "f".into(),
+            p,
+            seq,
+            1,
+            b"1",
+            std::time::Instant::now(),
+        ))
+    }
+
+    #[test]
+    fn conflates_state_past_the_soft_bound_and_never_events() {
+        let mut o = Outbox::default();
+        let soft = 10;
+        assert!(!o.push_event(state_event("v1", 1, Channel::VehicleLocations), soft));
+        // Over the soft bound now: v1 is conflated, v2 queued, alerts always queued.
+        assert!(!o.push_event(state_event("v1", 2, Channel::VehicleLocations), soft));
+        assert!(o.push_event(state_event("v1", 3, Channel::VehicleLocations), soft));
+        assert!(!o.push_event(state_event("v2", 4, Channel::VehicleLocations), soft));
+        assert!(!o.push_event(state_event("v1", 5, Channel::Alerts), soft));
+        assert!(!o.push_event(state_event("v1", 6, Channel::Alerts), soft));
+        assert!(o.push_event(state_event("v2", 7, Channel::VehicleLocations), soft));
+        let mut seqs = Vec::new();
+        let mut sink = Vec::new();
+        assert!(o.flush(&mut sink, |e| seqs.push(e.seq)).unwrap());
+        assert_eq!(seqs, vec![1, 3, 7, 5, 6]);
+        let (loc, alert) = (Channel::VehicleLocations, Channel::Alerts);
+        let total: usize = [(1, loc), (3, loc), (7, loc), (5, alert), (6, alert)]
+            .into_iter()
+            .map(|(seq, c)| state_event("v", seq, c).frame.len())
+            .sum();
+        assert_eq!(sink.len(), total);
     }
 }

@@ -8,6 +8,8 @@ pub enum Endpoint {
     Healthz,
     Readyz,
     Metrics,
+    /// The echo endpoint (a testing aid, off unless `testing.echo_endpoint`).
+    Echo,
     /// The native (Bookovia-style) streaming endpoint, with its entity scope.
     Native(Scope),
     NotFound,
@@ -30,6 +32,7 @@ impl Endpoint {
             "/healthz" => return Endpoint::Healthz,
             "/readyz" => return Endpoint::Readyz,
             "/metrics" => return Endpoint::Metrics,
+            "/echo" => return Endpoint::Echo,
             NATIVE | "/v1/streaming/websocket/" => return Endpoint::Native(Scope::None),
             _ => {}
         }
@@ -53,7 +56,7 @@ impl Endpoint {
     }
 
     pub fn is_websocket(&self) -> bool {
-        matches!(self, Endpoint::Native(_))
+        matches!(self, Endpoint::Native(_) | Endpoint::Echo)
     }
 }
 
@@ -176,15 +179,15 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A JSON error response: `{"error":{"code":..,"message":..}}`.
-pub fn json_error(status: u16, message: &str) -> Vec<u8> {
+/// A JSON error body: `{"error":{"code":..,"message":..}}`.
+pub fn json_error_body(status: u16, message: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(64 + message.len());
     body.extend_from_slice(b"{\"error\":{\"code\":");
     crate::json::write_u64(&mut body, status as u64);
     body.extend_from_slice(b",\"message\":");
     crate::json::write_str(&mut body, message);
     body.extend_from_slice(b"}}");
-    response(status, "application/json", &body)
+    body
 }
 
 /// The 101 answer to a valid upgrade.

@@ -66,10 +66,14 @@ fn metrics_count_open_connections() {
     let _c = b.connect_auth(&key("fleet_a", Role::Viewer));
     let (_, body) = b.get("/metrics");
     assert_eq!(metric(&body, "fleetcast_connections_open"), 1, "{body}");
-    assert!(
-        metric(&body, "fleetcast_handshakes_ok_total") >= 1,
-        "{body}"
-    );
+    let upgraded: u64 = body
+        .lines()
+        .filter(|l| {
+            l.starts_with("fleetcast_handshakes_total{") && l.contains("outcome=\"upgraded\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(upgraded, 1, "{body}");
 }
 
 #[test]

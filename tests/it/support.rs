@@ -26,6 +26,9 @@ pub fn config(shards: usize) -> Config {
     cfg.server.shards = shards;
     cfg.server.shutdown_grace_ms = 2_000;
     cfg.auth.jwt_hs256_secret = Some(SECRET.into());
+    // Tests open many connections from one address and publish in bursts; the limits
+    // themselves are tested in limits.rs with their defaults or small values.
+    relax_limits(&mut cfg);
     for tenant in ["fleet_a", "fleet_b"] {
         for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
             cfg.auth.api_keys.push(ApiKeyConfig {
@@ -255,4 +258,17 @@ pub fn location(vehicle: &str, lat: f64) -> Value {
 pub fn alert(id: &str, vehicle: &str, severity: &str) -> Value {
     json!({"type":"safety_alert","payload":{"alert_id":id,"severity":severity,
         "category":"harsh_braking","vehicle_id":vehicle}})
+}
+
+/// Raises the rate and connection limits far above what functional tests need.
+pub fn relax_limits(cfg: &mut Config) {
+    let l = &mut cfg.limits;
+    l.messages_per_second = 1_000_000;
+    l.roles = Default::default();
+    l.roles.service.messages_per_second = Some(1_000_000);
+    l.max_connections = 10_000;
+    l.max_connections_per_user = 10_000;
+    l.new_connections_per_minute_per_user = 1_000_000;
+    l.new_connections_per_minute_per_ip = 1_000_000;
+    l.location_update_interval_ms = 0;
 }
