@@ -206,10 +206,12 @@ fn decode_value(
             let channel = Channel::parse(name)
                 .filter(|c| *c != Channel::System)
                 .ok_or_else(|| ProtoError::field("channel", format!("unknown channel {name:?}")))?;
-            decode_publish(channel, v, payload, range_of).map(Command::Publish)
+            decode_publish(raw, channel, v, payload, range_of).map(Command::Publish)
         }
         other => match Channel::from_publish_type(other) {
-            Some(channel) => decode_publish(channel, v, payload, range_of).map(Command::Publish),
+            Some(channel) => {
+                decode_publish(raw, channel, v, payload, range_of).map(Command::Publish)
+            }
             None => Err(ProtoError::field(
                 "type",
                 format!("unknown message type {other:?}"),
@@ -414,6 +416,7 @@ fn coordinate(loc: &Value<'_>, field: &'static str, bound: f64) -> Result<(), Pr
 }
 
 fn decode_publish(
+    raw: &[u8],
     channel: Channel,
     msg: &Value<'_>,
     p: &Value<'_>,
@@ -423,6 +426,22 @@ fn decode_publish(
         range_of("payload").ok_or_else(|| ProtoError::field("payload", "missing payload"))?;
     if !p.is_object() {
         return Err(ProtoError::field("payload", "payload must be an object"));
+    }
+    // Routing reads the first of a repeated name, most clients the last: refuse repeats
+    // so that what subscribers read is what was authorized (a device's own vehicle).
+    let body = &raw[payload.clone()];
+    let members = json::object_members(body).unwrap_or_default();
+    for (i, a) in members.iter().enumerate() {
+        let name = json::unescape(&body[a.key.clone()]);
+        if members[..i]
+            .iter()
+            .any(|b| json::key_is(&body[b.key.clone()], &name))
+        {
+            return Err(ProtoError::field(
+                "payload",
+                format!("duplicate payload member {name:?}"),
+            ));
+        }
     }
     let mut keys = EntityKeys {
         vehicle: optional_id(p, "vehicle_id")?,
@@ -800,6 +819,12 @@ mod tests {
             text,
             r#"{"type":"location_update","id":"m1","timestamp":"2024-03-15T14:30:00.000Z","channel":"vehicle_locations","payload":{"zeta":1,"vehicle_id":"v1","location":{"latitude":40.7128,"longitude":-74.006},"alpha":{"x":[1,2]}}}"#
         );
+    }
+
+    #[test]
+    fn repeated_payload_members_are_refused() {
+        let e = dec(r#"{"type":"location_update","payload":{"vehicle_id":"v1","location":{"latitude":1,"longitude":2},"vehicle_\u0069d":"v2"}}"#).1.unwrap_err();
+        assert_eq!((e.code, e.field), (400, Some("payload")));
     }
 
     #[test]
