@@ -1,6 +1,7 @@
 //! One TCP connection as the shard sees it: socket, buffers, phase and protocol session.
 
 use super::outbox::Outbox;
+use super::snapshot::PendingSnapshot;
 use crate::hub::TenantHub;
 use crate::session::Session;
 use crate::wire::frame::FrameReader;
@@ -37,6 +38,8 @@ pub struct Conn {
     pub dirty: bool,
     /// An echo-endpoint connection (testing aid): no session.
     pub echo: bool,
+    /// Snapshot values still to send, fed as the outbox drains.
+    pub snapshots: Vec<PendingSnapshot>,
 }
 
 impl Conn {
@@ -59,6 +62,7 @@ impl Conn {
             hub: None,
             dirty: false,
             echo: false,
+            snapshots: Vec::new(),
         }
     }
 

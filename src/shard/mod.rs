@@ -14,6 +14,7 @@
 
 pub mod conn;
 pub mod outbox;
+pub mod snapshot;
 
 use crate::dialect::native::{self, Parser, ProtoError};
 use crate::event::Event;
@@ -133,8 +134,10 @@ impl Shard {
         let mut events = Events::with_capacity(1024);
         let tick = Session::tick_interval(&self.shared.config.limits);
         loop {
-            let busy =
-                self.accept_pending || !self.pending_reads.is_empty() || !self.inbox.is_empty();
+            let busy = self.accept_pending
+                || !self.pending_reads.is_empty()
+                || !self.dirty.is_empty()
+                || !self.inbox.is_empty();
             let timeout = if busy {
                 Duration::ZERO
             } else {
@@ -643,15 +646,55 @@ impl Shard {
         drop(ch);
         let conn = &mut self.conns[slot];
         let session = conn.session.as_mut().expect("open");
-        for ev in events {
-            match session.verdict(&ev) {
-                Verdict::Skip => {}
-                Verdict::Shared => conn.out.push_shared(ev),
-                Verdict::Projected(m) => conn.out.push_owned(ev.projected_frame(&m)),
-            }
-        }
+        // A fence from an earlier subscribe must not filter this snapshot.
+        session.set_fence(channel, Default::default());
+        let items: Vec<snapshot::Item> = events
+            .into_iter()
+            .filter_map(|ev| match session.verdict(&ev) {
+                Verdict::Skip => None,
+                Verdict::Shared => Some((ev, None)),
+                Verdict::Projected(m) => {
+                    let f = ev.projected_frame(&m);
+                    Some((ev, Some(f)))
+                }
+            })
+            .collect();
         session.set_fence(channel, fence);
+        if !items.is_empty() {
+            conn.snapshots.retain(|s| s.channel != channel);
+            conn.snapshots
+                .push(snapshot::PendingSnapshot::new(channel, items));
+            self.feed_snapshots(slot);
+        }
         self.mark_dirty(slot);
+    }
+
+    /// Moves pending snapshot values into the outbox while it is below half the soft
+    /// bound. Returns true if anything was queued.
+    fn feed_snapshots(&mut self, slot: usize) -> bool {
+        let budget = self.shared.config.limits.soft_outbound_bytes / 2;
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        let mut fed = false;
+        while conn.out.bytes() < budget {
+            let Some(pending) = conn.snapshots.first_mut() else {
+                break;
+            };
+            match pending.pop() {
+                Some((ev, None)) => conn.out.push_shared(ev),
+                Some((_, Some(frame))) => conn.out.push_owned(frame),
+                None => {
+                    conn.snapshots.remove(0);
+                    continue;
+                }
+            }
+            fed = true;
+        }
+        if conn.snapshots.first().is_some_and(|s| s.is_empty()) {
+            conn.snapshots.remove(0);
+        }
+        fed
     }
 
     fn unindex(&mut self, hub: &TenantHub, channel: Channel, sel: &Selection, slot: usize) {
@@ -817,6 +860,11 @@ impl Shard {
                 let Some(session) = conn.session.as_mut() else {
                     return;
                 };
+                for pending in conn.snapshots.iter_mut() {
+                    if pending.channel == ev.channel {
+                        pending.supersede(ev);
+                    }
+                }
                 match session.verdict(ev) {
                     Verdict::Skip => return,
                     Verdict::Shared => conflated += conn.out.push_event(ev.clone(), soft) as u64,
@@ -883,6 +931,14 @@ impl Shard {
                 // The socket is full; a writable event will mark it dirty again.
                 continue;
             }
+            if !conn.snapshots.is_empty() && conn.is_open() && self.feed_snapshots(slot) {
+                // Written next turn, after other connections had theirs.
+                self.mark_dirty(slot);
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
             match conn.phase {
                 Phase::HttpClose { .. } => self.drop_conn(slot),
                 Phase::Closing {
