@@ -110,6 +110,31 @@ fn skip_value(b: &[u8], i: usize) -> usize {
     }
 }
 
+/// Whether the JSON text `b` nests arrays and objects more than `limit` levels deep
+/// (a top-level object is level 1). Strings are skipped; `b` must be valid JSON.
+pub fn nests_deeper_than(b: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i = skip_string(b, i);
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
 /// One member of an object: the raw key (without quotes, still escaped) and the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -269,6 +294,14 @@ mod tests {
         assert!(member(src, "zz").is_none());
         assert_eq!(object_members(b"{}").unwrap(), vec![]);
         assert!(object_members(b"[1]").is_none());
+    }
+
+    #[test]
+    fn measures_nesting_outside_strings() {
+        assert!(!nests_deeper_than(br#"{"a":[1,{"b":2}]}"#, 3));
+        assert!(nests_deeper_than(br#"{"a":[1,{"b":[]}]}"#, 3));
+        assert!(!nests_deeper_than(br#"{"a":"[[[[{{{{\"[[[["}"#, 1));
+        assert!(nests_deeper_than(&[b'['; 33], 32));
     }
 
     #[test]

@@ -99,6 +99,14 @@ impl Bucket {
             false
         }
     }
+
+    /// Switches from rate `from` to rate `to`, keeping what was spent: a connection that
+    /// authenticates into a role with a higher rate gets that role's burst, less what it
+    /// used before.
+    fn change_rate(&mut self, now: Instant, from: u32, to: u32) {
+        self.try_take(now, from, 0);
+        self.tokens = (self.tokens + to as f64 - from as f64).clamp(0.0, to as f64);
+    }
 }
 
 /// Index keys a subscription change adds or removes. `all` is the channel-wide key.
@@ -281,9 +289,14 @@ impl Session {
             .filter_map(|c| self.subs[c.index()].as_ref().map(|s| (c, &s.keys)))
     }
 
-    /// How often [`Session::handle_tick`] must be called for deadlines to hold.
+    /// How often [`Session::handle_tick`] must be called for deadlines to hold (the shard's
+    /// tick also drives the handshake deadline).
     pub fn tick_interval(limits: &Limits) -> Duration {
-        let fine = limits.heartbeat_interval().min(limits.auth_timeout()) / 4;
+        let fine = limits
+            .heartbeat_interval()
+            .min(limits.auth_timeout())
+            .min(limits.handshake_timeout())
+            / 4;
         fine.clamp(Duration::from_millis(5), Duration::from_secs(1))
     }
 
@@ -562,7 +575,9 @@ impl Session {
                     self.close(close::POLICY_VIOLATION, "too many connections");
                     return Ok(());
                 }
-                self.rate = ctx.limits.for_role(p.role).messages_per_second;
+                let rate = ctx.limits.for_role(p.role).messages_per_second;
+                self.bucket.change_rate(now.mono, self.rate, rate);
+                self.rate = rate;
                 self.principal = Some(p);
                 self.state = State::Active;
                 self.actions.push_back(Action::Authenticated);
@@ -1061,6 +1076,29 @@ mod tests {
         let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
         assert_eq!(texts(&a)[0]["payload"]["code"], 408);
         assert_eq!(closes(&a), vec![close::POLICY_VIOLATION]);
+    }
+
+    #[test]
+    fn auth_message_switches_to_the_roles_rate_and_burst() {
+        let mut f = Fixture::new();
+        f.limits.messages_per_second = 10;
+        f.limits.roles.device.messages_per_second = Some(1_000);
+        let mut s = f.session(Scope::None);
+        let ping = r#"{"type":"ping"}"#;
+        for _ in 0..5 {
+            f.send(&mut s, 0, ping);
+        }
+        f.send(
+            &mut s,
+            0,
+            &format!(r#"{{"type":"auth","payload":{{"api_key":"{DEVICE}"}}}}"#),
+        );
+        // 1000 of burst, 6 of them spent before and with the auth message.
+        let refused = |a: &[Action]| texts(a).iter().any(|m| m["payload"]["code"] == 429);
+        for i in 0..994 {
+            assert!(!refused(&f.send(&mut s, 0, ping)), "ping {i} refused");
+        }
+        assert!(refused(&f.send(&mut s, 0, ping)));
     }
 
     #[test]

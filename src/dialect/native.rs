@@ -116,6 +116,10 @@ pub struct Parser {
 const MAX_ID_LEN: usize = 128;
 /// Most entries in one filter list.
 const MAX_FILTER_LIST: usize = 256;
+/// Deepest nesting of objects and arrays accepted in a message (the message itself is
+/// level 1). Payloads are forwarded as they are, and many subscribers' JSON parsers refuse
+/// deep nesting (serde_json at 128 levels): one publisher must not break them all.
+pub const MAX_DEPTH: usize = 32;
 
 impl Parser {
     /// Decodes one message. Returns the raw range of its `id` (for the reply) and the
@@ -161,6 +165,10 @@ impl Parser {
             }
         }
         let id = range_of("id").filter(|r| matches!(raw[r.start], b'"' | b'-' | b'0'..=b'9'));
+        if json::nests_deeper_than(raw, MAX_DEPTH) {
+            let e = ProtoError::new(400, format!("nested deeper than {MAX_DEPTH} levels"));
+            return (id, Err(e));
+        }
         (id, decode_value(raw, &value, &range_of))
     }
 }

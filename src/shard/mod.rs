@@ -159,6 +159,9 @@ impl Shard {
                             self.on_readable(slot);
                         }
                         if ev.is_writable() {
+                            if let Some(conn) = self.conns.get_mut(slot) {
+                                conn.out.set_writable();
+                            }
                             self.mark_dirty(slot);
                         }
                     }
@@ -838,10 +841,14 @@ impl Shard {
     }
 
     fn deliver(&mut self, ev: &Arc<Event>) {
-        let limits = &self.shared.config.limits;
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
+        let limits = &shared.config.limits;
         let (soft, hard) = (limits.soft_outbound_bytes, limits.max_outbound_bytes);
         let mut delivered = 0u64;
         let mut conflated = 0u64;
+        let mut written = 0u64;
+        let written_at = Instant::now();
         let mut slow = Vec::new();
         let conns = &mut self.conns;
         let dirty = &mut self.dirty;
@@ -865,6 +872,19 @@ impl Shard {
                         pending.supersede(ev);
                     }
                 }
+                // Over the soft bound, first give the socket what it takes (unless it was
+                // found full): the bounds then count what the client has not read, not a
+                // burst of events routed within one loop turn.
+                if conn.out.bytes() > soft && !conn.out.is_blocked() {
+                    let before = conn.out.bytes();
+                    // A write error is left to the next flush, which drops the connection.
+                    let _ = conn.out.flush(&mut conn.stream, |e| {
+                        stats
+                            .publish_to_write
+                            .observe(written_at.saturating_duration_since(e.accepted_at))
+                    });
+                    written += (before - conn.out.bytes()) as u64;
+                }
                 match session.verdict(ev) {
                     Verdict::Skip => return,
                     Verdict::Shared => conflated += conn.out.push_event(ev.clone(), soft) as u64,
@@ -879,8 +899,7 @@ impl Shard {
                     dirty.push(slot);
                 }
             });
-        let shared = self.shared.clone();
-        let stats = &shared.stats[self.id];
+        stats.bytes_out.fetch_add(written, Ordering::Relaxed);
         let c = ev.channel.index();
         stats.deliveries[c].fetch_add(delivered, Ordering::Relaxed);
         stats.delivered_bytes[c].fetch_add(delivered * ev.frame.len() as u64, Ordering::Relaxed);
@@ -888,8 +907,8 @@ impl Shard {
         for slot in slow {
             stats.breach(Limit::SlowConsumer);
             let conn = &mut self.conns[slot];
-            stats.drop(StatDrop::SlowConsumer, conn.out.len() as u64);
-            conn.out.clear();
+            let discarded = conn.out.clear();
+            stats.drop(StatDrop::SlowConsumer, discarded as u64);
             self.close_conn(slot, close::TRY_AGAIN_LATER, "slow consumer");
         }
     }

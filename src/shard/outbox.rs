@@ -44,6 +44,8 @@ pub struct Outbox {
     front_id: u64,
     /// Past the soft bound: per state channel, the chunk id of each entity's pending value.
     pending: Option<Box<PendingState>>,
+    /// The last write found the socket full (until a later write makes progress).
+    blocked: bool,
 }
 
 impl Outbox {
@@ -103,8 +105,33 @@ impl Outbox {
         self.bytes
     }
 
-    pub fn clear(&mut self) {
+    /// Whether the last flush stopped on a full socket, with no writable event since and
+    /// no write that made progress.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// The socket reported writable again.
+    pub fn set_writable(&mut self) {
+        self.blocked = false;
+    }
+
+    /// Discards every queued frame, except the unwritten rest of a frame partly written
+    /// already: cutting it would corrupt the stream (a close frame queued next would be
+    /// read as its payload). Returns the frames discarded.
+    pub fn clear(&mut self) -> usize {
+        let partial = (self.written > 0)
+            .then(|| self.chunks.pop_front())
+            .flatten();
+        let discarded = self.chunks.len();
+        let written = self.written;
         *self = Outbox::default();
+        if let Some(front) = partial {
+            self.bytes = front.bytes().len() - written;
+            self.written = written;
+            self.chunks.push_back(front);
+        }
+        discarded
     }
 
     /// Writes as much as the socket takes, calling `on_written` for each shared event
@@ -125,10 +152,14 @@ impl Outbox {
             let written = match w.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    return Ok(false);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            self.blocked = false;
             self.consume(written, &mut on_written);
         }
         if self.chunks.capacity() > 16 {
@@ -221,6 +252,32 @@ mod tests {
         assert_eq!(w.out, expect);
         assert_eq!(o.bytes(), 0);
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn clear_keeps_the_rest_of_a_partly_written_frame() {
+        let mut o = Outbox::default();
+        for i in 0..4u8 {
+            o.push_owned(vec![i; 10]);
+        }
+        let mut w = Trickle {
+            out: Vec::new(),
+            cap: 14,
+            calls: 0,
+        };
+        assert!(!o.flush(&mut w, |_| {}).unwrap());
+        assert_eq!(o.clear(), 2);
+        o.push_owned(vec![9; 3]);
+        while !o.flush(&mut w, |_| {}).unwrap() {}
+        let mut want = vec![0; 10];
+        want.extend_from_slice(&[1; 10]);
+        want.extend_from_slice(&[9; 3]);
+        assert_eq!(w.out, want);
+        assert_eq!(o.bytes(), 0);
+        // Nothing partly written: everything goes.
+        o.push_owned(vec![1; 5]);
+        assert_eq!(o.clear(), 1);
+        assert!(o.is_empty() && o.bytes() == 0);
     }
 
     fn state_event(vehicle: &str, seq: u64, channel: Channel) -> Arc<Event> {

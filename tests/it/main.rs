@@ -1,14 +1,19 @@
 //! Integration tests: a real node on loopback, real WebSocket clients (tungstenite).
 //! One file per behaviour; shared scaffolding in `support`.
 
+mod raw;
 mod support;
 
 mod auth;
 mod batch;
+mod echo;
 mod fanout;
+mod hostile;
 mod http;
 mod isolation;
 mod lifecycle;
+mod limits;
+mod slow_consumer;
 mod smoke;
 mod snapshot;
 mod subscribe;

@@ -272,3 +272,24 @@ pub fn relax_limits(cfg: &mut Config) {
     l.new_connections_per_minute_per_ip = 1_000_000;
     l.location_update_interval_ms = 0;
 }
+
+impl Broker {
+    /// Sum over shards of the series of metric `name` whose labels contain `label`
+    /// (e.g. `kind="batch_size"`; "" for every series of the metric).
+    pub fn metric(&self, name: &str, label: &str) -> u64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "/metrics: {body}");
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                    && l.contains(label)
+            })
+            .map(|l| {
+                let v = l.rsplit(' ').next().unwrap_or_default();
+                v.parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad metric line {l:?}")) as u64
+            })
+            .sum()
+    }
+}
