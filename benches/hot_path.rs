@@ -147,5 +147,99 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_parse, fanout);
+/// Index lookup and bitset iteration alone: one event about a vehicle, in a shard where
+/// 1 000 connections watch the whole fleet and 1 000 watch one vehicle each.
+fn route_lookup(c: &mut Criterion) {
+    let tenant: Arc<str> = "fleet_001".into();
+    let mut index = SubscriberIndex::default();
+    let all = Selection {
+        all: true,
+        ..Default::default()
+    };
+    for slot in 0..1000 {
+        index.add(&tenant, Channel::VehicleLocations, &all, slot);
+        let one = Selection {
+            vehicles: vec![format!("vehicle_{slot:03}").into()],
+            ..Default::default()
+        };
+        index.add(&tenant, Channel::VehicleLocations, &one, 1000 + slot);
+    }
+    let keys = EntityKeys {
+        vehicle: Some("vehicle_007".into()),
+        trip: Some("trip_1".into()),
+        driver: None,
+    };
+    c.bench_function("route_lookup_1001_of_2000", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            index.for_each("fleet_001", Channel::VehicleLocations, &keys, |slot| {
+                n += slot & 1
+            });
+            black_box(n)
+        })
+    });
+}
+
+/// Publish-to-socket-write through one shard, end to end over loopback: one publish, and
+/// the time until each of 10 subscribers has read it.
+fn end_to_end(c: &mut Criterion) {
+    use fleetcast::config::{ApiKeyConfig, Config};
+    use std::net::TcpStream;
+    let mut cfg = Config::default();
+    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.shards = 1;
+    cfg.limits.messages_per_second = 10_000_000;
+    cfg.limits.location_update_interval_ms = 0;
+    cfg.limits.new_connections_per_minute_per_ip = 1000;
+    cfg.limits.new_connections_per_minute_per_user = 1000;
+    for (key, role) in [
+        ("bench-viewer-0123456789", Role::Viewer),
+        ("bench-device-0123456789", Role::Device),
+    ] {
+        cfg.auth.api_keys.push(ApiKeyConfig {
+            key: key.into(),
+            user_id: key.into(),
+            tenant: "fleet_001".into(),
+            role,
+            vehicles: vec![],
+        });
+    }
+    let node = fleetcast::node::Node::start(cfg).unwrap();
+    let url = |key: &str| {
+        format!(
+            "ws://{}/v1/streaming/websocket?api_key={key}",
+            node.local_addr()
+        )
+    };
+    let connect = |key: &str| {
+        let stream = TcpStream::connect(node.local_addr()).unwrap();
+        stream.set_nodelay(true).unwrap();
+        tungstenite::client(url(key), stream).unwrap().0
+    };
+    let mut subs: Vec<_> = (0..10)
+        .map(|_| {
+            let mut ws = connect("bench-viewer-0123456789");
+            ws.send(tungstenite::Message::text(
+                r#"{"type":"subscribe","payload":{"channel":"vehicle_locations"}}"#,
+            ))
+            .unwrap();
+            while !ws.read().unwrap().to_text().unwrap().contains("subscribed") {}
+            ws
+        })
+        .collect();
+    let mut device = connect("bench-device-0123456789");
+    let msg = r#"{"type":"location_update","payload":{"vehicle_id":"v1","location":{"latitude":40.7,"longitude":-74.0}}}"#;
+    c.bench_function("end_to_end_publish_to_10_subscribers", |b| {
+        b.iter(|| {
+            device.send(tungstenite::Message::text(msg)).unwrap();
+            for ws in subs.iter_mut() {
+                black_box(ws.read().unwrap());
+            }
+        })
+    });
+    drop(subs);
+    node.shutdown();
+}
+
+criterion_group!(benches, decode_parse, fanout, route_lookup, end_to_end);
 criterion_main!(benches);

@@ -222,6 +222,7 @@ pub struct ShardStats {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub publishes: [AtomicU64; Channel::COUNT],
+    pub published_bytes: [AtomicU64; Channel::COUNT],
     pub deliveries: [AtomicU64; Channel::COUNT],
     pub delivered_bytes: [AtomicU64; Channel::COUNT],
     pub breaches: [AtomicU64; Limit::ALL.len()],

@@ -789,6 +789,8 @@ impl Shard {
         }
         drop(ch);
         self.stats().publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
+        self.stats().published_bytes[channel.index()]
+            .fetch_add(ev.payload.len() as u64, Ordering::Relaxed);
         if let Some(id) = ack {
             let ts = native::format_rfc3339_ms(now.unix_ms);
             let json = native::reply("ack", id.as_deref(), &ts, |o| {
