@@ -14,7 +14,42 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
+    pub history: HistoryConfig,
     pub testing: TestingConfig,
+}
+
+/// Event history (resume with `since`) and publish-id deduplication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Events kept per tenant and event channel (trip_events, alerts, maintenance_alerts).
+    pub max_events: usize,
+    /// Age beyond which an event is no longer replayed.
+    pub max_age_ms: u64,
+    /// A publish id seen again within this window (per tenant) is a duplicate.
+    pub dedup_window_ms: u64,
+    /// Publish ids remembered per tenant (the oldest are forgotten first).
+    pub dedup_max_ids: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_events: 1_000,
+            max_age_ms: 600_000,
+            dedup_window_ms: 60_000,
+            dedup_max_ids: 100_000,
+        }
+    }
+}
+
+impl HistoryConfig {
+    pub fn max_age(&self) -> Duration {
+        Duration::from_millis(self.max_age_ms)
+    }
+    pub fn dedup_window(&self) -> Duration {
+        Duration::from_millis(self.dedup_window_ms)
+    }
 }
 
 /// Testing aids, all off by default.

@@ -11,8 +11,9 @@ use crate::event::Event;
 use crate::model::Channel;
 use crate::session::{Fence, Selection};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct ChannelHub {
@@ -22,6 +23,8 @@ pub struct ChannelHub {
     pub seq: u64,
     /// Last known state per entity (state channels only).
     last: HashMap<Box<str>, Arc<Event>>,
+    /// The newest events, oldest first (event channels only).
+    history: VecDeque<Arc<Event>>,
 }
 
 impl ChannelHub {
@@ -85,6 +88,52 @@ impl ChannelHub {
             .is_some_and(|ev| now.saturating_duration_since(ev.accepted_at) < interval)
     }
 
+    /// Appends an event-channel event to the history, dropping what is over `max_events`
+    /// or older than `max_age`.
+    pub fn record_history(&mut self, ev: &Arc<Event>, max_events: usize, max_age: Duration) {
+        if !ev.channel.is_event() || max_events == 0 {
+            return;
+        }
+        self.history.push_back(ev.clone());
+        while self.history.len() > max_events
+            || self
+                .history
+                .front()
+                .is_some_and(|e| ev.accepted_at.saturating_duration_since(e.accepted_at) > max_age)
+        {
+            self.history.pop_front();
+        }
+    }
+
+    /// The events after `seq`, if history still holds all of them (`None`: the gap is
+    /// older than the history, or `seq` is not a position of this stream).
+    pub fn replay_after(
+        &self,
+        seq: u64,
+        now: Instant,
+        max_age: Duration,
+    ) -> Option<Vec<Arc<Event>>> {
+        if seq > self.seq {
+            return None;
+        }
+        if seq == self.seq {
+            return Some(Vec::new());
+        }
+        let kept = self
+            .history
+            .iter()
+            .skip_while(|e| now.saturating_duration_since(e.accepted_at) > max_age);
+        let first = kept.clone().next()?;
+        if first.seq > seq + 1 {
+            return None;
+        }
+        Some(kept.filter(|e| e.seq > seq).cloned().collect())
+    }
+
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
     pub fn state_len(&self) -> usize {
         self.last.len()
     }
@@ -94,6 +143,36 @@ impl ChannelHub {
 pub struct TenantHub {
     pub id: Arc<str>,
     channels: [Mutex<ChannelHub>; Channel::COUNT],
+    /// Publish ids seen recently (per tenant, all channels).
+    pub dedup: Mutex<Dedup>,
+}
+
+/// Publish ids seen within a window, so a publisher's retry is not delivered twice.
+#[derive(Debug, Default)]
+pub struct Dedup {
+    seen: HashMap<Box<[u8]>, Instant>,
+    order: VecDeque<(Instant, Box<[u8]>)>,
+}
+
+impl Dedup {
+    /// Records `id`; returns true if it was already seen within `window`.
+    pub fn check(&mut self, id: &[u8], now: Instant, window: Duration, max_ids: usize) -> bool {
+        while let Some((t, _)) = self.order.front() {
+            if now.saturating_duration_since(*t) < window && self.order.len() < max_ids.max(1) {
+                break;
+            }
+            let (t, old) = self.order.pop_front().expect("front exists");
+            if self.seen.get(&old) == Some(&t) {
+                self.seen.remove(&old);
+            }
+        }
+        if self.seen.contains_key(id) {
+            return true;
+        }
+        self.seen.insert(id.into(), now);
+        self.order.push_back((now, id.into()));
+        false
+    }
 }
 
 impl TenantHub {
@@ -128,8 +207,78 @@ impl Hubs {
                 Arc::new(TenantHub {
                     id: id.into(),
                     channels: Default::default(),
+                    dedup: Mutex::new(Dedup::default()),
                 })
             })
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Publication;
+    use crate::model::EntityKeys;
+
+    fn alert(seq: u64, at: Instant) -> Arc<Event> {
+        let p = Publication {
+            channel: Channel::Alerts,
+            id: None,
+            payload: b"{}".to_vec(),
+            keys: EntityKeys::default(),
+            severity: None,
+            category: None,
+            status: None,
+            timestamp: "t".into(),
+            ts_ms: 0,
+            ack: false,
+        };
+        Arc::new(Event::encode("f".into(), p, seq, 1, b"1", at))
+    }
+
+    #[test]
+    fn history_replays_a_gap_it_still_holds() {
+        let t0 = Instant::now();
+        let age = Duration::from_secs(600);
+        let mut ch = ChannelHub::default();
+        for seq in 1..=10 {
+            ch.seq = seq;
+            ch.record_history(&alert(seq, t0), 5, age);
+        }
+        assert_eq!(ch.history_len(), 5);
+        let seqs =
+            |v: Option<Vec<Arc<Event>>>| v.map(|v| v.iter().map(|e| e.seq).collect::<Vec<_>>());
+        assert_eq!(seqs(ch.replay_after(7, t0, age)), Some(vec![8, 9, 10]));
+        assert_eq!(
+            seqs(ch.replay_after(5, t0, age)),
+            Some(vec![6, 7, 8, 9, 10])
+        );
+        assert_eq!(seqs(ch.replay_after(10, t0, age)), Some(vec![]));
+        assert_eq!(seqs(ch.replay_after(4, t0, age)), None, "seq 5 is gone");
+        assert_eq!(
+            seqs(ch.replay_after(11, t0, age)),
+            None,
+            "not a position yet"
+        );
+        // Too old to replay.
+        assert_eq!(
+            seqs(ch.replay_after(7, t0 + Duration::from_secs(601), age)),
+            None
+        );
+    }
+
+    #[test]
+    fn dedup_window_and_capacity() {
+        let t0 = Instant::now();
+        let w = Duration::from_secs(60);
+        let mut d = Dedup::default();
+        assert!(!d.check(b"\"a\"", t0, w, 3));
+        assert!(d.check(b"\"a\"", t0 + Duration::from_secs(59), w, 3));
+        assert!(!d.check(b"\"a\"", t0 + Duration::from_secs(60), w, 3));
+        let t1 = t0 + Duration::from_secs(61);
+        for id in [b"1", b"2", b"3", b"4"] {
+            assert!(!d.check(id, t1, w, 3));
+        }
+        assert!(!d.check(b"1", t1, w, 3), "forgotten: over capacity");
     }
 }

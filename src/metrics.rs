@@ -155,15 +155,23 @@ pub enum Drop {
     SlowConsumer,
     /// Inbound messages refused for rate (per connection or per vehicle).
     RateLimited,
+    /// Publishes whose id was seen within the dedup window.
+    Duplicate,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 3] = [Drop::Conflated, Drop::SlowConsumer, Drop::RateLimited];
+    pub const ALL: [Drop; 4] = [
+        Drop::Conflated,
+        Drop::SlowConsumer,
+        Drop::RateLimited,
+        Drop::Duplicate,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Drop::Conflated => "conflated",
             Drop::SlowConsumer => "slow_consumer",
             Drop::RateLimited => "rate_limited",
+            Drop::Duplicate => "duplicate",
         }
     }
 }

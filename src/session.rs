@@ -150,6 +150,11 @@ pub enum Action {
         channel: Channel,
         added: Selection,
         snapshot: Selection,
+        /// `since: {epoch, seq}`: replay the event channel's history after this point.
+        since: Option<(u64, u64)>,
+        /// The `subscribed` reply without its two closing braces (payload and message):
+        /// the shard appends the stream position and `recovered`, then sends it first.
+        reply: Vec<u8>,
     },
     /// Remove these keys from the index.
     Unsubscribe {
@@ -178,6 +183,8 @@ pub enum Action {
 pub struct Fence {
     pub seqs: HashMap<Box<str>, u64>,
     pub max: u64,
+    /// Skip every event up to `max` (a history replay sent them all).
+    pub all: bool,
 }
 
 #[derive(Debug, Default)]
@@ -390,7 +397,7 @@ impl Session {
     /// Records the snapshot fence for `channel` (after the shard sent the snapshot).
     pub fn set_fence(&mut self, channel: Channel, fence: Fence) {
         if let Some(sub) = self.subs[channel.index()].as_mut() {
-            sub.fence = (!fence.seqs.is_empty()).then(|| Box::new(fence));
+            sub.fence = (fence.all || !fence.seqs.is_empty()).then(|| Box::new(fence));
         }
     }
 
@@ -403,6 +410,8 @@ impl Session {
         if let Some(f) = &sub.fence {
             if ev.seq > f.max {
                 sub.fence = None;
+            } else if f.all {
+                return Verdict::Skip;
             } else if let Some(k) = ev.keys.state_key(ev.channel)
                 && f.seqs.get(k).is_some_and(|&s| ev.seq <= s)
             {
@@ -597,6 +606,7 @@ impl Session {
                 action: SubAction::Subscribe,
                 channel: c,
                 filters: Filters::default(),
+                since: None,
             };
             if let Err(e) = self.handle_subscribe(now, None, req, ctx.limits) {
                 self.send_error(now, id, &e);
@@ -724,13 +734,17 @@ impl Session {
                 sub.categories = f.categories.clone();
                 sub.status_types = f.status_types.clone();
                 sub.metrics = (!f.metrics.is_empty()).then(|| f.metrics.clone().into());
-                self.send_json(native::reply("subscribed", id, &ts, |o| {
+                // The shard completes the reply: stream position and `recovered`.
+                let mut reply = native::reply("subscribed", id, &ts, |o| {
                     write_channel_filters(o, channel, &f)
-                }));
+                });
+                reply.truncate(reply.len() - 2);
                 self.actions.push_back(Action::Subscribe {
                     channel,
                     added,
                     snapshot: requested,
+                    since: req.since,
+                    reply,
                 });
             }
             SubAction::Unsubscribe => {
@@ -1024,22 +1038,28 @@ mod tests {
         );
         assert_eq!(t[0]["payload"]["fleet_id"], "fleet_a");
         let a = f.send(&mut s, 2, r#"{"type":"subscribe","id":7,"payload":{"action":"subscribe","channel":"vehicle_locations","filters":{"vehicle_ids":["v1","v2"]}}}"#);
-        assert_eq!(texts(&a)[0]["type"], "subscribed");
-        assert_eq!(texts(&a)[0]["id"], 7);
         let Action::Subscribe {
             channel,
             added,
             snapshot,
-        } = &a[1]
+            since: None,
+            reply,
+        } = &a[0]
         else {
             panic!("{a:?}")
         };
+        // The shard completes the reply; closed here as the shard does for state channels.
+        let reply: Value = serde_json::from_slice(&[reply.as_slice(), b"}}"].concat()).unwrap();
+        assert_eq!(
+            (reply["type"].as_str(), reply["id"].as_u64()),
+            (Some("subscribed"), Some(7))
+        );
         assert_eq!(*channel, Channel::VehicleLocations);
         assert_eq!(added.vehicles, vec!["v1".into(), "v2".into()]);
         assert_eq!(snapshot, added);
         // Subscribing v2 and v3 adds only v3 to the index.
         let a = f.send(&mut s, 3, r#"{"type":"subscribe","payload":{"channel":"vehicle_locations","filters":{"vehicle_id":["v2","v3"]}}}"#);
-        let Action::Subscribe { added, .. } = &a[1] else {
+        let Action::Subscribe { added, .. } = &a[0] else {
             panic!()
         };
         assert_eq!(added.vehicles, vec!["v3".into()]);
@@ -1157,7 +1177,7 @@ mod tests {
             1,
             r#"{"type":"subscribe","payload":{"channel":"telemetry"}}"#,
         );
-        let Action::Subscribe { added, .. } = &a[1] else {
+        let Action::Subscribe { added, .. } = &a[0] else {
             panic!()
         };
         assert_eq!(

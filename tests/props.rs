@@ -2378,7 +2378,10 @@ proptest! {
                         }
                         check_publication(p, h.t0)?
                     }
-                    Action::Subscribe { channel, added, snapshot } => {
+                    Action::Subscribe { channel, added, snapshot, reply, .. } => {
+                        // The shard appends the position and the two closing braces.
+                        let done = [reply.as_slice(), b"}}"].concat();
+                        prop_assert_eq!(check_reply(&done)?, "subscribed");
                         let role = s.principal().map(|p| p.role);
                         prop_assert!(role.is_some_and(|r| r.may_subscribe(channel)), "{:?} subscribed {:?}", role, channel);
                         check_in_scope(&scope, &added)?;

@@ -43,6 +43,8 @@ pub struct SubscribeRequest {
     pub action: SubAction,
     pub channel: Channel,
     pub filters: Filters,
+    /// `since: {epoch, seq}`: the last event the client saw.
+    pub since: Option<(u64, u64)>,
 }
 
 /// Subscription filters. Entity filters select events about any named entity; value
@@ -298,10 +300,27 @@ fn decode_subscribe(ty: &str, p: &Value<'_>) -> Result<SubscribeRequest, ProtoEr
         Some(f) if f.is_object() => decode_filters(f)?,
         Some(_) => return Err(ProtoError::field("filters", "filters must be an object")),
     };
+    let since = match p.get("since").or_else(|| data.and_then(|d| d.get("since"))) {
+        None => None,
+        Some(s) if s.is_null() => None,
+        Some(s) => {
+            let n = |k| s.get(k).and_then(|v| v.as_u64());
+            match (n("epoch"), n("seq")) {
+                (Some(e), Some(q)) => Some((e, q)),
+                _ => {
+                    return Err(ProtoError::field(
+                        "since",
+                        "since must be {\"epoch\": integer, \"seq\": integer}",
+                    ));
+                }
+            }
+        }
+    };
     Ok(SubscribeRequest {
         action,
         channel,
         filters,
+        since,
     })
 }
 

@@ -603,7 +603,9 @@ impl Shard {
                     channel,
                     added,
                     snapshot,
-                } => self.subscribe(slot, channel, &added, &snapshot),
+                    since,
+                    reply,
+                } => self.subscribe(slot, channel, &added, &snapshot, since, reply),
                 Action::Unsubscribe { channel, removed } => {
                     if let Some(hub) = conn.hub.clone() {
                         self.unindex(&hub, channel, &removed, slot);
@@ -626,31 +628,77 @@ impl Shard {
         }
     }
 
+    /// Indexes a subscription, then, under the channel's lock: sets this shard's mask bit,
+    /// reads the stream position and takes the snapshot (state channels) or the history
+    /// after `since` (event channels). Sends `subscribed` (completed with the position and
+    /// `recovered`), then the replay, then paces the snapshot.
     fn subscribe(
         &mut self,
         slot: usize,
         channel: Channel,
         added: &Selection,
         snapshot: &Selection,
+        since: Option<(u64, u64)>,
+        mut reply: Vec<u8>,
     ) {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
+        let epoch = self.shared.hubs.epoch;
+        let history = &self.shared.config.history;
         let first = self.index.add(&hub.id, channel, added, slot);
         let mut ch = hub.channel(channel).lock();
         if first {
             ch.shard_mask |= 1 << self.id;
         }
-        let (events, fence) = if channel.is_state() {
+        let position = ch.seq;
+        let (events, mut fence) = if channel.is_state() {
             ch.snapshot(snapshot)
         } else {
             Default::default()
         };
+        let replay = match since {
+            Some((e, seq)) if channel.is_event() && e == epoch => {
+                ch.replay_after(seq, Instant::now(), history.max_age())
+            }
+            _ => None,
+        };
         drop(ch);
+        if channel.is_event() {
+            reply.extend_from_slice(b",\"epoch\":");
+            json::write_u64(&mut reply, epoch);
+            reply.extend_from_slice(b",\"seq\":");
+            json::write_u64(&mut reply, position);
+            if since.is_some() {
+                reply.extend_from_slice(if replay.is_some() {
+                    b",\"recovered\":true"
+                } else {
+                    b",\"recovered\":false"
+                });
+            }
+            // Events still in flight up to `position` were replayed (or are older than the
+            // client asked for): skip them.
+            if replay.is_some() {
+                fence = crate::session::Fence {
+                    max: position,
+                    all: true,
+                    ..Default::default()
+                };
+            }
+        }
+        reply.extend_from_slice(b"}}");
         let conn = &mut self.conns[slot];
+        conn.out.push_owned(frame::text_frame(&reply));
         let session = conn.session.as_mut().expect("open");
-        // A fence from an earlier subscribe must not filter this snapshot.
+        // A fence from an earlier subscribe must not filter this snapshot or replay.
         session.set_fence(channel, Default::default());
+        for ev in replay.unwrap_or_default() {
+            match session.verdict(&ev) {
+                Verdict::Skip => {}
+                Verdict::Shared => conn.out.push_shared(ev),
+                Verdict::Projected(m) => conn.out.push_owned(ev.projected_frame(&m)),
+            }
+        }
         let items: Vec<snapshot::Item> = events
             .into_iter()
             .filter_map(|ev| match session.verdict(&ev) {
@@ -754,6 +802,22 @@ impl Shard {
         fresh.push(b'"');
         let channel = p.channel;
         let ack = p.ack.then(|| p.id.clone());
+        let history = &self.shared.config.history;
+        if let Some(id) = &p.id
+            && hub
+                .dedup
+                .lock()
+                .check(id, now.mono, history.dedup_window(), history.dedup_max_ids)
+        {
+            self.stats().drop(StatDrop::Duplicate, 1);
+            let ts = native::format_rfc3339_ms(now.unix_ms);
+            let json = native::reply("ack", Some(id), &ts, |o| {
+                o.extend_from_slice(b"{\"status\":\"duplicate\",\"channel\":");
+                json::write_str(o, channel.name());
+                o.push(b'}');
+            });
+            return self.send_owned(slot, frame::text_frame(&json));
+        }
         let interval = self.shared.config.limits.location_update_interval();
         let mut ch = hub.channel(channel).lock();
         if channel == Channel::VehicleLocations
@@ -778,6 +842,7 @@ impl Shard {
             now.mono,
         ));
         ch.record_state(&ev);
+        ch.record_history(&ev, history.max_events, history.max_age());
         let mut mask = ch.shard_mask;
         while mask != 0 {
             let shard = mask.trailing_zeros() as usize;

@@ -2,6 +2,7 @@
 //! One file per behaviour; shared scaffolding in `support`.
 
 mod raw;
+mod resume;
 mod support;
 
 mod auth;

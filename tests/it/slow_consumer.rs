@@ -458,3 +458,58 @@ fn events_are_never_dropped_silently() {
     let all = healthy.join().expect("healthy viewer");
     assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
 }
+
+/// Issue 5: a slow consumer closed with 1013 that resumes with `since` has lost nothing
+/// on an event channel.
+#[test]
+fn slow_consumer_closed_then_resumed_with_since_loses_nothing() {
+    const ALERTS: u64 = 600;
+    let b = broker(4096, 16 * 1024);
+    let mut viewer = stalled_viewer(&b, &["alerts"]);
+    let mut svc = b.connect_key(&key("fleet_a", Role::Service));
+    let pad = "x".repeat(300);
+    for n in 0..ALERTS {
+        svc.send(json!({"type":"safety_alert","payload":{
+            "alert_id": format!("al-{n}"), "severity": "high", "category": "harsh_braking",
+            "vehicle_id": "v1", "note": pad}}));
+    }
+    svc.send(json!({"type":"ping","id":"published"}));
+    assert_eq!(svc.expect("pong")["id"], "published");
+    let (got, end) = drain(&mut viewer, Duration::from_millis(500), ALERTS as usize + 1);
+    assert!(
+        matches!(end, End::Close(Some(1013)) | End::Dropped),
+        "{end:?}"
+    );
+    assert!(
+        (got.len() as u64) < ALERTS,
+        "the stalled viewer got every alert"
+    );
+    // Its position: the last alert it read (or the start of the stream).
+    let (epoch, last) = match got.last() {
+        Some(m) => (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap()),
+        None => {
+            let mut probe = b.connect_key(&key("fleet_a", Role::Viewer));
+            let reply = probe.subscribe("alerts", json!({}));
+            (reply["payload"]["epoch"].as_u64().unwrap(), 0)
+        }
+    };
+
+    let mut again = b.connect_key(&key("fleet_a", Role::Viewer));
+    again.send(
+        json!({"type":"subscribe","id":"resume","payload":{"action":"subscribe",
+        "channel":"alerts","since":{"epoch":epoch,"seq":last}}}),
+    );
+    let reply = again.expect("subscribed");
+    assert_eq!(reply["payload"]["recovered"], true, "{reply}");
+    let mut seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    while (seqs.len() as u64) < ALERTS {
+        let m = again.expect("safety_alert");
+        seqs.push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        seqs,
+        (1..=ALERTS).collect::<Vec<_>>(),
+        "the full sequence, once each"
+    );
+    again.expect_silence(Duration::from_millis(200));
+}
