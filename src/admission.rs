@@ -61,6 +61,8 @@ pub struct NodeAdmission {
     users: Mutex<HashMap<String, usize>>,
     user_rate: Mutex<HashMap<String, Window>>,
     ip_rate: Mutex<HashMap<IpAddr, Window>>,
+    /// HTTP publishes: tokens and last refill per user (the role's messages per second).
+    http_rate: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 impl NodeAdmission {
@@ -71,7 +73,24 @@ impl NodeAdmission {
             users: Mutex::new(HashMap::new()),
             user_rate: Mutex::new(HashMap::new()),
             ip_rate: Mutex::new(HashMap::new()),
+            http_rate: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes up to `n` message tokens from the user's HTTP publish bucket (one second of
+    /// burst at the role's rate); returns how many it got.
+    pub fn http_messages(&self, p: &Principal, n: usize, now: Instant) -> usize {
+        let rate = self.limits.for_role(p.role).messages_per_second as f64;
+        let mut map = self.http_rate.lock();
+        if map.len() >= PRUNE_AT {
+            map.retain(|_, (_, t)| now.saturating_duration_since(*t) < WINDOW);
+        }
+        let (tokens, last) = map.entry(user_key(p)).or_insert((rate, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        let got = (n as f64).min(tokens.floor()).max(0.0);
+        *tokens -= got;
+        got as usize
     }
 
     /// Checks the node cap and the address's new-connection rate before an upgrade.

@@ -130,6 +130,8 @@ pub struct Limits {
     pub new_connections_per_minute_per_ip: u32,
     /// Minimum time between two accepted location updates of one vehicle; 0 disables.
     pub location_update_interval_ms: u64,
+    /// Largest body of an HTTP request (`POST /v1/publish`); 413 beyond it.
+    pub max_http_body_bytes: usize,
     /// Per-role overrides of the per-connection and per-user limits above.
     pub roles: RoleOverrides,
 }
@@ -194,6 +196,7 @@ impl Default for Limits {
             new_connections_per_minute_per_user: 10,
             new_connections_per_minute_per_ip: 10,
             location_update_interval_ms: 1_000,
+            max_http_body_bytes: 64 * 1024,
             roles: RoleOverrides::default(),
         }
     }

@@ -130,6 +130,15 @@ impl ChannelHub {
         Some(kept.filter(|e| e.seq > seq).cloned().collect())
     }
 
+    /// The kept events after `seq` (HTTP polling), whether or not a gap precedes them.
+    pub fn history_after(&self, seq: u64, now: Instant, max_age: Duration) -> Vec<Arc<Event>> {
+        self.history
+            .iter()
+            .filter(|e| e.seq > seq && now.saturating_duration_since(e.accepted_at) <= max_age)
+            .cloned()
+            .collect()
+    }
+
     pub fn history_len(&self) -> usize {
         self.history.len()
     }

@@ -12,6 +12,7 @@
 //!
 //! Work per loop turn is bounded: accepts, bytes read per connection, inbox messages.
 
+mod api;
 pub mod conn;
 pub mod outbox;
 pub mod snapshot;
@@ -39,6 +40,14 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
+
+/// What became of one publication.
+#[derive(Debug)]
+pub enum Published {
+    Accepted { seq: u64 },
+    Duplicate,
+    Refused(ProtoError),
+}
 
 /// Messages other threads send a shard.
 #[derive(Debug)]
@@ -453,10 +462,13 @@ impl Shard {
             Endpoint::Echo if !shared.config.testing.echo_endpoint => Endpoint::NotFound,
             e => e,
         };
-        if req.method != "GET" && endpoint != Endpoint::NotFound {
+        if endpoint != Endpoint::NotFound && req.method != endpoint.method() {
             return self.http_error(slot, 405, "method not allowed");
         }
         let scope = match endpoint {
+            Endpoint::Publish | Endpoint::FleetVehicles(_) | Endpoint::FleetEvents(_) => {
+                return self.api_request(slot, head, &req, &endpoint);
+            }
             Endpoint::Healthz => return self.http_reply(slot, 200, "text/plain", b"ok\n"),
             Endpoint::Readyz => {
                 let (status, body) = shared.readiness();
@@ -787,22 +799,44 @@ impl Shard {
         self.mark_dirty(slot);
     }
 
+    /// A WebSocket publish: accept it, then answer with `ack` or `error` as asked.
     fn publish(&mut self, slot: usize, p: crate::event::Publication, now: Now) {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
-        self.next_event += 1;
-        let mut fresh = Vec::with_capacity(40);
-        fresh.extend_from_slice(b"\"evt_");
-        let id = format!(
-            "{:x}_{}_{}",
-            self.shared.hubs.epoch, self.id, self.next_event
-        );
-        fresh.extend_from_slice(id.as_bytes());
-        fresh.push(b'"');
+        let (channel, ack, id) = (p.channel, p.ack, p.id.clone());
+        let outcome = self.accept_publication(&hub, p, now);
+        let ts = native::format_rfc3339_ms(now.unix_ms);
+        let json = match outcome {
+            Published::Accepted { .. } if !ack => return,
+            Published::Accepted { seq } => native::reply("ack", id.as_deref(), &ts, |o| {
+                o.extend_from_slice(b"{\"status\":\"accepted\",\"channel\":");
+                json::write_str(o, channel.name());
+                o.extend_from_slice(b",\"seq\":");
+                json::write_u64(o, seq);
+                o.push(b'}');
+            }),
+            Published::Duplicate => native::reply("ack", id.as_deref(), &ts, |o| {
+                o.extend_from_slice(b"{\"status\":\"duplicate\",\"channel\":");
+                json::write_str(o, channel.name());
+                o.push(b'}');
+            }),
+            Published::Refused(e) => native::error(id.as_deref(), &ts, &e),
+        };
+        self.send_owned(slot, frame::text_frame(&json));
+    }
+
+    /// Accepts one validated publication for `hub`: dedup, per-vehicle rate, then under
+    /// the channel's lock seq, encode once, state, history and fan-out to shard inboxes.
+    fn accept_publication(
+        &mut self,
+        hub: &TenantHub,
+        p: crate::event::Publication,
+        now: Now,
+    ) -> Published {
+        let shared = self.shared.clone();
+        let history = &shared.config.history;
         let channel = p.channel;
-        let ack = p.ack.then(|| p.id.clone());
-        let history = &self.shared.config.history;
         if let Some(id) = &p.id
             && hub
                 .dedup
@@ -810,15 +844,15 @@ impl Shard {
                 .check(id, now.mono, history.dedup_window(), history.dedup_max_ids)
         {
             self.stats().drop(StatDrop::Duplicate, 1);
-            let ts = native::format_rfc3339_ms(now.unix_ms);
-            let json = native::reply("ack", Some(id), &ts, |o| {
-                o.extend_from_slice(b"{\"status\":\"duplicate\",\"channel\":");
-                json::write_str(o, channel.name());
-                o.push(b'}');
-            });
-            return self.send_owned(slot, frame::text_frame(&json));
+            return Published::Duplicate;
         }
-        let interval = self.shared.config.limits.location_update_interval();
+        self.next_event += 1;
+        let mut fresh = Vec::with_capacity(40);
+        fresh.extend_from_slice(b"\"evt_");
+        let id = format!("{:x}_{}_{}", shared.hubs.epoch, self.id, self.next_event);
+        fresh.extend_from_slice(id.as_bytes());
+        fresh.push(b'"');
+        let interval = shared.config.limits.location_update_interval();
         let mut ch = hub.channel(channel).lock();
         if channel == Channel::VehicleLocations
             && !interval.is_zero()
@@ -827,17 +861,17 @@ impl Shard {
             drop(ch);
             self.stats().breach(Limit::LocationRate);
             self.stats().drop(StatDrop::RateLimited, 1);
-            let e = ProtoError::new(429, "at most one location update per vehicle per interval");
-            let ts = native::format_rfc3339_ms(now.unix_ms);
-            let json = native::error(p.id.as_deref(), &ts, &e);
-            return self.send_owned(slot, frame::text_frame(&json));
+            return Published::Refused(ProtoError::new(
+                429,
+                "at most one location update per vehicle per interval",
+            ));
         }
         ch.seq += 1;
         let ev = Arc::new(Event::encode(
             hub.id.clone(),
             p,
             ch.seq,
-            self.shared.hubs.epoch,
+            shared.hubs.epoch,
             &fresh,
             now.mono,
         ));
@@ -847,26 +881,16 @@ impl Shard {
         while mask != 0 {
             let shard = mask.trailing_zeros() as usize;
             mask &= mask - 1;
-            let _ = self.shared.mesh[shard].send(ShardMsg::Deliver(ev.clone()));
+            let _ = shared.mesh[shard].send(ShardMsg::Deliver(ev.clone()));
             if shard != self.id {
                 self.wake_mask |= 1 << shard;
             }
         }
         drop(ch);
-        self.stats().publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
-        self.stats().published_bytes[channel.index()]
-            .fetch_add(ev.payload.len() as u64, Ordering::Relaxed);
-        if let Some(id) = ack {
-            let ts = native::format_rfc3339_ms(now.unix_ms);
-            let json = native::reply("ack", id.as_deref(), &ts, |o| {
-                o.extend_from_slice(b"{\"status\":\"accepted\",\"channel\":");
-                json::write_str(o, channel.name());
-                o.extend_from_slice(b",\"seq\":");
-                json::write_u64(o, ev.seq);
-                o.push(b'}');
-            });
-            self.send_owned(slot, frame::text_frame(&json));
-        }
+        let stats = self.stats();
+        stats.publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
+        stats.published_bytes[channel.index()].fetch_add(ev.payload.len() as u64, Ordering::Relaxed);
+        Published::Accepted { seq: ev.seq }
     }
 
     fn send_owned(&mut self, slot: usize, frame: Vec<u8>) {

@@ -10,6 +10,12 @@ pub enum Endpoint {
     Metrics,
     /// The echo endpoint (a testing aid, off unless `testing.echo_endpoint`).
     Echo,
+    /// `POST /v1/publish`.
+    Publish,
+    /// `GET /v1/fleets/{fleet_id}/vehicles`.
+    FleetVehicles(Box<str>),
+    /// `GET /v1/fleets/{fleet_id}/events`.
+    FleetEvents(Box<str>),
     /// The native (Bookovia-style) streaming endpoint, with its entity scope.
     Native(Scope),
     NotFound,
@@ -33,8 +39,20 @@ impl Endpoint {
             "/readyz" => return Endpoint::Readyz,
             "/metrics" => return Endpoint::Metrics,
             "/echo" => return Endpoint::Echo,
+            "/v1/publish" => return Endpoint::Publish,
             NATIVE | "/v1/streaming/websocket/" => return Endpoint::Native(Scope::None),
             _ => {}
+        }
+        if let Some(rest) = path.strip_prefix("/v1/fleets/") {
+            return match rest.split_once('/') {
+                Some((id, "vehicles")) if !id.is_empty() => {
+                    Endpoint::FleetVehicles(percent_decode(id).into())
+                }
+                Some((id, "events")) if !id.is_empty() => {
+                    Endpoint::FleetEvents(percent_decode(id).into())
+                }
+                _ => Endpoint::NotFound,
+            };
         }
         let Some(rest) = path.strip_prefix(NATIVE).and_then(|r| r.strip_prefix('/')) else {
             return Endpoint::NotFound;
@@ -58,6 +76,14 @@ impl Endpoint {
     pub fn is_websocket(&self) -> bool {
         matches!(self, Endpoint::Native(_) | Endpoint::Echo)
     }
+
+    /// The method this endpoint answers.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Endpoint::Publish => "POST",
+            _ => "GET",
+        }
+    }
 }
 
 /// Decodes the `%XX` escapes of a path segment (`+` stays `+` in a path).
@@ -78,6 +104,8 @@ pub struct Request {
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
     pub authorization: Option<String>,
+    pub content_length: Option<usize>,
+    pub chunked: bool,
 }
 
 impl Request {
@@ -157,6 +185,10 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
             "sec-websocket-key" => out.ws_key = Some(value.trim().to_string()),
             "sec-websocket-version" => out.ws_version = Some(value.trim().to_string()),
             "authorization" => out.authorization = Some(value.to_string()),
+            "content-length" => {
+                out.content_length = Some(value.trim().parse().map_err(|_| HeadError::Malformed)?)
+            }
+            "transfer-encoding" => out.chunked = has_token("chunked"),
             _ => {}
         }
     }
@@ -205,8 +237,11 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
+        202 => "Accepted",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
         408 => "Request Timeout",
         426 => "Upgrade Required",
         429 => "Too Many Requests",

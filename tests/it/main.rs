@@ -11,6 +11,7 @@ mod echo;
 mod fanout;
 mod hostile;
 mod http;
+mod http_api;
 mod isolation;
 mod lifecycle;
 mod limits;

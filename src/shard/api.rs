@@ -1,0 +1,397 @@
+//! The HTTP API on the broker's port (SPEC §4): `POST /v1/publish`, and the polling
+//! fallbacks `GET /v1/fleets/{id}/vehicles` and `GET /v1/fleets/{id}/events`.
+//!
+//! A publish goes through the same session code as a WebSocket message (validation,
+//! roles, tenant checks, errors) and the same `accept_publication` (dedup, per-vehicle
+//! rate, encode once, fan-out).
+
+use super::{Published, Shard, now};
+use crate::auth::{Credential, Principal};
+use crate::event::Event;
+use crate::hub::TenantHub;
+use crate::json;
+use crate::metrics::Limit;
+use crate::model::{Channel, Role};
+use crate::session::{Action, AdmitAll, Ctx, Now, Selection, Session};
+use crate::wire::handshake::{Endpoint, Request, Scope};
+use simd_json::prelude::*;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// One message of a publish request.
+struct Outcome {
+    id: Option<Vec<u8>>,
+    result: Result<(Channel, Published), Vec<u8>>,
+}
+
+impl Shard {
+    pub(super) fn api_request(
+        &mut self,
+        slot: usize,
+        head: usize,
+        req: &Request,
+        endpoint: &Endpoint,
+    ) {
+        let now = now();
+        let principal = match req.bearer().map(|b| {
+            self.shared
+                .auth
+                .authenticate(Credential::Bearer(b), now.unix_secs())
+        }) {
+            None => {
+                return self.http_error(
+                    slot,
+                    401,
+                    "Authorization: Bearer <api key or token> required",
+                );
+            }
+            Some(Err(e)) => return self.http_error(slot, 401, &e.to_string()),
+            Some(Ok(p)) => p,
+        };
+        match endpoint {
+            Endpoint::Publish => self.api_publish(slot, head, req, principal, now),
+            Endpoint::FleetVehicles(fleet) | Endpoint::FleetEvents(fleet) => {
+                if *principal.tenant != **fleet {
+                    return self.http_error(slot, 403, "credential does not belong to this fleet");
+                }
+                if principal.role == Role::Device {
+                    return self.http_error(slot, 403, "devices may not read fleet data");
+                }
+                let hub = self.shared.hubs.tenant(fleet);
+                if matches!(endpoint, Endpoint::FleetVehicles(_)) {
+                    self.api_vehicles(slot, &hub)
+                } else {
+                    self.api_events(slot, &hub, req, now)
+                }
+            }
+            _ => self.http_error(slot, 404, "not found"),
+        }
+    }
+
+    fn api_vehicles(&mut self, slot: usize, hub: &TenantHub) {
+        let all = Selection {
+            all: true,
+            ..Default::default()
+        };
+        let (events, _) = hub.channel(Channel::VehicleLocations).lock().snapshot(&all);
+        let mut body = Vec::with_capacity(64 + events.len() * 256);
+        body.extend_from_slice(b"{\"fleet_id\":");
+        json::write_str(&mut body, &hub.id);
+        body.extend_from_slice(b",\"count\":");
+        json::write_u64(&mut body, events.len() as u64);
+        body.extend_from_slice(b",\"vehicles\":");
+        write_events(&mut body, &events);
+        body.push(b'}');
+        self.http_reply(slot, 200, "application/json", &body);
+    }
+
+    fn api_events(&mut self, slot: usize, hub: &TenantHub, req: &Request, now: Now) {
+        let channel = match req.query_param("channel").map(|c| (c, Channel::parse(c))) {
+            Some((_, Some(c))) if c.is_event() => c,
+            Some((name, _)) => {
+                let msg = format!(
+                    "{name:?} keeps no history (trip_events, alerts, maintenance_alerts do)"
+                );
+                return self.http_error(slot, 400, &msg);
+            }
+            None => return self.http_error(slot, 400, "channel query parameter required"),
+        };
+        let num = |k| req.query_param(k).map(|v| v.parse::<u64>());
+        let (since, epoch) = match (num("since"), num("epoch")) {
+            (Some(Err(_)), _) | (_, Some(Err(_))) => {
+                return self.http_error(slot, 400, "since and epoch must be integers");
+            }
+            (s, e) => (s.map(Result::unwrap).unwrap_or(0), e.map(Result::unwrap)),
+        };
+        let history = &self.shared.config.history;
+        let our_epoch = self.shared.hubs.epoch;
+        let ch = hub.channel(channel).lock();
+        let same_epoch = epoch.is_none_or(|e| e == our_epoch);
+        let recovered = same_epoch
+            && ch
+                .replay_after(since, now.mono, history.max_age())
+                .is_some();
+        let events = ch.history_after(
+            if same_epoch { since } else { 0 },
+            now.mono,
+            history.max_age(),
+        );
+        let seq = ch.seq;
+        drop(ch);
+        let mut body = Vec::with_capacity(128 + events.len() * 256);
+        body.extend_from_slice(b"{\"fleet_id\":");
+        json::write_str(&mut body, &hub.id);
+        body.extend_from_slice(b",\"channel\":");
+        json::write_str(&mut body, channel.name());
+        body.extend_from_slice(b",\"epoch\":");
+        json::write_u64(&mut body, our_epoch);
+        body.extend_from_slice(b",\"seq\":");
+        json::write_u64(&mut body, seq);
+        body.extend_from_slice(if recovered {
+            b",\"recovered\":true"
+        } else {
+            b",\"recovered\":false"
+        });
+        body.extend_from_slice(b",\"events\":");
+        write_events(&mut body, &events);
+        body.push(b'}');
+        self.http_reply(slot, 200, "application/json", &body);
+    }
+
+    fn api_publish(
+        &mut self,
+        slot: usize,
+        head: usize,
+        req: &Request,
+        principal: Principal,
+        now: Now,
+    ) {
+        let limits = &self.shared.config.limits;
+        if !matches!(principal.role, Role::Service | Role::Device) {
+            return self.http_error(slot, 403, "only service and device credentials may publish");
+        }
+        if req.chunked {
+            return self.http_error(slot, 411, "send a Content-Length body, not chunked");
+        }
+        let Some(len) = req.content_length else {
+            return self.http_error(slot, 411, "Content-Length required");
+        };
+        if len > limits.max_http_body_bytes {
+            return self.http_error(
+                slot,
+                413,
+                &format!("body over {} bytes", limits.max_http_body_bytes),
+            );
+        }
+        if self.conns[slot].rbuf.len() < head + len {
+            return; // The rest of the body is still on its way.
+        }
+        let body = self.conns[slot].rbuf[head..head + len].to_vec();
+        let Some(items) = split_messages(&body) else {
+            return self.http_error(
+                slot,
+                400,
+                "body must be a JSON message, {\"messages\": [...]}, or NDJSON",
+            );
+        };
+        if items.len() > limits.max_batch {
+            self.stats().breach(Limit::BatchSize);
+            let msg = format!("at most {} messages per request", limits.max_batch);
+            return self.http_error(slot, 400, &msg);
+        }
+        let allowed = self
+            .shared
+            .admission
+            .http_messages(&principal, items.len(), now.mono);
+        let hub = self.shared.hubs.tenant(&principal.tenant);
+        let mut session = Session::new(
+            "http".into(),
+            Scope::None,
+            Some(principal),
+            now.mono,
+            limits,
+        );
+        while session.poll_action().is_some() {}
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let raw = &body[item];
+            if i >= allowed {
+                self.stats().breach(Limit::MessageRate);
+                let id = json::member(raw, "id").map(<[u8]>::to_vec);
+                let err =
+                    br#"{"code":429,"message":"over the publish rate of this user"}"#.to_vec();
+                outcomes.push(Outcome {
+                    id,
+                    result: Err(err),
+                });
+                continue;
+            }
+            outcomes.push(self.api_publish_one(&mut session, &hub, raw, now));
+        }
+        let mut out = Vec::with_capacity(64 + outcomes.len() * 96);
+        out.extend_from_slice(b"{\"results\":[");
+        for (i, o) in outcomes.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_outcome(&mut out, i, o);
+        }
+        out.extend_from_slice(b"]}");
+        self.http_reply(slot, 202, "application/json", &out);
+    }
+
+    fn api_publish_one(
+        &mut self,
+        session: &mut Session,
+        hub: &TenantHub,
+        raw: &[u8],
+        now: Now,
+    ) -> Outcome {
+        let shared = self.shared.clone();
+        let mut ctx = Ctx {
+            limits: &shared.config.limits,
+            auth: &shared.auth,
+            parser: &mut self.parser,
+            admission: &AdmitAll,
+        };
+        session.handle_message(now, crate::wire::frame::Message::Text(raw), &mut ctx);
+        let mut outcome = Outcome {
+            id: json::member(raw, "id").map(<[u8]>::to_vec),
+            result: Err(Vec::new()),
+        };
+        while let Some(action) = session.poll_action() {
+            match action {
+                Action::Publish(p) => {
+                    outcome.id = p.id.clone();
+                    let channel = p.channel;
+                    outcome.result = Ok((channel, self.accept_publication(hub, p, now)));
+                }
+                Action::Send(frame) => {
+                    // An error reply: keep its payload (code, message, field).
+                    if let Some(p) = strip_header(&frame).and_then(|t| json::member(t, "payload")) {
+                        outcome.result = Err(p.to_vec());
+                    }
+                }
+                Action::Breach(limit) => self.stats().breach(limit),
+                _ => {}
+            }
+        }
+        if matches!(&outcome.result, Err(e) if e.is_empty()) {
+            outcome.result = Err(br#"{"code":400,"message":"not a publish"}"#.to_vec());
+        }
+        outcome
+    }
+}
+
+/// The JSON text of a server frame.
+fn strip_header(frame: &[u8]) -> Option<&[u8]> {
+    let hl = match frame.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    frame.get(hl..)
+}
+
+fn write_events(out: &mut Vec<u8>, events: &[Arc<Event>]) {
+    out.push(b'[');
+    for (i, ev) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(ev.json());
+    }
+    out.push(b']');
+}
+
+fn write_outcome(out: &mut Vec<u8>, index: usize, o: &Outcome) {
+    out.extend_from_slice(b"{\"index\":");
+    json::write_u64(out, index as u64);
+    out.extend_from_slice(b",\"id\":");
+    out.extend_from_slice(o.id.as_deref().unwrap_or(b"null"));
+    match &o.result {
+        Ok((channel, published)) => {
+            let status: &[u8] = match published {
+                Published::Accepted { .. } => b"accepted",
+                Published::Duplicate => b"duplicate",
+                Published::Refused(_) => b"rejected",
+            };
+            out.extend_from_slice(b",\"status\":\"");
+            out.extend_from_slice(status);
+            out.extend_from_slice(b"\",\"channel\":");
+            json::write_str(out, channel.name());
+            match published {
+                Published::Accepted { seq } => {
+                    out.extend_from_slice(b",\"seq\":");
+                    json::write_u64(out, *seq);
+                }
+                Published::Refused(e) => {
+                    out.extend_from_slice(b",\"error\":{\"code\":");
+                    json::write_u64(out, e.code as u64);
+                    out.extend_from_slice(b",\"message\":");
+                    json::write_str(out, &e.message);
+                    out.push(b'}');
+                }
+                Published::Duplicate => {}
+            }
+        }
+        Err(error) => {
+            out.extend_from_slice(b",\"status\":\"rejected\",\"error\":");
+            out.extend_from_slice(error);
+        }
+    }
+    out.push(b'}');
+}
+
+/// The messages of a publish body: one JSON object, `{"messages": [...]}`, or NDJSON
+/// (one object per line). `None` when the body is none of these.
+fn split_messages(body: &[u8]) -> Option<Vec<Range<usize>>> {
+    let mut copy = body.to_vec();
+    if let Ok(v) = simd_json::to_borrowed_value(&mut copy) {
+        if !v.is_object() {
+            return None;
+        }
+        if v.get("messages").is_some_and(|m| m.is_array()) && v.get("type").is_none() {
+            let (start, end) = {
+                let r = json::object_members(body)?
+                    .into_iter()
+                    .find(|m| json::key_is(&body[m.key.clone()], "messages"))?
+                    .value;
+                (r.start, r.end)
+            };
+            let items = json::array_elements(&body[start..end])?;
+            return Some(
+                items
+                    .into_iter()
+                    .map(|r| r.start + start..r.end + start)
+                    .collect(),
+            );
+        }
+        let start = body
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(0);
+        let end = body.len()
+            - body
+                .iter()
+                .rev()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(0);
+        #[allow(clippy::single_range_in_vec_init)] // a list of one message, not a range of items
+        return Some(vec![start..end]);
+    }
+    let mut items = Vec::new();
+    let mut start = 0;
+    for (i, &b) in body
+        .iter()
+        .enumerate()
+        .chain(std::iter::once((body.len(), &b'\n')))
+    {
+        if b == b'\n' {
+            let line = &body[start..i];
+            if line.iter().any(|c| !c.is_ascii_whitespace()) {
+                items.push(start..i);
+            }
+            start = i + 1;
+        }
+    }
+    (!items.is_empty()).then_some(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_single_wrapped_and_ndjson_bodies() {
+        let one = br#" {"type":"ping"} "#;
+        assert_eq!(split_messages(one).unwrap().len(), 1);
+        let wrapped = br#"{"messages":[{"type":"a"},{"type":"b"}]}"#;
+        let r = split_messages(wrapped).unwrap();
+        assert_eq!(&wrapped[r[1].clone()], br#"{"type":"b"}"#);
+        let nd = b"{\"type\":\"a\"}\n\n{\"type\":\"b\"}\n";
+        assert_eq!(split_messages(nd).unwrap().len(), 2);
+        assert!(split_messages(b"[1,2]").is_none());
+        assert!(split_messages(b"   ").is_none());
+    }
+}
