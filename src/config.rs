@@ -132,6 +132,10 @@ pub struct Limits {
     pub location_update_interval_ms: u64,
     /// Largest body of an HTTP request (`POST /v1/publish`); 413 beyond it.
     pub max_http_body_bytes: usize,
+    /// Tenants with state on this node (bounds memory).
+    pub max_tenants: usize,
+    /// Entities (vehicles, drivers) with last known state per tenant and state channel.
+    pub max_vehicles_per_tenant: usize,
     /// Per-role overrides of the per-connection and per-user limits above.
     pub roles: RoleOverrides,
 }
@@ -197,6 +201,8 @@ impl Default for Limits {
             new_connections_per_minute_per_ip: 10,
             location_update_interval_ms: 1_000,
             max_http_body_bytes: 64 * 1024,
+            max_tenants: 10_000,
+            max_vehicles_per_tenant: 100_000,
             roles: RoleOverrides::default(),
         }
     }

@@ -75,6 +75,13 @@ impl ChannelHub {
         (out, fence)
     }
 
+    /// Whether recording `keys` as state would add an entity beyond `max` entities.
+    pub fn would_exceed(&self, channel: Channel, keys: &crate::model::EntityKeys, max: usize) -> bool {
+        channel.is_state()
+            && self.last.len() >= max
+            && keys.state_key(channel).is_some_and(|k| !self.last.contains_key(k))
+    }
+
     /// Whether the entity of `keys` had an event accepted less than `interval` before `now`.
     pub fn accepted_within(
         &self,
@@ -204,6 +211,17 @@ impl Hubs {
             tenants: RwLock::new(HashMap::new()),
             epoch,
         }
+    }
+
+    /// The hub of tenant `id`, created if there are fewer than `max` tenants.
+    pub fn try_tenant(&self, id: &str, max: usize) -> Option<Arc<TenantHub>> {
+        if let Some(t) = self.tenants.read().get(id) {
+            return Some(t.clone());
+        }
+        if self.tenants.read().len() >= max {
+            return None;
+        }
+        Some(self.tenant(id))
     }
 
     pub fn tenant(&self, id: &str) -> Arc<TenantHub> {

@@ -24,10 +24,14 @@ pub enum Limit {
     NewConnectionsPerIp,
     SlowConsumer,
     ProtocolError,
+    Tenants,
+    VehiclesPerTenant,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 15] = [
+    pub const ALL: [Limit; 17] = [
+        Limit::Tenants,
+        Limit::VehiclesPerTenant,
         Limit::MessageSize,
         Limit::MessageRate,
         Limit::RateAbuse,
@@ -63,6 +67,16 @@ impl Limit {
             Limit::NewConnectionsPerIp => "new_connections_per_ip",
             Limit::SlowConsumer => "slow_consumer",
             Limit::ProtocolError => "protocol_error",
+            Limit::Tenants => "tenants",
+            Limit::VehiclesPerTenant => "vehicles_per_tenant",
+        }
+    }
+
+    /// The error or HTTP status: node capacity is 503, a client's own excess 429.
+    pub fn code(self) -> u16 {
+        match self {
+            Limit::ConnectionsPerNode | Limit::Tenants | Limit::VehiclesPerTenant => 503,
+            _ => 429,
         }
     }
 
@@ -73,6 +87,8 @@ impl Limit {
             Limit::ConnectionsPerNode => "too many connections on this node",
             Limit::NewConnectionsPerUser => "too many new connections for this user, retry later",
             Limit::NewConnectionsPerIp => "too many new connections from this address, retry later",
+            Limit::Tenants => "this node serves its maximum number of fleets",
+            Limit::VehiclesPerTenant => "this fleet has its maximum number of vehicles with state",
             _ => self.name(),
         }
     }

@@ -31,6 +31,21 @@ pub struct Shared {
 /// A shard whose loop has not turned for this long makes `/readyz` fail.
 const STALL_MS: u64 = 3_000;
 
+/// Admission of an authenticated principal: its tenant must fit on the node, and the
+/// user within its connection caps.
+impl crate::session::Admission for Shared {
+    fn admit(
+        &self,
+        p: &crate::auth::Principal,
+        now: crate::session::Now,
+    ) -> Result<(), crate::metrics::Limit> {
+        self.hubs
+            .try_tenant(&p.tenant, self.config.limits.max_tenants)
+            .ok_or(crate::metrics::Limit::Tenants)?;
+        self.admission.admit_user(p, now.mono)
+    }
+}
+
 impl Shared {
     pub fn readiness(&self) -> (u16, String) {
         let now = unix_ms();

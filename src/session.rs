@@ -579,7 +579,7 @@ impl Session {
                     self.actions.push_back(Action::Breach(limit));
                     let ts = now.rfc3339();
                     self.send_json(native::reply("auth_error", id, &ts, |o| {
-                        write_code_message(o, 429, limit.message())
+                        write_code_message(o, limit.code(), limit.message())
                     }));
                     self.close(close::POLICY_VIOLATION, "too many connections");
                     return Ok(());

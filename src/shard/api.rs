@@ -57,7 +57,10 @@ impl Shard {
                 if principal.role == Role::Device {
                     return self.http_error(slot, 403, "devices may not read fleet data");
                 }
-                let hub = self.shared.hubs.tenant(fleet);
+                let max = self.shared.config.limits.max_tenants;
+                let Some(hub) = self.shared.hubs.try_tenant(fleet, max) else {
+                    return self.http_error(slot, 503, Limit::Tenants.message());
+                };
                 if matches!(endpoint, Endpoint::FleetVehicles(_)) {
                     self.api_vehicles(slot, &hub)
                 } else {
@@ -183,7 +186,10 @@ impl Shard {
             .shared
             .admission
             .http_messages(&principal, items.len(), now.mono);
-        let hub = self.shared.hubs.tenant(&principal.tenant);
+        let max = limits.max_tenants;
+        let Some(hub) = self.shared.hubs.try_tenant(&principal.tenant, max) else {
+            return self.http_error(slot, 503, Limit::Tenants.message());
+        };
         let mut session = Session::new(
             "http".into(),
             Scope::None,

@@ -372,7 +372,7 @@ impl Shard {
             limits: &shared.config.limits,
             auth: &shared.auth,
             parser: &mut self.parser,
-            admission: &shared.admission,
+            admission: &*shared,
         };
         let conn = &mut self.conns[slot];
         let Some(session) = conn.session.as_mut() else {
@@ -532,9 +532,9 @@ impl Shard {
             if wrong {
                 return refuse(self, 403, "credential does not belong to this fleet");
             }
-            if let Err(limit) = shared.admission.admit_user(p, now.mono) {
+            if let Err(limit) = crate::session::Admission::admit(&*shared, p, now) {
                 self.stats().breach(limit);
-                return refuse(self, 429, limit.message());
+                return refuse(self, limit.code(), limit.message());
             }
         }
         let conn_id = format!("c{}-{}-{}", self.id, slot, self.conns[slot].generation);
@@ -854,6 +854,12 @@ impl Shard {
         fresh.push(b'"');
         let interval = shared.config.limits.location_update_interval();
         let mut ch = hub.channel(channel).lock();
+        if ch.would_exceed(channel, &p.keys, shared.config.limits.max_vehicles_per_tenant) {
+            drop(ch);
+            self.stats().breach(Limit::VehiclesPerTenant);
+            let l = Limit::VehiclesPerTenant;
+            return Published::Refused(ProtoError::new(l.code(), l.message()));
+        }
         if channel == Channel::VehicleLocations
             && !interval.is_zero()
             && ch.accepted_within(&p.keys, now.mono, interval)

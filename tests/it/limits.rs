@@ -848,3 +848,59 @@ fn connect_storm_does_not_starve_delivery() {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+// ---------------------------------------------------------------- memory bounds
+
+#[test]
+fn tenants_per_node_and_vehicles_per_tenant_are_bounded() {
+    let mut cfg = config(2);
+    cfg.limits.max_tenants = 1;
+    cfg.limits.max_vehicles_per_tenant = 3;
+    let b = Broker::start(cfg);
+    let mut dev = b.connect_key(&key("fleet_a", Role::Device));
+    // A second tenant does not fit: 503 before the upgrade, or auth_error 503.
+    match Client::try_connect(&b.url(&format!(
+        "/v1/streaming/websocket?api_key={}",
+        key("fleet_b", Role::Viewer)
+    ))) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    let mut late = Client::connect(&b.url("/v1/streaming/websocket"));
+    late.send(json!({"type":"auth","id":"a","payload":{"api_key": key("fleet_b", Role::Viewer)}}));
+    let e = late.expect("auth_error");
+    assert_eq!(e["payload"]["code"], 503, "{e}");
+    assert_eq!(late.expect_close(), Some(1008));
+    // Three vehicles fit; a fourth is refused with 503; known ones still update.
+    for (i, v) in ["v1", "v2", "v3"].iter().enumerate() {
+        let mut m = location(v, 10.0);
+        m["id"] = json!(format!("m{i}"));
+        m["ack"] = json!(true);
+        dev.send(m);
+        assert_eq!(dev.expect("ack")["payload"]["status"], "accepted");
+    }
+    let mut m = location("v4", 10.0);
+    m["id"] = json!("m4");
+    dev.send(m);
+    let e = dev.expect("error");
+    assert_eq!(
+        (e["id"].as_str(), e["payload"]["code"].as_u64()),
+        (Some("m4"), Some(503))
+    );
+    let mut m = location("v2", 11.0);
+    m["ack"] = json!(true);
+    m["id"] = json!("m5");
+    dev.send(m);
+    assert_eq!(dev.expect("ack")["payload"]["status"], "accepted");
+    assert_eq!(
+        b.metric("fleetcast_limit_breaches_total", "kind=\"tenants\""),
+        2
+    );
+    assert_eq!(
+        b.metric(
+            "fleetcast_limit_breaches_total",
+            "kind=\"vehicles_per_tenant\""
+        ),
+        1
+    );
+}
