@@ -30,6 +30,8 @@ pub struct HistoryConfig {
     pub dedup_window_ms: u64,
     /// Publish ids remembered per tenant (the oldest are forgotten first).
     pub dedup_max_ids: usize,
+    /// Interval of the derived `fleet_metrics` and of `system` status events.
+    pub metrics_interval_ms: u64,
 }
 
 impl Default for HistoryConfig {
@@ -39,6 +41,7 @@ impl Default for HistoryConfig {
             max_age_ms: 600_000,
             dedup_window_ms: 60_000,
             dedup_max_ids: 100_000,
+            metrics_interval_ms: 5_000,
         }
     }
 }

@@ -25,6 +25,10 @@ pub struct ChannelHub {
     last: HashMap<Box<str>, Arc<Event>>,
     /// The newest events, oldest first (event channels only).
     history: VecDeque<Arc<Event>>,
+    /// Alerts per minute by severity (low..critical), the last hour (`alerts` only).
+    alert_minutes: VecDeque<(u64, [u32; 4])>,
+    /// The last `fleet_metrics` a service published, merged into the derived ones.
+    pub published_metrics: Option<Arc<Event>>,
 }
 
 impl ChannelHub {
@@ -146,6 +150,39 @@ impl ChannelHub {
             .collect()
     }
 
+    /// Counts an alert of `severity` in minute `minute` (minutes since the node started).
+    pub fn count_alert(&mut self, minute: u64, severity: crate::model::Severity) {
+        match self.alert_minutes.back_mut() {
+            Some((m, counts)) if *m == minute => counts[severity as usize] += 1,
+            _ => {
+                let mut counts = [0; 4];
+                counts[severity as usize] = 1;
+                self.alert_minutes.push_back((minute, counts));
+            }
+        }
+        while self.alert_minutes.front().is_some_and(|(m, _)| m + 60 <= minute) {
+            self.alert_minutes.pop_front();
+        }
+    }
+
+    /// Alerts by severity over the hour before minute `now_minute`.
+    pub fn alerts_last_hour(&self, now_minute: u64) -> [u32; 4] {
+        let mut sum = [0; 4];
+        for (m, counts) in &self.alert_minutes {
+            if m + 60 > now_minute {
+                for i in 0..4 {
+                    sum[i] += counts[i];
+                }
+            }
+        }
+        sum
+    }
+
+    /// The last known events (for derived metrics).
+    pub fn states(&self) -> impl Iterator<Item = &Arc<Event>> {
+        self.last.values()
+    }
+
     pub fn history_len(&self) -> usize {
         self.history.len()
     }
@@ -203,6 +240,7 @@ pub struct Hubs {
     tenants: RwLock<HashMap<Arc<str>, Arc<TenantHub>>>,
     /// Identifies this run of the broker's event streams (`epoch` on events).
     pub epoch: u64,
+    pub started: Instant,
 }
 
 impl Hubs {
@@ -210,6 +248,7 @@ impl Hubs {
         Hubs {
             tenants: RwLock::new(HashMap::new()),
             epoch,
+            started: Instant::now(),
         }
     }
 
@@ -222,6 +261,16 @@ impl Hubs {
             return None;
         }
         Some(self.tenant(id))
+    }
+
+    /// Every tenant hub (a snapshot of the registry).
+    pub fn all(&self) -> Vec<Arc<TenantHub>> {
+        self.tenants.read().values().cloned().collect()
+    }
+
+    /// Minutes since the node started (alert summaries).
+    pub fn minute(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_secs() / 60
     }
 
     pub fn tenant(&self, id: &str) -> Arc<TenantHub> {

@@ -14,6 +14,7 @@
 
 mod api;
 pub mod conn;
+mod derived;
 pub mod outbox;
 pub mod snapshot;
 
@@ -89,6 +90,9 @@ pub struct Shard {
     next_event: u64,
     next_tick: Instant,
     shutdown_deadline: Option<Instant>,
+    /// Shard 0 publishes derived `fleet_metrics` and `system` status at this time.
+    next_metrics: Instant,
+    derived: derived::Derived,
 }
 
 fn now() -> Now {
@@ -131,6 +135,8 @@ impl Shard {
             next_event: 0,
             next_tick: Instant::now(),
             shutdown_deadline: None,
+            next_metrics: Instant::now(),
+            derived: Default::default(),
         })
     }
 
@@ -883,6 +889,12 @@ impl Shard {
         ));
         ch.record_state(&ev);
         ch.record_history(&ev, history.max_events, history.max_age());
+        if channel == Channel::FleetMetrics {
+            ch.published_metrics = Some(ev.clone());
+        }
+        if let (Channel::Alerts, Some(severity)) = (channel, ev.severity) {
+            ch.count_alert(shared.hubs.minute(now.mono), severity);
+        }
         let mut mask = ch.shard_mask;
         while mask != 0 {
             let shard = mask.trailing_zeros() as usize;
@@ -1110,6 +1122,10 @@ impl Shard {
         }
         if self.shutdown_deadline.is_some() {
             self.close_some_for_shutdown();
+        }
+        if self.id == 0 && now.mono >= self.next_metrics {
+            self.next_metrics = now.mono + Duration::from_millis(self.shared.config.history.metrics_interval_ms);
+            self.publish_derived(now);
         }
     }
 

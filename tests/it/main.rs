@@ -7,6 +7,7 @@ mod support;
 
 mod auth;
 mod batch;
+mod derived;
 mod echo;
 mod fanout;
 mod hostile;
