@@ -48,23 +48,27 @@ impl crate::session::Admission for Shared {
 
 impl Shared {
     pub fn readiness(&self) -> (u16, String) {
-        let now = unix_ms();
-        let stalled: Vec<usize> = self
-            .stats
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| now.saturating_sub(s.last_turn_ms.load(Ordering::Relaxed)) > STALL_MS)
-            .map(|(i, _)| i)
-            .collect();
-        if stalled.is_empty() {
-            (200, "ready\n".into())
-        } else {
-            (503, format!("stalled shards: {stalled:?}\n"))
-        }
+        readiness(&self.stats, unix_ms())
     }
 
     pub fn render_metrics(&self) -> String {
         metrics::render(&self.stats)
+    }
+}
+
+/// `/readyz`: 200 when every shard's loop turned within `STALL_MS`, else 503 naming the
+/// stalled shards.
+fn readiness(stats: &[ShardStats], now_ms: u64) -> (u16, String) {
+    let stalled: Vec<usize> = stats
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| now_ms.saturating_sub(s.last_turn_ms.load(Ordering::Relaxed)) > STALL_MS)
+        .map(|(i, _)| i)
+        .collect();
+    if stalled.is_empty() {
+        (200, "ready\n".into())
+    } else {
+        (503, format!("stalled shards: {stalled:?}\n"))
     }
 }
 
@@ -174,5 +178,22 @@ impl Node {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readyz_turns_red_when_a_shard_stops_turning() {
+        let stats: Vec<ShardStats> = (0..3).map(|_| ShardStats::default()).collect();
+        for s in &stats {
+            s.last_turn_ms.store(10_000, Ordering::Relaxed);
+        }
+        assert_eq!(readiness(&stats, 10_000 + STALL_MS).0, 200);
+        stats[1].last_turn_ms.store(5_000, Ordering::Relaxed);
+        let (status, body) = readiness(&stats, 10_000 + STALL_MS);
+        assert_eq!((status, body.as_str()), (503, "stalled shards: [1]\n"));
     }
 }
