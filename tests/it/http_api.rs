@@ -202,3 +202,34 @@ fn polling_fallbacks_serve_last_state_and_history() {
     );
     assert_eq!(get(&b, &viewer, "/v1/fleets/fleet_a/events").0, 400);
 }
+
+#[test]
+fn http_publishes_are_rate_limited_per_user() {
+    let mut cfg = config(1);
+    cfg.limits.roles.service.messages_per_second = Some(5);
+    let b = Broker::start(cfg);
+    let svc = key("fleet_a", Role::Service);
+    let items: Vec<Value> = (0..8)
+        .map(|i| alert(&format!("r{i}"), "v1", "low"))
+        .collect();
+    let (status, r) = post(&b, Some(&svc), &json!({ "messages": items }).to_string());
+    assert_eq!(status, 202, "{r}");
+    let statuses: Vec<&str> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [vec!["accepted"; 5], vec!["rejected"; 3]].concat()
+    );
+    assert_eq!(r["results"][7]["error"]["code"], 429);
+    // The bucket is per user across requests: the next one right away is refused too.
+    let (_, r) = post(&b, Some(&svc), &alert("r9", "v1", "low").to_string());
+    assert_eq!(r["results"][0]["error"]["code"], 429, "{r}");
+    assert_eq!(
+        b.metric("fleetcast_limit_breaches_total", "kind=\"message_rate\""),
+        4
+    );
+}
