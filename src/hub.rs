@@ -80,10 +80,17 @@ impl ChannelHub {
     }
 
     /// Whether recording `keys` as state would add an entity beyond `max` entities.
-    pub fn would_exceed(&self, channel: Channel, keys: &crate::model::EntityKeys, max: usize) -> bool {
+    pub fn would_exceed(
+        &self,
+        channel: Channel,
+        keys: &crate::model::EntityKeys,
+        max: usize,
+    ) -> bool {
         channel.is_state()
             && self.last.len() >= max
-            && keys.state_key(channel).is_some_and(|k| !self.last.contains_key(k))
+            && keys
+                .state_key(channel)
+                .is_some_and(|k| !self.last.contains_key(k))
     }
 
     /// Whether the entity of `keys` had an event accepted less than `interval` before `now`.
@@ -160,7 +167,11 @@ impl ChannelHub {
                 self.alert_minutes.push_back((minute, counts));
             }
         }
-        while self.alert_minutes.front().is_some_and(|(m, _)| m + 60 <= minute) {
+        while self
+            .alert_minutes
+            .front()
+            .is_some_and(|(m, _)| m + 60 <= minute)
+        {
             self.alert_minutes.pop_front();
         }
     }

@@ -860,7 +860,11 @@ impl Shard {
         fresh.push(b'"');
         let interval = shared.config.limits.location_update_interval();
         let mut ch = hub.channel(channel).lock();
-        if ch.would_exceed(channel, &p.keys, shared.config.limits.max_vehicles_per_tenant) {
+        if ch.would_exceed(
+            channel,
+            &p.keys,
+            shared.config.limits.max_vehicles_per_tenant,
+        ) {
             drop(ch);
             self.stats().breach(Limit::VehiclesPerTenant);
             let l = Limit::VehiclesPerTenant;
@@ -907,7 +911,8 @@ impl Shard {
         drop(ch);
         let stats = self.stats();
         stats.publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
-        stats.published_bytes[channel.index()].fetch_add(ev.payload.len() as u64, Ordering::Relaxed);
+        stats.published_bytes[channel.index()]
+            .fetch_add(ev.payload.len() as u64, Ordering::Relaxed);
         Published::Accepted { seq: ev.seq }
     }
 
@@ -1124,7 +1129,8 @@ impl Shard {
             self.close_some_for_shutdown();
         }
         if self.id == 0 && now.mono >= self.next_metrics {
-            self.next_metrics = now.mono + Duration::from_millis(self.shared.config.history.metrics_interval_ms);
+            self.next_metrics =
+                now.mono + Duration::from_millis(self.shared.config.history.metrics_interval_ms);
             self.publish_derived(now);
         }
     }
