@@ -105,3 +105,31 @@ impl Event {
         frame::text_frame(&out)
     }
 }
+
+/// An event for unit tests: `payload` on `channel`, about `vehicle`, at position `seq`.
+#[cfg(test)]
+pub(crate) fn test_event(
+    channel: Channel,
+    vehicle: Option<&str>,
+    seq: u64,
+    payload: &[u8],
+    accepted_at: Instant,
+) -> Arc<Event> {
+    let p = Publication {
+        channel,
+        id: None,
+        payload: payload.to_vec(),
+        keys: EntityKeys {
+            vehicle: vehicle.map(Into::into),
+            trip: None,
+            driver: None,
+        },
+        severity: None,
+        category: None,
+        status: None,
+        timestamp: "t".into(),
+        ts_ms: 0,
+        ack: false,
+    };
+    Arc::new(Event::encode("f".into(), p, seq, 1, b"1", accepted_at))
+}

@@ -304,23 +304,9 @@ impl Hubs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Publication;
-    use crate::model::EntityKeys;
 
     fn alert(seq: u64, at: Instant) -> Arc<Event> {
-        let p = Publication {
-            channel: Channel::Alerts,
-            id: None,
-            payload: b"{}".to_vec(),
-            keys: EntityKeys::default(),
-            severity: None,
-            category: None,
-            status: None,
-            timestamp: "t".into(),
-            ts_ms: 0,
-            ack: false,
-        };
-        Arc::new(Event::encode("f".into(), p, seq, 1, b"1", at))
+        crate::event::test_event(Channel::Alerts, None, seq, b"{}", at)
     }
 
     #[test]

@@ -281,30 +281,14 @@ mod tests {
     }
 
     fn state_event(vehicle: &str, seq: u64, channel: Channel) -> Arc<Event> {
-        let p = crate::event::Publication {
+        let payload = format!("{{\"n\":{seq}}}");
+        crate::event::test_event(
             channel,
-            id: None,
-            payload: format!("{{\"n\":{seq}}}").into_bytes(),
-            keys: crate::model::EntityKeys {
-                vehicle: Some(vehicle.into()),
-                trip: None,
-                driver: None,
-            },
-            severity: None,
-            category: None,
-            status: None,
-            timestamp: "t".into(),
-            ts_ms: 0,
-            ack: false,
-        };
-        Arc::new(Event::encode(
-            "f".into(),
-            p,
+            Some(vehicle),
             seq,
-            1,
-            b"1",
+            payload.as_bytes(),
             std::time::Instant::now(),
-        ))
+        )
     }
 
     #[test]

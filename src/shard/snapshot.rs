@@ -71,34 +71,10 @@ impl PendingSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Publication;
-    use crate::model::EntityKeys;
 
     fn ev(vehicle: &str, seq: u64) -> Arc<Event> {
-        let p = Publication {
-            channel: Channel::VehicleLocations,
-            id: None,
-            payload: b"{}".to_vec(),
-            keys: EntityKeys {
-                vehicle: Some(vehicle.into()),
-                trip: None,
-                driver: None,
-            },
-            severity: None,
-            category: None,
-            status: None,
-            timestamp: "t".into(),
-            ts_ms: 0,
-            ack: false,
-        };
-        Arc::new(Event::encode(
-            "f".into(),
-            p,
-            seq,
-            1,
-            b"1",
-            std::time::Instant::now(),
-        ))
+        let now = std::time::Instant::now();
+        crate::event::test_event(Channel::VehicleLocations, Some(vehicle), seq, b"{}", now)
     }
 
     #[test]
