@@ -623,6 +623,24 @@ pub fn warnings(r: &Report) -> Vec<String> {
             own_busy
         ));
     }
+    // A core much busier than the process that has it to itself: something else ran
+    // there (this kernel charges softirq work to the process it interrupts).
+    let mut alone = vec![("generator", &r.generator)];
+    if let Some(b) = &r.broker {
+        alone.push(("broker", b));
+    }
+    for (name, p) in alone {
+        if let [cpu] = p.cpus[..]
+            && let Some(c) = r.machine_cpus.iter().find(|c| c.cpu == cpu)
+            && c.busy_avg_pct - p.cpu_avg_pct > 15.0
+        {
+            w.push(format!(
+                "cpu{cpu} was {:.0}% busy but the {name} pinned to it used {:.0}%: other \
+                 processes competed for it, so these figures are not reliable",
+                c.busy_avg_pct, p.cpu_avg_pct
+            ));
+        }
+    }
     if let Some(b) = &r.broker {
         let shared: Vec<usize> = b
             .cpus
@@ -936,7 +954,8 @@ pub fn summary(r: &Report) -> String {
 const CSS: &str = "body{font-family:sans-serif;margin:24px;color:#222;max-width:1100px}\
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}\
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;\
-text-align:right;font-size:13px}th{background:#f4f4f4}td.l,th.l{text-align:left}\
+text-align:right;font-size:13px;white-space:nowrap}th{background:#f4f4f4}\
+td.l,th.l{text-align:left;white-space:normal}\
 .ok{color:#1a7f37;font-weight:bold}.bad{color:#c62828;font-weight:bold}\
 .warn{background:#fff4e5;border:1px solid #f0c36d;padding:6px 10px;margin:4px 0}\
 figure{margin:10px 0}small{color:#666}";
@@ -1678,6 +1697,21 @@ vehicles_each = 2
         data.machine_cpus[1].busy_avg_pct = 99.0;
         let r = build(data);
         assert!(r.warnings.iter().any(|w| w.contains("bottleneck")));
+        // cpu1 busy with something other than the generator pinned to it.
+        let mut data = sample_data();
+        data.machine_cpus[1].busy_avg_pct = 60.0;
+        let r = build(data);
+        assert!(
+            r.warnings.iter().any(|w| w.contains("competed")),
+            "{:?}",
+            r.warnings
+        );
+        assert!(
+            !build(sample_data())
+                .warnings
+                .iter()
+                .any(|w| w.contains("competed"))
+        );
         let mut data = sample_data();
         data.broker.as_mut().unwrap().cpus = vec![0, 1];
         let r = build(data);

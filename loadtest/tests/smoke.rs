@@ -66,8 +66,9 @@ fn small_fleet_runs_against_the_broker_without_loss() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stdout}\n{stderr}");
+    // About 4.5 s here (1 s ramp-up, 3 s window, drain, close); generous under CI load.
     assert!(
-        started.elapsed() < Duration::from_secs(15),
+        started.elapsed() < Duration::from_secs(30),
         "took {:?}",
         started.elapsed()
     );
