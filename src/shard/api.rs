@@ -279,7 +279,8 @@ fn strip_header(frame: &[u8]) -> Option<&[u8]> {
     frame.get(hl..)
 }
 
-fn write_events(out: &mut Vec<u8>, events: &[Arc<Event>]) {
+/// A JSON array of the events' texts (snapshot replies, polling endpoints).
+pub(super) fn write_events(out: &mut Vec<u8>, events: &[Arc<Event>]) {
     out.push(b'[');
     for (i, ev) in events.iter().enumerate() {
         if i > 0 {

@@ -792,14 +792,9 @@ impl Shard {
         let json = crate::dialect::native::reply("snapshot", id, &ts, |o| {
             o.extend_from_slice(b"{\"channel\":");
             json::write_str(o, channel.name());
-            o.extend_from_slice(b",\"items\":[");
-            for (i, ev) in events.iter().enumerate() {
-                if i > 0 {
-                    o.push(b',');
-                }
-                o.extend_from_slice(ev.json());
-            }
-            o.extend_from_slice(b"]}");
+            o.extend_from_slice(b",\"items\":");
+            api::write_events(o, &events);
+            o.push(b'}');
         });
         self.conns[slot].out.push_owned(frame::text_frame(&json));
         self.mark_dirty(slot);
