@@ -335,6 +335,7 @@ struct Ctx {
     bytes_in: u64,
     delayed_acks: bool,
     socket_timestamps: bool,
+    busy_poll: bool,
     // Not yet added to the shared counters.
     d_sent: u64,
     d_delivered: u64,
@@ -528,6 +529,7 @@ impl Worker {
             bytes_in: 0,
             delayed_acks: s.delayed_acks,
             socket_timestamps: s.socket_timestamps,
+            busy_poll: s.busy_poll,
             d_sent: 0,
             d_delivered: 0,
             d_expected: 0,
@@ -949,7 +951,7 @@ impl Worker {
     }
 
     fn poll_timeout(&self, now: u64) -> Duration {
-        if !self.ready_again.is_empty() {
+        if !self.ready_again.is_empty() || self.ctx.busy_poll {
             return Duration::ZERO;
         }
         if let Some(Reverse((due, _, _))) = self.heap.peek()

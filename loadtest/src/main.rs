@@ -62,6 +62,10 @@ struct Common {
     /// (SO_TIMESTAMPNS), which leaves out the generator's own queueing before its read.
     #[arg(long)]
     socket_timestamps: bool,
+    /// Spin instead of sleeping in epoll, so that a halted vCPU's wake-up time does not
+    /// delay sends (the generator's CPU then reads 100 %).
+    #[arg(long)]
+    busy_poll: bool,
     /// Do not read the broker's /metrics (a fleetcast extra) before and after.
     #[arg(long)]
     no_metrics: bool,
@@ -79,6 +83,7 @@ impl Common {
             source_addresses: self.source_addresses,
             delayed_acks: self.quickack.then_some(false),
             socket_timestamps: self.socket_timestamps.then_some(true),
+            busy_poll: self.busy_poll.then_some(true),
         }
     }
 

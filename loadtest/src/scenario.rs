@@ -52,6 +52,11 @@ pub struct Scenario {
     /// received segment (on loopback partly on the broker's core).
     #[serde(default)]
     pub socket_timestamps: bool,
+    /// Never sleep in epoll: poll without a timeout and send at the due time. On a
+    /// virtual machine a halted vCPU can take milliseconds to wake, which shows up as
+    /// send lag; spinning removes it at the price of a whole core (CPU then reads 100 %).
+    #[serde(default)]
+    pub busy_poll: bool,
     /// Service-level objective, used by `capacity` and printed by `run`.
     #[serde(default)]
     pub slo: SloConfig,
@@ -203,6 +208,7 @@ pub struct Overrides {
     /// Some(false): the kernel's default ACK behaviour.
     pub delayed_acks: Option<bool>,
     pub socket_timestamps: Option<bool>,
+    pub busy_poll: Option<bool>,
 }
 
 impl Scenario {
@@ -238,6 +244,9 @@ impl Scenario {
         }
         if let Some(t) = o.socket_timestamps {
             s.socket_timestamps = t;
+        }
+        if let Some(b) = o.busy_poll {
+            s.busy_poll = b;
         }
         if let Some(m) = o.rate_multiplier {
             ensure!(m > 0.0 && m.is_finite(), "--rate-multiplier must be > 0");

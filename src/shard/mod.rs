@@ -957,7 +957,6 @@ impl Shard {
         let mut delivered = 0u64;
         let mut conflated = 0u64;
         let mut written = 0u64;
-        let written_at = Instant::now();
         let mut slow = Vec::new();
         let conns = &mut self.conns;
         let dirty = &mut self.dirty;
@@ -987,10 +986,9 @@ impl Shard {
                 if conn.out.bytes() > soft && !conn.out.is_blocked() {
                     let before = conn.out.bytes();
                     // A write error is left to the next flush, which drops the connection.
+                    let mut written_at = WriteStamp::default();
                     let _ = conn.out.flush(&mut conn.stream, |e| {
-                        stats
-                            .publish_to_write
-                            .observe(written_at.saturating_duration_since(e.accepted_at))
+                        stats.publish_to_write.observe(written_at.since(e))
                     });
                     written += (before - conn.out.bytes()) as u64;
                 }
@@ -1032,7 +1030,6 @@ impl Shard {
     }
 
     fn flush_dirty(&mut self) {
-        let written_at = Instant::now();
         let shared = self.shared.clone();
         let stats = &shared.stats[self.id];
         for slot in std::mem::take(&mut self.dirty) {
@@ -1041,10 +1038,9 @@ impl Shard {
             };
             conn.dirty = false;
             let before = conn.out.bytes();
+            let mut written_at = WriteStamp::default();
             let flushed = conn.out.flush(&mut conn.stream, |ev| {
-                stats
-                    .publish_to_write
-                    .observe(written_at.saturating_duration_since(ev.accepted_at))
+                stats.publish_to_write.observe(written_at.since(ev))
             });
             let done = match flushed {
                 Ok(done) => done,
@@ -1167,5 +1163,19 @@ impl Shard {
         for slot in open {
             self.close_conn(slot, close::GOING_AWAY, "server shutting down");
         }
+    }
+}
+
+/// The time of one connection's write, read from the clock once, after the write
+/// returned (when its first event is counted), so that `publish_to_write` includes the
+/// time spent writing to the connections before this one.
+#[derive(Default)]
+struct WriteStamp(Option<Instant>);
+
+impl WriteStamp {
+    fn since(&mut self, ev: &Event) -> Duration {
+        self.0
+            .get_or_insert_with(Instant::now)
+            .saturating_duration_since(ev.accepted_at)
     }
 }
