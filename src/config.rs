@@ -119,6 +119,10 @@ pub struct Limits {
     /// Bytes queued for one connection past which state channels are conflated to the
     /// newest pending value per entity.
     pub soft_outbound_bytes: usize,
+    /// A shard whose connections wait longer than this for their turn to be written is
+    /// overloaded: it then delivers in batches, each keeping only the newest state value
+    /// per entity (events are never skipped), until the wait falls under half of it.
+    pub overload_lag_ms: u64,
     /// Inbound messages per second per connection (token bucket, one second of burst).
     pub messages_per_second: u32,
     /// A connection over its message rate for this long is closed (1008).
@@ -196,6 +200,7 @@ impl Default for Limits {
             max_batch: 50,
             max_outbound_bytes: 4 * 1024 * 1024,
             soft_outbound_bytes: 1024 * 1024,
+            overload_lag_ms: 250,
             messages_per_second: 100,
             abuse_close_after_ms: 3_000,
             max_connections_per_user: 100,
@@ -299,6 +304,10 @@ impl Config {
         anyhow::ensure!(
             l.max_outbound_bytes >= 4096,
             "limits.max_outbound_bytes must be at least 4096"
+        );
+        anyhow::ensure!(
+            l.overload_lag_ms >= 1,
+            "limits.overload_lag_ms must be at least 1"
         );
         anyhow::ensure!(
             l.soft_outbound_bytes <= l.max_outbound_bytes,

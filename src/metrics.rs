@@ -173,14 +173,18 @@ pub enum Drop {
     RateLimited,
     /// Publishes whose id was seen within the dedup window.
     Duplicate,
+    /// State updates an overloaded shard skipped because a newer value of the same
+    /// entity was waiting behind them (counted once per event and shard).
+    Overload,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 4] = [
+    pub const ALL: [Drop; 5] = [
         Drop::Conflated,
         Drop::SlowConsumer,
         Drop::RateLimited,
         Drop::Duplicate,
+        Drop::Overload,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -188,6 +192,7 @@ impl Drop {
             Drop::SlowConsumer => "slow_consumer",
             Drop::RateLimited => "rate_limited",
             Drop::Duplicate => "duplicate",
+            Drop::Overload => "overload",
         }
     }
 }
@@ -253,6 +258,8 @@ pub struct ShardStats {
     pub handshakes: [AtomicU64; Outcome::ALL.len()],
     pub drops: [AtomicU64; Drop::ALL.len()],
     pub queued_bytes: AtomicU64,
+    /// 1 while the shard is overloaded (see `limits.overload_lag_ms`).
+    pub overloaded: AtomicU64,
     pub publish_to_write: Histogram,
     pub loop_iteration: Histogram,
     pub turns: AtomicU64,
@@ -292,7 +299,7 @@ pub fn render(stats: &[ShardStats]) -> String {
     let mut out = String::new();
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     type Get = fn(&ShardStats) -> &AtomicU64;
-    let plain: [(&str, &str, &str, Get); 6] = [
+    let plain: [(&str, &str, &str, Get); 7] = [
         (
             "fleetcast_connections_accepted_total",
             "counter",
@@ -322,6 +329,12 @@ pub fn render(stats: &[ShardStats]) -> String {
             "gauge",
             "Bytes queued for clients, not yet written",
             |s| &s.queued_bytes,
+        ),
+        (
+            "fleetcast_shard_overloaded",
+            "gauge",
+            "1 while the shard's connections wait longer than limits.overload_lag_ms to be written (state updates are then batched and conflated)",
+            |s| &s.overloaded,
         ),
         (
             "fleetcast_loop_turns_total",

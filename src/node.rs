@@ -26,6 +26,10 @@ pub struct Shared {
     pub mesh: Vec<Sender<ShardMsg>>,
     pub wakers: Vec<Arc<Waker>>,
     pub stats: Vec<ShardStats>,
+    /// Set when shutdown begins (read by every shard each loop turn, ahead of its inbox).
+    pub stopping: std::sync::atomic::AtomicBool,
+    /// Set for a shard when an event could not be queued to it (its inbox was full).
+    pub inbox_overflowed: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// A shard whose loop has not turned for this long makes `/readyz` fail.
@@ -115,7 +119,7 @@ impl Node {
             let poll = Poll::new()?;
             wakers.push(Arc::new(Waker::new(poll.registry(), WAKER)?));
             polls.push(poll);
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = crossbeam_channel::bounded(crate::shard::INBOX_CAPACITY);
             mesh.push(tx);
             inboxes.push(rx);
         }
@@ -126,6 +130,8 @@ impl Node {
             hubs: Hubs::new(unix_ms()),
             mesh,
             wakers,
+            stopping: Default::default(),
+            inbox_overflowed: (0..n).map(|_| Default::default()).collect(),
             // A shard that has not turned yet is starting, not stalled: its clock
             // starts now, so `/readyz` is green from the start and red after STALL_MS.
             stats: (0..n)
@@ -171,8 +177,8 @@ impl Node {
     /// Stops accepting, closes every client with 1001 and waits for the shards to finish
     /// (at most the configured grace period).
     pub fn shutdown(self) {
-        for (tx, waker) in self.shared.mesh.iter().zip(&self.shared.wakers) {
-            let _ = tx.send(ShardMsg::Shutdown);
+        self.shared.stopping.store(true, Ordering::Release);
+        for waker in &self.shared.wakers {
             let _ = waker.wake();
         }
         for t in self.threads {

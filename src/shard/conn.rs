@@ -36,6 +36,8 @@ pub struct Conn {
     pub hub: Option<Arc<TenantHub>>,
     /// In the shard's flush list already.
     pub dirty: bool,
+    /// When it was put on the flush list (how long it waited is the shard's lag).
+    pub dirty_since: Instant,
     /// An echo-endpoint connection (testing aid): no session.
     pub echo: bool,
     /// Snapshot values still to send, fed as the outbox drains.
@@ -61,6 +63,7 @@ impl Conn {
             session: None,
             hub: None,
             dirty: false,
+            dirty_since: deadline,
             echo: false,
             snapshots: Vec::new(),
         }

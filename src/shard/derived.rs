@@ -3,7 +3,7 @@
 //! fields a service published, and `system_status` on the admin-only `system` channel.
 //! Computed only for tenants with subscribers on those channels.
 
-use super::{Shard, ShardMsg};
+use super::Shard;
 use crate::event::Event;
 use crate::hub::TenantHub;
 use crate::json;
@@ -81,15 +81,7 @@ impl Shard {
             fresh.as_bytes(),
             now.mono,
         ));
-        let mut mask = ch.shard_mask;
-        while mask != 0 {
-            let shard = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let _ = self.shared.mesh[shard].send(ShardMsg::Deliver(ev.clone()));
-            if shard != self.id {
-                self.wake_mask |= 1 << shard;
-            }
-        }
+        self.wake_mask |= super::route(&self.shared, self.id, &ev, ch.shard_mask);
     }
 
     fn fleet_metrics(&mut self, hub: &TenantHub, now: Now) -> Vec<u8> {

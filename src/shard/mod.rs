@@ -33,6 +33,7 @@ use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -54,15 +55,47 @@ pub enum Published {
 #[derive(Debug)]
 pub enum ShardMsg {
     Deliver(Arc<Event>),
-    Shutdown,
+}
+
+/// Capacity of a shard's inbox. A shard this far behind is stalled, not slow: state
+/// updates to it are dropped (`drops{reason="overload"}`), and an event that does not fit
+/// makes it close its subscribers with 1013 so that they resume from history with `since`.
+pub const INBOX_CAPACITY: usize = 65_536;
+
+/// Queues `ev` to every shard in `mask` (called under the channel's lock, so a shard
+/// receives a channel's events in order). Returns the other shards to wake.
+pub(crate) fn route(shared: &Shared, me: usize, ev: &Arc<Event>, mask: u64) -> u64 {
+    let mut mask = mask;
+    let mut wake = 0;
+    while mask != 0 {
+        let shard = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        if shared.mesh[shard]
+            .try_send(ShardMsg::Deliver(ev.clone()))
+            .is_err()
+        {
+            shared.stats[shard].drop(StatDrop::Overload, 1);
+            if !ev.channel.is_state() {
+                shared.inbox_overflowed[shard].store(true, Ordering::Release);
+            }
+        }
+        if shard != me {
+            wake |= 1 << shard;
+        }
+    }
+    wake
 }
 
 /// Accepts per loop turn, so a connect storm cannot starve delivery.
 const ACCEPTS_PER_TURN: usize = 256;
 /// Bytes read from one connection per loop turn.
 const READ_BUDGET: usize = 64 * 1024;
-/// Inbox messages handled per loop turn.
+/// Inbox messages handled per loop turn (and per batch when overloaded).
 const INBOX_PER_TURN: usize = 8192;
+/// Connections written per loop turn: between slices the shard reads and routes what
+/// arrived, so a long fan-out does not hold back new input, and a connection not yet
+/// written gets the newer events in the same `writev`.
+const FLUSH_PER_TURN: usize = 256;
 /// Time a peer gets to answer our close frame, or to read an HTTP response.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Connections sent their close frame per turn during shutdown (no reconnect storm).
@@ -80,7 +113,12 @@ pub struct Shard {
     index: crate::route::index::SubscriberIndex,
     parser: Parser,
     scratch: Vec<u8>,
-    dirty: Vec<usize>,
+    /// Connections with something to write, in the order they became so.
+    dirty: VecDeque<usize>,
+    /// The connections wait longer than `limits.overload_lag_ms` for their write.
+    overloaded: bool,
+    /// The longest wait for a write since the flush list was last empty.
+    cycle_lag: Duration,
     /// Slots whose read budget ran out with data possibly left (edge-triggered).
     pending_reads: Vec<usize>,
     /// Other shards to wake at the end of this turn.
@@ -127,7 +165,9 @@ impl Shard {
             index: Default::default(),
             parser: Parser::default(),
             scratch: vec![0; READ_BUDGET],
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
+            overloaded: false,
+            cycle_lag: Duration::ZERO,
             pending_reads: Vec::new(),
             wake_mask: 0,
             accept_pending: false,
@@ -187,6 +227,9 @@ impl Shard {
             }
             for slot in std::mem::take(&mut self.pending_reads) {
                 self.on_readable(slot);
+            }
+            if self.shutdown_deadline.is_none() && self.shared.stopping.load(Ordering::Acquire) {
+                self.begin_shutdown();
             }
             self.drain_inbox();
             self.flush_dirty();
@@ -894,15 +937,7 @@ impl Shard {
         if let (Channel::Alerts, Some(severity)) = (channel, ev.severity) {
             ch.count_alert(shared.hubs.minute(now.mono), severity);
         }
-        let mut mask = ch.shard_mask;
-        while mask != 0 {
-            let shard = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let _ = shared.mesh[shard].send(ShardMsg::Deliver(ev.clone()));
-            if shard != self.id {
-                self.wake_mask |= 1 << shard;
-            }
-        }
+        self.wake_mask |= route(&shared, self.id, &ev, ch.shard_mask);
         drop(ch);
         let stats = self.stats();
         stats.publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
@@ -940,12 +975,62 @@ impl Shard {
     // ------------------------------------------------------------------ delivery
 
     fn drain_inbox(&mut self) {
-        for _ in 0..INBOX_PER_TURN {
-            match self.inbox.try_recv() {
-                Ok(ShardMsg::Deliver(ev)) => self.deliver(&ev),
-                Ok(ShardMsg::Shutdown) => self.begin_shutdown(),
-                Err(_) => return,
+        if self.shared.inbox_overflowed[self.id].swap(false, Ordering::AcqRel) {
+            self.close_subscribers_after_overflow();
+        }
+        // Keeping up (or in the middle of a pass): route what arrived now.
+        if !self.overloaded {
+            for _ in 0..INBOX_PER_TURN {
+                match self.inbox.try_recv() {
+                    Ok(ShardMsg::Deliver(ev)) => self.deliver(&ev),
+                    Err(_) => return,
+                }
             }
+            return;
+        }
+        // Overloaded: deliver in batches, the next one when the last is written; in a
+        // batch only the newest value of each entity's state is delivered.
+        if !self.dirty.is_empty() {
+            return;
+        }
+        let batch: Vec<Arc<Event>> = self
+            .inbox
+            .try_iter()
+            .take(INBOX_PER_TURN)
+            .map(|ShardMsg::Deliver(ev)| ev)
+            .collect();
+        let keep = newest_states(&batch);
+        let skipped = batch.len() - keep.iter().filter(|k| **k).count();
+        self.stats().drop(StatDrop::Overload, skipped as u64);
+        for (ev, keep) in batch.iter().zip(keep) {
+            if keep {
+                self.deliver(ev);
+            }
+        }
+    }
+
+    /// After an event could not be queued to this shard, its subscribers have a gap:
+    /// close them with 1013 so that they resume from history with `since`.
+    fn close_subscribers_after_overflow(&mut self) {
+        let slots: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.is_open()
+                    && c.session
+                        .as_ref()
+                        .is_some_and(|s| s.subscription_count() > 0)
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        tracing::warn!(
+            shard = self.id,
+            closed = slots.len(),
+            "inbox overflowed: closing subscribers so that they resume from history"
+        );
+        for slot in slots {
+            self.stats().breach(Limit::SlowConsumer);
+            self.close_conn(slot, close::TRY_AGAIN_LATER, "server overloaded, resume");
         }
     }
 
@@ -1003,7 +1088,8 @@ impl Shard {
                 }
                 if !conn.dirty {
                     conn.dirty = true;
-                    dirty.push(slot);
+                    conn.dirty_since = Instant::now();
+                    dirty.push_back(slot);
                 }
             });
         stats.bytes_out.fetch_add(written, Ordering::Relaxed);
@@ -1025,18 +1111,24 @@ impl Shard {
             && !conn.dirty
         {
             conn.dirty = true;
-            self.dirty.push(slot);
+            conn.dirty_since = Instant::now();
+            self.dirty.push_back(slot);
         }
     }
 
     fn flush_dirty(&mut self) {
         let shared = self.shared.clone();
         let stats = &shared.stats[self.id];
-        for slot in std::mem::take(&mut self.dirty) {
+        // Connections marked during this slice go to the back: written in a later turn.
+        for _ in 0..self.dirty.len().min(FLUSH_PER_TURN) {
+            let Some(slot) = self.dirty.pop_front() else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
             conn.dirty = false;
+            self.cycle_lag = self.cycle_lag.max(conn.dirty_since.elapsed());
             let before = conn.out.bytes();
             let mut written_at = WriteStamp::default();
             let flushed = conn.out.flush(&mut conn.stream, |ev| {
@@ -1077,6 +1169,38 @@ impl Shard {
                 }
                 _ => {}
             }
+        }
+        self.judge_overload();
+    }
+
+    /// Enters overload as soon as a connection waited longer than the limit for its
+    /// write; leaves it after a whole pass over the flush list in under half of it.
+    fn judge_overload(&mut self) {
+        let limit = Duration::from_millis(self.shared.config.limits.overload_lag_ms);
+        let was = self.overloaded;
+        if !self.overloaded && self.cycle_lag > limit {
+            self.overloaded = true;
+        }
+        if self.dirty.is_empty() {
+            if self.overloaded && self.cycle_lag < limit / 2 {
+                self.overloaded = false;
+            }
+            self.cycle_lag = Duration::ZERO;
+        }
+        if was != self.overloaded {
+            tracing::warn!(
+                shard = self.id,
+                lag_ms = self.cycle_lag.as_millis() as u64,
+                "shard {}",
+                if self.overloaded {
+                    "overloaded: delivering in batches, newest state per entity"
+                } else {
+                    "no longer overloaded"
+                }
+            );
+            self.stats()
+                .overloaded
+                .store(self.overloaded as u64, Ordering::Relaxed);
         }
     }
 
@@ -1177,5 +1301,47 @@ impl WriteStamp {
         self.0
             .get_or_insert_with(Instant::now)
             .saturating_duration_since(ev.accepted_at)
+    }
+}
+
+/// Which events of an overloaded shard's batch to deliver: every event-channel event,
+/// and of the state updates only the last one per (tenant, channel, entity).
+fn newest_states(batch: &[Arc<Event>]) -> Vec<bool> {
+    let mut seen: HashSet<(&str, Channel, &str)> = HashSet::new();
+    let mut keep = vec![true; batch.len()];
+    for (i, ev) in batch.iter().enumerate().rev() {
+        if !ev.channel.is_state() {
+            continue;
+        }
+        if let Some(key) = ev.keys.state_key(ev.channel) {
+            keep[i] = seen.insert((&ev.tenant, ev.channel, key));
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::test_event;
+
+    #[test]
+    fn overload_batches_keep_every_event_and_the_newest_state_per_entity() {
+        let t = Instant::now();
+        let loc = |v: &str, seq| test_event(Channel::VehicleLocations, Some(v), seq, b"{}", t);
+        let alert = |seq| test_event(Channel::Alerts, Some("v1"), seq, b"{}", t);
+        let batch = vec![
+            loc("v1", 1),
+            alert(1),
+            loc("v2", 2),
+            loc("v1", 3),
+            alert(2),
+            loc("v2", 4),
+            loc("v3", 5),
+        ];
+        assert_eq!(
+            newest_states(&batch),
+            vec![false, true, false, true, true, true, true]
+        );
     }
 }

@@ -28,7 +28,7 @@ impl Chunk {
 }
 
 /// Frames written per `writev` call.
-const MAX_IOVECS: usize = 64;
+const MAX_IOVECS: usize = 256;
 
 /// Per state channel: entity -> id of the chunk holding its pending value.
 type PendingState = [HashMap<Box<str>, u64>; Channel::COUNT];
