@@ -310,7 +310,12 @@ impl Session {
     // ------------------------------------------------------------------ output
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let next = self.actions.pop_front();
+        if next.is_none() && self.actions.capacity() > 0 {
+            // Idle sessions hold no queue (actions are large: a publication each).
+            self.actions = VecDeque::new();
+        }
+        next
     }
 
     // ------------------------------------------------------------------ input

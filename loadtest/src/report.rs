@@ -694,6 +694,12 @@ pub fn warnings(r: &Report) -> Vec<String> {
                  (limits.soft_outbound_bytes): those count as lost here"
             ));
         }
+        if k.contains("reason=\"overload\"") && *v > 0.0 {
+            w.push(format!(
+                "the broker was overloaded and skipped {v} superseded state updates \
+                 (limits.overload_lag_ms; each is lost for every subscriber of it)"
+            ));
+        }
     }
     if r.published.backpressured > 0 {
         w.push(format!(
