@@ -33,7 +33,8 @@ use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
-use std::collections::{HashSet, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -57,9 +58,9 @@ pub enum ShardMsg {
     Deliver(Arc<Event>),
 }
 
-/// Capacity of a shard's inbox. A shard this far behind is stalled, not slow: state
-/// updates to it are dropped (`drops{reason="overload"}`), and an event that does not fit
-/// makes it close its subscribers with 1013 so that they resume from history with `since`.
+/// Capacity of a shard's inbox. A shard this far behind is stalled, not slow: what does
+/// not fit is dropped (`drops{reason="overload"}`) and the shard closes its subscribers
+/// with 1013, so that they come back with a fresh snapshot and resume events with `since`.
 pub const INBOX_CAPACITY: usize = 65_536;
 
 /// Queues `ev` to every shard in `mask` (called under the channel's lock, so a shard
@@ -74,10 +75,10 @@ pub(crate) fn route(shared: &Shared, me: usize, ev: &Arc<Event>, mask: u64) -> u
             .try_send(ShardMsg::Deliver(ev.clone()))
             .is_err()
         {
+            // Its subscribers now have a gap (or a stale state value): the shard closes
+            // them, and they come back with a snapshot and `since`.
             shared.stats[shard].drop(StatDrop::Overload, 1);
-            if !ev.channel.is_state() {
-                shared.inbox_overflowed[shard].store(true, Ordering::Release);
-            }
+            shared.inbox_overflowed[shard].store(true, Ordering::Release);
         }
         if shard != me {
             wake |= 1 << shard;
@@ -119,6 +120,8 @@ pub struct Shard {
     overloaded: bool,
     /// The longest wait for a write since the flush list was last empty.
     cycle_lag: Duration,
+    /// Something was written since the flush list was last empty.
+    cycle_wrote: bool,
     /// Slots whose read budget ran out with data possibly left (edge-triggered).
     pending_reads: Vec<usize>,
     /// Other shards to wake at the end of this turn.
@@ -168,6 +171,7 @@ impl Shard {
             dirty: VecDeque::new(),
             overloaded: false,
             cycle_lag: Duration::ZERO,
+            cycle_wrote: false,
             pending_reads: Vec::new(),
             wake_mask: 0,
             accept_pending: false,
@@ -213,11 +217,15 @@ impl Shard {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.on_readable(slot);
                         }
-                        if ev.is_writable() {
-                            if let Some(conn) = self.conns.get_mut(slot) {
-                                conn.out.set_writable();
+                        if ev.is_writable()
+                            && let Some(conn) = self.conns.get_mut(slot)
+                        {
+                            conn.out.set_writable();
+                            // Edge-triggered: a readable event often says writable too.
+                            if conn.out.bytes() > 0 || !conn.snapshots.is_empty() || !conn.is_open()
+                            {
+                                self.mark_dirty(slot);
                             }
-                            self.mark_dirty(slot);
                         }
                     }
                 }
@@ -1128,7 +1136,10 @@ impl Shard {
                 continue;
             };
             conn.dirty = false;
-            self.cycle_lag = self.cycle_lag.max(conn.dirty_since.elapsed());
+            if conn.out.bytes() > 0 {
+                self.cycle_lag = self.cycle_lag.max(conn.dirty_since.elapsed());
+                self.cycle_wrote = true;
+            }
             let before = conn.out.bytes();
             let mut written_at = WriteStamp::default();
             let flushed = conn.out.flush(&mut conn.stream, |ev| {
@@ -1181,11 +1192,13 @@ impl Shard {
         if !self.overloaded && self.cycle_lag > limit {
             self.overloaded = true;
         }
-        if self.dirty.is_empty() {
+        // A pass that wrote nothing (a stray writable event) says nothing about load.
+        if self.dirty.is_empty() && self.cycle_wrote {
             if self.overloaded && self.cycle_lag < limit / 2 {
                 self.overloaded = false;
             }
             self.cycle_lag = Duration::ZERO;
+            self.cycle_wrote = false;
         }
         if was != self.overloaded {
             tracing::warn!(
@@ -1305,16 +1318,32 @@ impl WriteStamp {
 }
 
 /// Which events of an overloaded shard's batch to deliver: every event-channel event,
-/// and of the state updates only the last one per (tenant, channel, entity).
+/// and of the state updates only the newest per (tenant, channel, entity): the greatest
+/// timestamp, the later arrival among equal ones (the rule of the state store, so viewers
+/// end on the value a snapshot would give).
 fn newest_states(batch: &[Arc<Event>]) -> Vec<bool> {
-    let mut seen: HashSet<(&str, Channel, &str)> = HashSet::new();
+    let mut best: HashMap<(&str, Channel, &str), usize> = HashMap::new();
     let mut keep = vec![true; batch.len()];
-    for (i, ev) in batch.iter().enumerate().rev() {
+    for (i, ev) in batch.iter().enumerate() {
         if !ev.channel.is_state() {
             continue;
         }
-        if let Some(key) = ev.keys.state_key(ev.channel) {
-            keep[i] = seen.insert((&ev.tenant, ev.channel, key));
+        let Some(key) = ev.keys.state_key(ev.channel) else {
+            continue;
+        };
+        match best.entry((&ev.tenant, ev.channel, key)) {
+            Entry::Vacant(v) => {
+                v.insert(i);
+            }
+            Entry::Occupied(mut o) => {
+                let old = *o.get();
+                if ev.ts_ms >= batch[old].ts_ms {
+                    keep[old] = false;
+                    o.insert(i);
+                } else {
+                    keep[i] = false;
+                }
+            }
         }
     }
     keep

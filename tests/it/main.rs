@@ -16,6 +16,7 @@ mod http_api;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod overload;
 mod slow_consumer;
 mod smoke;
 mod snapshot;
