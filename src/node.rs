@@ -4,9 +4,10 @@
 use crate::admission::NodeAdmission;
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::event::Event;
 use crate::hub::Hubs;
 use crate::metrics::{self, ShardStats};
-use crate::shard::{Shard, ShardMsg, WAKER};
+use crate::shard::{Shard, WAKER};
 use crossbeam_channel::Sender;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -23,7 +24,8 @@ pub struct Shared {
     pub auth: Authenticator,
     pub admission: NodeAdmission,
     pub hubs: Hubs,
-    pub mesh: Vec<Sender<ShardMsg>>,
+    /// Each shard's inbox of routed events.
+    pub mesh: Vec<Sender<Arc<Event>>>,
     pub wakers: Vec<Arc<Waker>>,
     pub stats: Vec<ShardStats>,
     /// Set when shutdown begins (read by every shard each loop turn, ahead of its inbox).

@@ -6,7 +6,7 @@
 //! ```text
 //! socket --read--> FrameReader --Message--> Session --Action::Publish--> hub lock:
 //!   seq+1, encode once (Event), record state, push Arc<Event> to every shard in the mask
-//! shard inbox --Deliver(Arc<Event>)--> SubscriberIndex (bitset union) --> Session::verdict
+//! shard inbox --Arc<Event>--> SubscriberIndex (bitset union) --> Session::verdict
 //!   --> Outbox (Arc clone, no copy) --writev--> socket
 //! ```
 //!
@@ -52,12 +52,6 @@ pub enum Published {
     Refused(ProtoError),
 }
 
-/// Messages other threads send a shard.
-#[derive(Debug)]
-pub enum ShardMsg {
-    Deliver(Arc<Event>),
-}
-
 /// Capacity of a shard's inbox. A shard this far behind is stalled, not slow: what does
 /// not fit is dropped (`drops{reason="overload"}`) and the shard closes its subscribers
 /// with 1013, so that they come back with a fresh snapshot and resume events with `since`.
@@ -71,10 +65,7 @@ pub(crate) fn route(shared: &Shared, me: usize, ev: &Arc<Event>, mask: u64) -> u
     while mask != 0 {
         let shard = mask.trailing_zeros() as usize;
         mask &= mask - 1;
-        if shared.mesh[shard]
-            .try_send(ShardMsg::Deliver(ev.clone()))
-            .is_err()
-        {
+        if shared.mesh[shard].try_send(ev.clone()).is_err() {
             // Its subscribers now have a gap (or a stale state value): the shard closes
             // them, and they come back with a snapshot and `since`.
             shared.stats[shard].drop(StatDrop::Overload, 1);
@@ -108,7 +99,7 @@ pub struct Shard {
     id: usize,
     poll: Poll,
     listener: Option<TcpListener>,
-    inbox: Receiver<ShardMsg>,
+    inbox: Receiver<Arc<Event>>,
     shared: Arc<Shared>,
     conns: Slab<Conn>,
     index: crate::route::index::SubscriberIndex,
@@ -152,7 +143,7 @@ impl Shard {
         id: usize,
         poll: Poll,
         listener: TcpListener,
-        inbox: Receiver<ShardMsg>,
+        inbox: Receiver<Arc<Event>>,
         shared: Arc<Shared>,
     ) -> io::Result<Shard> {
         let mut listener = listener;
@@ -990,7 +981,7 @@ impl Shard {
         if !self.overloaded {
             for _ in 0..INBOX_PER_TURN {
                 match self.inbox.try_recv() {
-                    Ok(ShardMsg::Deliver(ev)) => self.deliver(&ev),
+                    Ok(ev) => self.deliver(&ev),
                     Err(_) => return,
                 }
             }
@@ -1001,12 +992,7 @@ impl Shard {
         if !self.dirty.is_empty() {
             return;
         }
-        let batch: Vec<Arc<Event>> = self
-            .inbox
-            .try_iter()
-            .take(INBOX_PER_TURN)
-            .map(|ShardMsg::Deliver(ev)| ev)
-            .collect();
+        let batch: Vec<Arc<Event>> = self.inbox.try_iter().take(INBOX_PER_TURN).collect();
         let keep = newest_states(&batch);
         let skipped = batch.len() - keep.iter().filter(|k| **k).count();
         self.stats().drop(StatDrop::Overload, skipped as u64);
@@ -1051,6 +1037,8 @@ impl Shard {
         let mut conflated = 0u64;
         let mut written = 0u64;
         let mut slow = Vec::new();
+        // One clock read per event, not per subscriber.
+        let marked_at = Instant::now();
         let conns = &mut self.conns;
         let dirty = &mut self.dirty;
         self.index
@@ -1096,7 +1084,7 @@ impl Shard {
                 }
                 if !conn.dirty {
                     conn.dirty = true;
-                    conn.dirty_since = Instant::now();
+                    conn.dirty_since = marked_at;
                     dirty.push_back(slot);
                 }
             });

@@ -139,6 +139,17 @@ pub enum Ended {
 }
 
 impl Client {
+    /// Nothing is pending for this client: the answer to a ping is the next message.
+    pub fn expect_nothing_more(&mut self, who: &str) {
+        self.send(json!({"type":"ping","id":"end"}));
+        let m = self.recv();
+        assert_eq!(
+            (&m["type"], &m["id"]),
+            (&json!("pong"), &json!("end")),
+            "{who}: {m}"
+        );
+    }
+
     pub fn connect(url: &str) -> Client {
         Client::try_connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"))
     }
@@ -248,6 +259,16 @@ impl Client {
             "payload":{"action":"subscribe","channel":channel,"filters":filters}}));
         self.expect("subscribed")
     }
+}
+
+/// The unsigned number after `key` (e.g. `"seq":`) in a JSON text, for readers of many
+/// events that share two cores with the broker and do not build a JSON tree per event.
+pub fn num(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 pub fn location(vehicle: &str, lat: f64) -> Value {
