@@ -66,6 +66,8 @@ fn event() -> Arc<Event> {
         timestamp: "2024-03-15T14:30:00.000Z".into(),
         ts_ms: 0,
         ack: false,
+        publisher: "broker".into(),
+        bind_check: Default::default(),
     };
     Arc::new(Event::encode(
         "fleet_001".into(),
@@ -84,7 +86,7 @@ fn fanout(c: &mut Criterion) {
         user_id: "u".into(),
         tenant: tenant.clone(),
         role: Role::Viewer,
-        vehicles: None,
+        scope: fleetcast::auth::DeviceScope::any(),
         expires_at: None,
     };
     let mut group = c.benchmark_group("fanout_one_event");
@@ -201,7 +203,9 @@ fn end_to_end(c: &mut Criterion) {
             user_id: key.into(),
             tenant: "fleet_001".into(),
             role,
-            vehicles: vec![],
+            vehicles: vec!["*".into()],
+            drivers: vec![],
+            trips: vec![],
         });
     }
     let node = fleetcast::node::Node::start(cfg).unwrap();

@@ -7,16 +7,59 @@
 use crate::auth::Principal;
 use crate::config::Limits;
 use crate::metrics::Limit;
-use crate::session::{self, Now};
+use crate::session::{self, Now, PublishBucket};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
-/// Rate windows kept before stale ones are pruned.
+/// Entries a map holds before stale ones are first pruned.
 const PRUNE_AT: usize = 10_000;
+
+/// A map pruned of stale entries when it has grown to twice its size after the last
+/// prune: a scan of n entries happens after at least n/2 inserts (amortized O(1) per
+/// insert), never on every insert of a large map.
+#[derive(Debug)]
+struct Pruned<K, V> {
+    map: HashMap<K, V>,
+    prune_at: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V> Default for Pruned<K, V> {
+    fn default() -> Self {
+        Pruned {
+            map: HashMap::new(),
+            prune_at: PRUNE_AT,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Pruned<K, V> {
+    fn prune_if_due(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        if self.map.len() >= self.prune_at {
+            self.map.retain(keep);
+            self.prune_at = (self.map.len() * 2).max(PRUNE_AT);
+        }
+    }
+}
+
+/// The address a client is counted under: IPv4 as is, IPv6 by its /64 (one host usually
+/// holds a whole /64, so per-address limits keyed by the full address are no limit).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
 
 /// A fixed one-minute window counter.
 #[derive(Debug, Clone, Copy)]
@@ -26,15 +69,13 @@ struct Window {
 }
 
 fn try_count<K: std::hash::Hash + Eq>(
-    map: &mut HashMap<K, Window>,
+    map: &mut Pruned<K, Window>,
     key: K,
     now: Instant,
     per_minute: u32,
 ) -> bool {
-    if map.len() >= PRUNE_AT {
-        map.retain(|_, w| now.saturating_duration_since(w.start) < WINDOW);
-    }
-    let w = map.entry(key).or_insert(Window {
+    map.prune_if_due(|_, w| now.saturating_duration_since(w.start) < WINDOW);
+    let w = map.map.entry(key).or_insert(Window {
         start: now,
         count: 0,
     });
@@ -55,14 +96,27 @@ fn user_key(p: &Principal) -> String {
     format!("{}\u{0}{}", p.tenant, p.user_id)
 }
 
+/// Which per-user token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum BucketKind {
+    /// Publishes, over WebSocket and HTTP together.
+    Publish,
+    /// HTTP polling reads (vehicles, events): large replies.
+    Read,
+}
+
 pub struct NodeAdmission {
     limits: Limits,
     open: AtomicUsize,
     users: Mutex<HashMap<String, usize>>,
-    user_rate: Mutex<HashMap<String, Window>>,
-    ip_rate: Mutex<HashMap<IpAddr, Window>>,
-    /// HTTP publishes: tokens and last refill per user (the role's messages per second).
-    http_rate: Mutex<HashMap<String, (f64, Instant)>>,
+    user_rate: Mutex<Pruned<String, Window>>,
+    ip_rate: Mutex<Pruned<IpAddr, Window>>,
+    /// Per-user token buckets; an entry no session holds and that is full again is the
+    /// same as a fresh one, so pruning it loses nothing.
+    buckets: Mutex<Pruned<(String, BucketKind), Arc<PublishBucket>>>,
+    /// Connections accepted and not yet upgraded or answered, per node and per address.
+    pending: AtomicUsize,
+    pending_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl NodeAdmission {
@@ -71,26 +125,70 @@ impl NodeAdmission {
             limits,
             open: AtomicUsize::new(0),
             users: Mutex::new(HashMap::new()),
-            user_rate: Mutex::new(HashMap::new()),
-            ip_rate: Mutex::new(HashMap::new()),
-            http_rate: Mutex::new(HashMap::new()),
+            user_rate: Mutex::new(Pruned::default()),
+            ip_rate: Mutex::new(Pruned::default()),
+            buckets: Mutex::new(Pruned::default()),
+            pending: AtomicUsize::new(0),
+            pending_ip: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes up to `n` message tokens from the user's HTTP publish bucket (one second of
-    /// burst at the role's rate); returns how many it got.
-    pub fn http_messages(&self, p: &Principal, n: usize, now: Instant) -> usize {
-        let rate = self.limits.for_role(p.role).messages_per_second as f64;
-        let mut map = self.http_rate.lock();
-        if map.len() >= PRUNE_AT {
-            map.retain(|_, (_, t)| now.saturating_duration_since(*t) < WINDOW);
+    fn bucket(&self, p: &Principal, kind: BucketKind, now: Instant) -> Arc<PublishBucket> {
+        let rate = match kind {
+            BucketKind::Publish => self.limits.for_role(p.role).publishes_per_second,
+            BucketKind::Read => self.limits.requests_per_second,
+        };
+        let mut map = self.buckets.lock();
+        map.prune_if_due(|_, b| Arc::strong_count(b) > 1 || !b.is_full(now));
+        map.map
+            .entry((user_key(p), kind))
+            .or_insert_with(|| Arc::new(PublishBucket::new(rate, now)))
+            .clone()
+    }
+
+    /// The user's publish bucket (WebSocket and HTTP publishes share it).
+    pub fn user_publish_bucket(&self, p: &Principal, now: Instant) -> Arc<PublishBucket> {
+        self.bucket(p, BucketKind::Publish, now)
+    }
+
+    /// Takes one token for an HTTP polling read (vehicles, events) of this user.
+    pub fn http_read(&self, p: &Principal, now: Instant) -> bool {
+        self.bucket(p, BucketKind::Read, now).try_take(now)
+    }
+
+    /// Counts a freshly accepted TCP connection that has not been upgraded yet. On `Ok`
+    /// it counts until [`NodeAdmission::pending_done`].
+    pub fn pending_open(&self, ip: IpAddr) -> Result<(), Limit> {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending_connections {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Limit::PendingConnections);
         }
-        let (tokens, last) = map.entry(user_key(p)).or_insert((rate, now));
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(rate);
-        *last = now;
-        let got = (n as f64).min(tokens.floor()).max(0.0);
-        *tokens -= got;
-        got as usize
+        let mut per_ip = self.pending_ip.lock();
+        let n = per_ip.entry(client_key(ip)).or_insert(0);
+        if *n >= self.limits.max_pending_connections_per_ip {
+            drop(per_ip);
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Limit::PendingConnectionsPerIp);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// A pending connection was upgraded, answered or dropped.
+    pub fn pending_done(&self, ip: IpAddr) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        let key = client_key(ip);
+        let mut per_ip = self.pending_ip.lock();
+        if let Some(n) = per_ip.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&key);
+            }
+        }
+    }
+
+    pub fn pending_connections(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
     }
 
     /// Checks the node cap and the address's new-connection rate before an upgrade.
@@ -102,7 +200,7 @@ impl NodeAdmission {
         }
         if !try_count(
             &mut self.ip_rate.lock(),
-            ip,
+            client_key(ip),
             now,
             self.limits.new_connections_per_minute_per_ip,
         ) {
@@ -158,6 +256,10 @@ impl session::Admission for NodeAdmission {
     fn admit(&self, principal: &Principal, now: Now) -> Result<(), Limit> {
         self.admit_user(principal, now.mono)
     }
+
+    fn publish_bucket(&self, principal: &Principal, now: Now) -> Option<Arc<PublishBucket>> {
+        Some(self.user_publish_bucket(principal, now.mono))
+    }
 }
 
 #[cfg(test)]
@@ -170,7 +272,7 @@ mod tests {
             user_id: user.into(),
             tenant: "t".into(),
             role,
-            vehicles: None,
+            scope: crate::auth::DeviceScope::any(),
             expires_at: None,
         }
     }

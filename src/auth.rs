@@ -16,18 +16,67 @@ pub struct Principal {
     pub user_id: Arc<str>,
     pub tenant: Arc<str>,
     pub role: Role,
-    /// Vehicles a device may publish for; `None` means any vehicle of its tenant.
-    pub vehicles: Option<Arc<[Box<str>]>>,
+    /// What a device may name in what it publishes (other roles: unused).
+    pub scope: Arc<DeviceScope>,
     /// UNIX seconds after which the credential is no longer valid.
     pub expires_at: Option<u64>,
 }
 
+/// The entities a device credential covers. It fails closed: a device whose credential
+/// names no vehicle may publish for none; `*` in its vehicle list means any vehicle of
+/// its tenant (likewise for drivers and trips). Drivers and trips listed here are allowed besides those the broker binds
+/// to the device's vehicles (the vehicle's current trip, from a service's `trip_event`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceScope {
+    pub any_vehicle: bool,
+    pub any_driver: bool,
+    pub any_trip: bool,
+    pub vehicles: Box<[Box<str>]>,
+    pub drivers: Box<[Box<str>]>,
+    pub trips: Box<[Box<str>]>,
+}
+
+impl DeviceScope {
+    /// Every vehicle of the tenant (services, tests, benches).
+    pub fn any() -> Arc<DeviceScope> {
+        Arc::new(DeviceScope {
+            any_vehicle: true,
+            any_driver: true,
+            any_trip: true,
+            ..Default::default()
+        })
+    }
+
+    fn from_lists(vehicles: Vec<String>, drivers: Vec<String>, trips: Vec<String>) -> Self {
+        let any = |l: &[String]| l.iter().any(|v| v == "*");
+        let boxed = |l: Vec<String>| {
+            l.into_iter()
+                .filter(|v| v != "*")
+                .map(String::into_boxed_str)
+                .collect()
+        };
+        DeviceScope {
+            any_vehicle: any(&vehicles),
+            any_driver: any(&drivers),
+            any_trip: any(&trips),
+            vehicles: boxed(vehicles),
+            drivers: boxed(drivers),
+            trips: boxed(trips),
+        }
+    }
+}
+
 impl Principal {
     pub fn may_act_for_vehicle(&self, vehicle: &str) -> bool {
-        match &self.vehicles {
-            None => true,
-            Some(list) => list.iter().any(|v| &**v == vehicle),
-        }
+        self.scope.any_vehicle || self.scope.vehicles.iter().any(|v| &**v == vehicle)
+    }
+
+    pub fn lists_driver(&self, driver: &str) -> bool {
+        self.scope.any_driver || self.scope.drivers.iter().any(|d| &**d == driver)
+    }
+
+    pub fn lists_trip(&self, trip: &str) -> bool {
+        self.scope.any_trip || self.scope.trips.iter().any(|t| &**t == trip)
     }
 
     /// Same identity (used to answer a repeated `auth` idempotently).
@@ -59,6 +108,8 @@ pub enum AuthError {
     NoTenant,
     #[error("token has no valid role claim")]
     NoRole,
+    #[error("token has no exp claim, and this broker requires one")]
+    NoExpiry,
     #[error("no JWT verification key configured for {0:?}")]
     NoKeyForAlgorithm(Algorithm),
 }
@@ -73,6 +124,10 @@ struct Claims {
     nbf: Option<u64>,
     vehicle_id: Option<String>,
     vehicles: Option<Vec<String>>,
+    driver_id: Option<String>,
+    drivers: Option<Vec<String>>,
+    trip_id: Option<String>,
+    trips: Option<Vec<String>>,
 }
 
 /// Verifies credentials against the configured keys.
@@ -82,10 +137,21 @@ pub struct Authenticator {
     rs256: Option<DecodingKey>,
     es256: Option<DecodingKey>,
     issuer: Option<String>,
+    require_exp: bool,
 }
 
 fn key_digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// Compares two secrets in time independent of where they differ (their digests, so
+/// the length is not revealed either).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (da, db): ([u8; 32], [u8; 32]) = (Sha256::digest(a).into(), Sha256::digest(b).into());
+    da.iter()
+        .zip(db.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 impl Authenticator {
@@ -107,13 +173,13 @@ impl Authenticator {
             .api_keys
             .iter()
             .map(|k| {
-                let vehicles = (!k.vehicles.is_empty())
-                    .then(|| k.vehicles.iter().map(|v| v.as_str().into()).collect());
+                let scope =
+                    DeviceScope::from_lists(k.vehicles.clone(), k.drivers.clone(), k.trips.clone());
                 let p = Principal {
                     user_id: k.user_id.as_str().into(),
                     tenant: k.tenant.as_str().into(),
                     role: k.role,
-                    vehicles,
+                    scope: Arc::new(scope),
                     expires_at: None,
                 };
                 (key_digest(&k.key), p)
@@ -128,6 +194,7 @@ impl Authenticator {
             rs256,
             es256,
             issuer: cfg.jwt_issuer.clone(),
+            require_exp: cfg.require_exp,
         })
     }
 
@@ -176,6 +243,9 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, key, &v)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         let c = data.claims;
+        if self.require_exp && c.exp.is_none() {
+            return Err(AuthError::NoExpiry);
+        }
         if let Some(exp) = c.exp
             && now >= exp
         {
@@ -195,20 +265,21 @@ impl Authenticator {
             .as_deref()
             .and_then(Role::parse)
             .ok_or(AuthError::NoRole)?;
-        let mut vehicles: Vec<Box<str>> = c
-            .vehicles
-            .unwrap_or_default()
-            .into_iter()
-            .map(Into::into)
-            .collect();
-        if let Some(v) = c.vehicle_id {
-            vehicles.push(v.into());
-        }
+        let list = |many: Option<Vec<String>>, one: Option<String>| {
+            let mut l = many.unwrap_or_default();
+            l.extend(one);
+            l
+        };
+        let scope = DeviceScope::from_lists(
+            list(c.vehicles, c.vehicle_id),
+            list(c.drivers, c.driver_id),
+            list(c.trips, c.trip_id),
+        );
         Ok(Principal {
             user_id: c.sub.unwrap_or_else(|| format!("token:{tenant}")).into(),
             tenant: tenant.into(),
             role,
-            vehicles: (!vehicles.is_empty()).then(|| vehicles.into()),
+            scope: Arc::new(scope),
             expires_at: c.exp,
         })
     }
@@ -260,6 +331,8 @@ mod tests {
                 tenant: "fleet_001".into(),
                 role: Role::Viewer,
                 vehicles: vec![],
+                drivers: vec![],
+                trips: vec![],
             }],
             ..Default::default()
         })

@@ -84,6 +84,8 @@ pub struct ServerConfig {
     pub shards: usize,
     /// How long shutdown waits for clients to receive their close frame.
     pub shutdown_grace_ms: u64,
+    /// When set, `GET /metrics` requires `Authorization: Bearer <metrics_token>`.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +94,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8000".parse().expect("static address"),
             shards: 0,
             shutdown_grace_ms: 5_000,
+            metrics_token: None,
         }
     }
 }
@@ -143,6 +146,18 @@ pub struct Limits {
     pub max_tenants: usize,
     /// Entities (vehicles, drivers) with last known state per tenant and state channel.
     pub max_vehicles_per_tenant: usize,
+    /// Snapshot `request`s and `subscribe`s with `since` per second per connection (and
+    /// polling HTTP reads per second per user): replies that can be large get their own
+    /// token bucket (one second of burst).
+    pub requests_per_second: u32,
+    /// A publisher's `timestamp` may be at most this far ahead of the broker's clock
+    /// (400 beyond it): one update stamped in the future would freeze last known state.
+    pub max_future_skew_ms: u64,
+    /// TCP connections accepted but not yet upgraded (or answered) per node; new ones
+    /// are closed at once beyond it.
+    pub max_pending_connections: usize,
+    /// The same per client address (IPv6 grouped by /64).
+    pub max_pending_connections_per_ip: usize,
     /// Per-role overrides of the per-connection and per-user limits above.
     pub roles: RoleOverrides,
 }
@@ -178,6 +193,9 @@ pub struct RoleLimits {
     pub messages_per_second: Option<u32>,
     pub max_connections_per_user: Option<usize>,
     pub new_connections_per_minute_per_user: Option<u32>,
+    /// Publishes per second per user, over every connection and HTTP request of that
+    /// user together (token bucket, one second of burst); default: messages_per_second.
+    pub publishes_per_second: Option<u32>,
 }
 
 /// The limits that apply to one role, overrides resolved.
@@ -186,6 +204,7 @@ pub struct EffectiveLimits {
     pub messages_per_second: u32,
     pub max_connections_per_user: usize,
     pub new_connections_per_minute_per_user: u32,
+    pub publishes_per_second: u32,
 }
 
 impl Default for Limits {
@@ -211,6 +230,10 @@ impl Default for Limits {
             max_http_body_bytes: 64 * 1024,
             max_tenants: 10_000,
             max_vehicles_per_tenant: 100_000,
+            requests_per_second: 5,
+            max_future_skew_ms: 5 * 60 * 1000,
+            max_pending_connections: 1024,
+            max_pending_connections_per_ip: 64,
             roles: RoleOverrides::default(),
         }
     }
@@ -224,8 +247,10 @@ impl Limits {
             Role::Service => &self.roles.service,
             Role::Admin => &self.roles.admin,
         };
+        let messages_per_second = o.messages_per_second.unwrap_or(self.messages_per_second);
         EffectiveLimits {
-            messages_per_second: o.messages_per_second.unwrap_or(self.messages_per_second),
+            messages_per_second,
+            publishes_per_second: o.publishes_per_second.unwrap_or(messages_per_second),
             max_connections_per_user: o
                 .max_connections_per_user
                 .unwrap_or(self.max_connections_per_user),
@@ -262,6 +287,8 @@ pub struct AuthConfig {
     pub jwt_es256_public_key_file: Option<String>,
     /// Expected `iss` claim, when set.
     pub jwt_issuer: Option<String>,
+    /// Refuse tokens without an `exp` claim (recommended in production).
+    pub require_exp: bool,
     pub api_keys: Vec<ApiKeyConfig>,
 }
 
@@ -272,9 +299,16 @@ pub struct ApiKeyConfig {
     pub user_id: String,
     pub tenant: String,
     pub role: Role,
-    /// For devices: the vehicles this key may publish for (empty: any in the tenant).
+    /// For devices: the vehicles this key may publish for. Empty: none; `["*"]`: any
+    /// vehicle of the tenant.
     #[serde(default)]
     pub vehicles: Vec<String>,
+    /// For devices: drivers it may name besides those bound to its vehicles' current trip.
+    #[serde(default)]
+    pub drivers: Vec<String>,
+    /// For devices: trips it may name besides its vehicles' current trip.
+    #[serde(default)]
+    pub trips: Vec<String>,
 }
 
 impl Config {
@@ -318,6 +352,35 @@ impl Config {
                 l.for_role(role).messages_per_second >= 1,
                 "messages_per_second for {} must be at least 1",
                 role.name()
+            );
+        }
+        anyhow::ensure!(
+            l.requests_per_second >= 1,
+            "limits.requests_per_second must be at least 1"
+        );
+        anyhow::ensure!(
+            l.max_pending_connections >= 1 && l.max_pending_connections_per_ip >= 1,
+            "limits.max_pending_connections and max_pending_connections_per_ip must be at least 1"
+        );
+        for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
+            anyhow::ensure!(
+                l.for_role(role).publishes_per_second >= 1,
+                "publishes_per_second for {} must be at least 1",
+                role.name()
+            );
+        }
+        if let Some(s) = &self.auth.jwt_hs256_secret {
+            anyhow::ensure!(
+                s.len() >= 32,
+                "auth.jwt_hs256_secret must be at least 32 bytes (it is {}): a short HS256 \
+                 secret can be brute-forced from any token",
+                s.len()
+            );
+        }
+        if let Some(t) = &self.server.metrics_token {
+            anyhow::ensure!(
+                t.len() >= 16,
+                "server.metrics_token must be at least 16 characters"
             );
         }
         anyhow::ensure!(self.server.shards <= 64, "server.shards must be at most 64");

@@ -24,6 +24,18 @@ pub struct Publication {
     pub ts_ms: i64,
     /// The publisher asked for an `ack` once the event is accepted.
     pub ack: bool,
+    /// Who published it (user id): publish ids are deduplicated per publisher and channel.
+    pub publisher: Arc<str>,
+    /// A device named a trip or driver its credential does not list: accepted only if it
+    /// is bound to the device's vehicle (that vehicle's current trip).
+    pub bind_check: BindCheck,
+}
+
+/// What the store must check against a vehicle's current trip before accepting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BindCheck {
+    pub trip: bool,
+    pub driver: bool,
 }
 
 /// An event ready for delivery: routing facts plus its native frame.
@@ -130,6 +142,8 @@ pub(crate) fn test_event(
         timestamp: "t".into(),
         ts_ms: 0,
         ack: false,
+        publisher: "test".into(),
+        bind_check: Default::default(),
     };
     Arc::new(Event::encode("f".into(), p, seq, 1, b"1", accepted_at))
 }

@@ -207,8 +207,41 @@ impl ChannelHub {
 pub struct TenantHub {
     pub id: Arc<str>,
     channels: [Mutex<ChannelHub>; Channel::COUNT],
-    /// Publish ids seen recently (per tenant, all channels).
+    /// Publish ids seen recently (per tenant, keyed by publisher, channel and id).
     pub dedup: Mutex<Dedup>,
+    /// Each vehicle's current trip and driver, from the services' `trip_event`s.
+    pub bindings: Mutex<Bindings>,
+}
+
+/// A vehicle's current (or last) trip and driver, as the fleet's backend announced them
+/// in a `trip_event` naming the vehicle. A device may name these in what it publishes
+/// without its credential listing them (docs/operations.md, "Device scope").
+#[derive(Debug, Default)]
+pub struct Bindings {
+    by_vehicle: HashMap<Box<str>, TripBinding>,
+}
+
+/// (trip, driver) of one vehicle.
+type TripBinding = (Option<Box<str>>, Option<Box<str>>);
+
+impl Bindings {
+    /// Binds `trip` (and `driver`, if named) to `vehicle`, for at most `max` vehicles.
+    pub fn bind(&mut self, vehicle: &str, trip: &str, driver: Option<&str>, max: usize) {
+        if let Some(b) = self.by_vehicle.get_mut(vehicle) {
+            *b = (Some(trip.into()), driver.map(Into::into));
+        } else if self.by_vehicle.len() < max {
+            self.by_vehicle
+                .insert(vehicle.into(), (Some(trip.into()), driver.map(Into::into)));
+        }
+    }
+
+    pub fn trip_of(&self, vehicle: &str) -> Option<&str> {
+        self.by_vehicle.get(vehicle).and_then(|b| b.0.as_deref())
+    }
+
+    pub fn driver_of(&self, vehicle: &str) -> Option<&str> {
+        self.by_vehicle.get(vehicle).and_then(|b| b.1.as_deref())
+    }
 }
 
 /// Publish ids seen within a window, so a publisher's retry is not delivered twice.
@@ -254,9 +287,17 @@ impl std::hash::Hasher for PrehashedId {
 }
 
 impl Dedup {
-    /// Records `id`; returns true if it was already seen (see the type's bounds).
-    pub fn check(&mut self, id: &[u8], now: Instant, window: Duration, max_ids: usize) -> bool {
-        use std::hash::BuildHasher;
+    /// Records the id made of `parts` (publisher, channel, id: one publisher can never
+    /// suppress another's events); returns true if it was already seen (see the type's
+    /// bounds).
+    pub fn check(
+        &mut self,
+        parts: &[&[u8]],
+        now: Instant,
+        window: Duration,
+        max_ids: usize,
+    ) -> bool {
+        use std::hash::{BuildHasher, Hasher};
         let age = |since: Option<Instant>| since.map(|t| now.saturating_duration_since(t));
         if age(self.current_since).is_some_and(|a| a >= window) {
             self.rotate(now);
@@ -265,7 +306,13 @@ impl Dedup {
             self.previous.clear();
             self.previous_since = None;
         }
-        let h = self.keys.hash_one(id);
+        let mut hasher = self.keys.build_hasher();
+        for part in parts {
+            // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+            hasher.write_usize(part.len());
+            hasher.write(part);
+        }
+        let h = hasher.finish();
         if self.current.contains(&h) || self.previous.contains(&h) {
             return true;
         }
@@ -340,6 +387,7 @@ impl Hubs {
                     id: id.into(),
                     channels: Default::default(),
                     dedup: Mutex::new(Dedup::default()),
+                    bindings: Mutex::new(Bindings::default()),
                 })
             })
             .clone()
@@ -391,18 +439,21 @@ mod tests {
         let w = Duration::from_secs(60);
         let s = Duration::from_secs;
         let mut d = Dedup::default();
-        assert!(!d.check(b"\"a\"", t0, w, 3));
-        assert!(d.check(b"\"a\"", t0 + s(59), w, 3));
+        assert!(!d.check(&[b"\"a\""], t0, w, 3));
+        assert!(d.check(&[b"\"a\""], t0 + s(59), w, 3));
         // Remembered for at least the window, forgotten after twice the window.
-        assert!(d.check(b"\"a\"", t0 + s(61), w, 3));
-        assert!(!d.check(b"\"b\"", t0 + s(119), w, 3));
+        assert!(d.check(&[b"\"a\""], t0 + s(61), w, 3));
+        assert!(!d.check(&[b"\"b\""], t0 + s(119), w, 3));
         assert!(
-            !d.check(b"\"a\"", t0 + s(121), w, 3),
+            !d.check(&[b"\"a\""], t0 + s(121), w, 3),
             "forgotten after 2 windows"
         );
-        assert!(d.check(b"\"b\"", t0 + s(121), w, 3), "b is one window old");
         assert!(
-            !d.check(b"\"b\"", t0 + s(400), w, 3),
+            d.check(&[b"\"b\""], t0 + s(121), w, 3),
+            "b is one window old"
+        );
+        assert!(
+            !d.check(&[b"\"b\""], t0 + s(400), w, 3),
             "everything forgotten"
         );
 
@@ -410,12 +461,12 @@ mod tests {
         let t1 = t0 + s(1000);
         let mut d = Dedup::default();
         for id in [b"1", b"2", b"3", b"4", b"5", b"6"] {
-            assert!(!d.check(id, t1, w, 3));
+            assert!(!d.check(&[id], t1, w, 3));
         }
         for id in [b"4", b"5", b"6"] {
-            assert!(d.check(id, t1, w, 3), "within the last 3 ids");
+            assert!(d.check(&[id], t1, w, 3), "within the last 3 ids");
         }
-        assert!(!d.check(b"7", t1, w, 3));
-        assert!(!d.check(b"1", t1, w, 3), "forgotten: 6 newer ids");
+        assert!(!d.check(&[b"7"], t1, w, 3));
+        assert!(!d.check(&[b"1"], t1, w, 3), "forgotten: 6 newer ids");
     }
 }

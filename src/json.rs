@@ -243,6 +243,75 @@ pub fn member<'a>(b: &'a [u8], key: &str) -> Option<&'a [u8]> {
         .map(|m| &b[m.value])
 }
 
+/// Whether `raw` is exactly one JSON string or number: safe to copy into a reply as a
+/// message id (an id taken from a message that failed to parse may be any bytes).
+pub fn valid_id(raw: &[u8]) -> bool {
+    match raw.first() {
+        Some(b'"') => valid_string(raw),
+        Some(b'-' | b'0'..=b'9') => valid_number(raw),
+        _ => false,
+    }
+}
+
+fn valid_string(raw: &[u8]) -> bool {
+    if raw.len() < 2 || raw[raw.len() - 1] != b'"' {
+        return false;
+    }
+    let body = &raw[1..raw.len() - 1];
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' | 0..=0x1f => return false,
+            b'\\' => match body.get(i + 1) {
+                Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                Some(b'u')
+                    if body.len() >= i + 6
+                        && body[i + 2..i + 6].iter().all(u8::is_ascii_hexdigit) =>
+                {
+                    i += 6
+                }
+                _ => return false,
+            },
+            _ => i += 1,
+        }
+    }
+    std::str::from_utf8(body).is_ok()
+}
+
+fn valid_number(raw: &[u8]) -> bool {
+    let mut i = usize::from(raw.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while raw.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    match raw.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if raw.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if matches!(raw.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(raw.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == raw.len()
+}
+
 /// The raw elements of the array that spans `b`, in order. `b` must be valid JSON.
 pub fn array_elements(b: &[u8]) -> Option<Vec<Range<usize>>> {
     let mut out = Vec::new();
@@ -269,6 +338,26 @@ pub fn array_elements(b: &[u8]) -> Option<Vec<Range<usize>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn valid_ids_are_one_string_or_number() {
+        for ok in [&br#""a""#[..], br#""\u00e9\n""#, b"0", b"-12.5e+3", b"7"] {
+            assert!(valid_id(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &br#""x"},{"evil":1"#[..],
+            br#""a"#,
+            br#""a\q""#,
+            b"01",
+            b"1.",
+            b"-",
+            b"true",
+            b"{}",
+            b"\"a\x01\"",
+        ] {
+            assert!(!valid_id(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn escapes_strings() {

@@ -68,12 +68,21 @@ fn random_hex(bytes: usize) -> String {
 /// Development mode: one tenant and a key per role, printed for the user.
 fn dev_config(mut cfg: Config) -> Config {
     for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
+        let any: Vec<String> = if role == Role::Device {
+            vec!["*".into()]
+        } else {
+            vec![]
+        };
         cfg.auth.api_keys.push(ApiKeyConfig {
             key: format!("dev-{}-{}", role.name(), random_hex(12)),
             user_id: format!("dev-{}", role.name()),
             tenant: "fleet_001".into(),
             role,
-            vehicles: vec![],
+            // Explicitly every vehicle of the tenant (a device key with no vehicles may
+            // publish for none); the banner says so.
+            vehicles: any.clone(),
+            drivers: any.clone(),
+            trips: any,
         });
     }
     cfg.auth.jwt_hs256_secret = Some(random_hex(24));
@@ -86,6 +95,7 @@ fn print_dev_banner(cfg: &Config, addr: SocketAddr) {
     for k in &cfg.auth.api_keys {
         println!("  {:<8} {}", k.role.name(), k.key);
     }
+    println!("  (the device key may publish for any vehicle, driver and trip of fleet_001)");
     let viewer = &cfg.auth.api_keys[1].key;
     println!(
         "JWT secret (fleetcast token --secret ...): {}",

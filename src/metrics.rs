@@ -26,10 +26,20 @@ pub enum Limit {
     ProtocolError,
     Tenants,
     VehiclesPerTenant,
+    RequestRate,
+    PublishRate,
+    FutureTimestamp,
+    PendingConnections,
+    PendingConnectionsPerIp,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 17] = [
+    pub const ALL: [Limit; 22] = [
+        Limit::RequestRate,
+        Limit::PublishRate,
+        Limit::FutureTimestamp,
+        Limit::PendingConnections,
+        Limit::PendingConnectionsPerIp,
         Limit::Tenants,
         Limit::VehiclesPerTenant,
         Limit::MessageSize,
@@ -69,13 +79,22 @@ impl Limit {
             Limit::ProtocolError => "protocol_error",
             Limit::Tenants => "tenants",
             Limit::VehiclesPerTenant => "vehicles_per_tenant",
+            Limit::RequestRate => "request_rate",
+            Limit::PublishRate => "publish_rate",
+            Limit::FutureTimestamp => "future_timestamp",
+            Limit::PendingConnections => "pending_connections",
+            Limit::PendingConnectionsPerIp => "pending_connections_per_ip",
         }
     }
 
     /// The error or HTTP status: node capacity is 503, a client's own excess 429.
     pub fn code(self) -> u16 {
         match self {
-            Limit::ConnectionsPerNode | Limit::Tenants | Limit::VehiclesPerTenant => 503,
+            Limit::ConnectionsPerNode
+            | Limit::Tenants
+            | Limit::VehiclesPerTenant
+            | Limit::PendingConnections => 503,
+            Limit::FutureTimestamp => 400,
             _ => 429,
         }
     }
@@ -89,6 +108,12 @@ impl Limit {
             Limit::NewConnectionsPerIp => "too many new connections from this address, retry later",
             Limit::Tenants => "this node serves its maximum number of fleets",
             Limit::VehiclesPerTenant => "this fleet has its maximum number of vehicles with state",
+            Limit::PublishRate => "over the publish rate of this user",
+            Limit::RequestRate => "over the snapshot and history request rate",
+            Limit::PendingConnections => "too many connections in their handshake on this node",
+            Limit::PendingConnectionsPerIp => {
+                "too many connections in their handshake from this address"
+            }
             _ => self.name(),
         }
     }

@@ -50,6 +50,14 @@ impl crate::session::Admission for Shared {
             .ok_or(crate::metrics::Limit::Tenants)?;
         self.admission.admit_user(p, now.mono)
     }
+
+    fn publish_bucket(
+        &self,
+        p: &crate::auth::Principal,
+        now: crate::session::Now,
+    ) -> Option<Arc<crate::session::PublishBucket>> {
+        Some(self.admission.user_publish_bucket(p, now.mono))
+    }
 }
 
 impl Shared {
@@ -104,6 +112,7 @@ pub struct Node {
 impl Node {
     /// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
     pub fn start(config: Config) -> anyhow::Result<Node> {
+        config.validate()?;
         let n = config.shard_count();
         let auth = Authenticator::new(&config.auth)?;
         let first = bind(config.server.listen)

@@ -61,6 +61,45 @@ pub struct Ctx<'a> {
 /// On `Ok` the connection counts against its user until the shard releases it.
 pub trait Admission {
     fn admit(&self, principal: &Principal, now: Now) -> Result<(), Limit>;
+
+    /// The user's publish bucket, shared by all its connections and HTTP requests
+    /// (`None`: publishes are not limited per user).
+    fn publish_bucket(&self, _principal: &Principal, _now: Now) -> Option<Arc<PublishBucket>> {
+        None
+    }
+}
+
+/// One user's publish rate: a token bucket shared by every connection and HTTP request of
+/// that user, so that neither more connections nor HTTP bypass it. Held by sessions;
+/// locked once per publish (per user, never across users).
+#[derive(Debug)]
+pub struct PublishBucket {
+    rate: u32,
+    bucket: parking_lot::Mutex<Bucket>,
+}
+
+impl PublishBucket {
+    pub fn new(rate: u32, now: Instant) -> PublishBucket {
+        PublishBucket {
+            rate,
+            bucket: parking_lot::Mutex::new(Bucket::new(now, rate)),
+        }
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    pub fn try_take(&self, now: Instant) -> bool {
+        self.bucket.lock().try_take(now, self.rate, 1)
+    }
+
+    /// Whether the bucket is full at `now` (an idle bucket can be forgotten and made anew).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let mut b = self.bucket.lock();
+        b.try_take(now, self.rate, 0);
+        b.tokens >= self.rate as f64
+    }
 }
 
 /// Admits everyone (unit tests, benches).
@@ -230,6 +269,11 @@ pub struct Session {
     /// Since when messages have been dropped for rate, with no quiet second between.
     abuse_since: Option<Instant>,
     last_drop: Option<Instant>,
+    /// Snapshot requests and `since` replays (large replies), per connection.
+    requests: Bucket,
+    request_rate: u32,
+    /// The user's publish rate, shared with its other connections.
+    publish_bucket: Option<Arc<PublishBucket>>,
     actions: VecDeque<Action>,
 }
 
@@ -253,6 +297,7 @@ impl Session {
             Some(p) => limits.for_role(p.role).messages_per_second,
             None => limits.messages_per_second,
         };
+        let first_ping = first_ping_after(&conn_id, limits.heartbeat_interval());
         let mut s = Session {
             conn_id,
             scope,
@@ -261,18 +306,27 @@ impl Session {
             subs: Default::default(),
             sub_count: 0,
             last_heard: now,
-            next_ping: now + limits.heartbeat_interval(),
+            next_ping: now + first_ping,
             heartbeat: limits.heartbeat_interval(),
             bucket: Bucket::new(now, rate),
             rate,
             abuse_since: None,
             last_drop: None,
+            requests: Bucket::new(now, limits.requests_per_second),
+            request_rate: limits.requests_per_second,
+            publish_bucket: None,
             actions: VecDeque::new(),
         };
         if s.principal.is_some() {
             s.actions.push_back(Action::Authenticated);
         }
         s
+    }
+
+    /// The user's publish bucket (for a principal given at the handshake or over HTTP;
+    /// an `auth` message sets it through [`Admission::publish_bucket`]).
+    pub fn set_publish_bucket(&mut self, bucket: Option<Arc<PublishBucket>>) {
+        self.publish_bucket = bucket;
     }
 
     // ------------------------------------------------------------------ getters
@@ -343,6 +397,14 @@ impl Session {
         }
     }
 
+    /// One message of an HTTP publish request: handled as an item of a batch (a batch
+    /// inside it is refused), charged to the user's publish bucket, not to a connection's.
+    pub fn handle_item(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>) {
+        if !self.is_closed() {
+            self.handle_text(now, raw, ctx, false);
+        }
+    }
+
     /// A message over the rate is dropped with `error` 429; dropping for longer than
     /// `abuse_close_after` without a quiet second closes the connection (1008).
     fn rate_limited(&mut self, now: Now, msg: &Message<'_>, limits: &Limits) {
@@ -369,6 +431,25 @@ impl Session {
             id,
             &ProtoError::new(429, format!("over {} messages per second", self.rate)),
         );
+    }
+
+    /// When [`Session::handle_tick`] next has something to do (`None`: closed). Deadlines
+    /// only move later on input, except that an `auth` message can bring them forward:
+    /// ask again after input.
+    pub fn next_deadline(&self, now: Now) -> Option<Instant> {
+        let mut at = match self.state {
+            State::Closed => return None,
+            State::AwaitingAuth { deadline } => deadline,
+            State::Active => self.next_ping,
+        };
+        at = at
+            .min(self.next_ping)
+            .min(self.last_heard + self.heartbeat * 2);
+        if let Some(exp) = self.principal.as_ref().and_then(|p| p.expires_at) {
+            let left_ms = (exp as i64 * 1000).saturating_sub(now.unix_ms).max(0);
+            at = at.min(now.mono + Duration::from_millis(left_ms as u64));
+        }
+        Some(at)
     }
 
     pub fn handle_tick(&mut self, now: Now) {
@@ -481,7 +562,7 @@ impl Session {
             Command::Ack => Ok(()),
             _ if !authed => Err(ProtoError::new(401, "authenticate first")),
             Command::Subscribe(s) => self.handle_subscribe(now, id, s, ctx.limits),
-            Command::Publish(p) => self.handle_publish(now, id, raw, p),
+            Command::Publish(p) => self.handle_publish(now, id, raw, p, ctx.limits),
             Command::Batch(_) if !top_level => {
                 Err(ProtoError::field("messages", "batches do not nest"))
             }
@@ -592,6 +673,7 @@ impl Session {
                 let rate = ctx.limits.for_role(p.role).messages_per_second;
                 self.bucket.change_rate(now.mono, self.rate, rate);
                 self.rate = rate;
+                self.publish_bucket = ctx.admission.publish_bucket(&p, now);
                 self.principal = Some(p);
                 self.state = State::Active;
                 self.actions.push_back(Action::Authenticated);
@@ -692,6 +774,18 @@ impl Session {
             trips: f.trips.clone(),
             drivers: f.drivers.clone(),
         };
+        let heavy = req.action == SubAction::Request
+            || (req.action == SubAction::Subscribe && req.since.is_some());
+        if heavy && !self.requests.try_take(now.mono, self.request_rate, 1) {
+            self.actions.push_back(Action::Breach(Limit::RequestRate));
+            return Err(ProtoError::new(
+                429,
+                format!(
+                    "over {} snapshot and history requests per second",
+                    self.request_rate
+                ),
+            ));
+        }
         let ts = now.rfc3339();
         match req.action {
             SubAction::Request => {
@@ -792,6 +886,7 @@ impl Session {
         id: Option<&[u8]>,
         raw: &[u8],
         p: PublishRequest,
+        limits: &Limits,
     ) -> Result<(), ProtoError> {
         let principal = self.principal.as_ref().expect("authenticated");
         let channel = p.channel;
@@ -811,13 +906,36 @@ impl Session {
             return Err(ProtoError::new(403, "cannot publish for another fleet"));
         }
         let vehicle = p.keys.vehicle.as_deref();
-        if principal.role == Role::Device
-            && !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v))
-        {
-            return Err(ProtoError::new(
-                403,
-                "device may only publish for its own vehicle",
-            ));
+        let mut bind_check = crate::event::BindCheck::default();
+        if principal.role == Role::Device {
+            // Every id the store or routing uses must be within the device's scope.
+            if !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v)) {
+                return Err(ProtoError::forbidden(
+                    "vehicle_id",
+                    "device may only publish for its own vehicle",
+                ));
+            }
+            if p.device_id
+                .as_deref()
+                .is_some_and(|d| !principal.may_act_for_vehicle(d))
+            {
+                return Err(ProtoError::forbidden(
+                    "device_id",
+                    "device may only publish for its own vehicle",
+                ));
+            }
+            // Trips and drivers the credential does not list must be bound to the
+            // vehicle (its current trip); the store checks that under its lock.
+            bind_check.trip = p
+                .keys
+                .trip
+                .as_deref()
+                .is_some_and(|t| !principal.lists_trip(t));
+            bind_check.driver = p
+                .keys
+                .driver
+                .as_deref()
+                .is_some_and(|d| !principal.lists_driver(d));
         }
         if let Scope::Vehicle(v) = &self.scope
             && vehicle.is_some_and(|x| x != &**v)
@@ -834,6 +952,27 @@ impl Session {
             }
             None => (now.rfc3339(), now.unix_ms),
         };
+        if ts_ms > now.unix_ms.saturating_add(limits.max_future_skew_ms as i64) {
+            self.actions
+                .push_back(Action::Breach(Limit::FutureTimestamp));
+            return Err(ProtoError::field(
+                "timestamp",
+                format!(
+                    "timestamp is more than {} s ahead of the broker's clock",
+                    limits.max_future_skew_ms / 1000
+                ),
+            ));
+        }
+        if let Some(b) = &self.publish_bucket
+            && !b.try_take(now.mono)
+        {
+            self.actions.push_back(Action::Breach(Limit::PublishRate));
+            return Err(ProtoError::new(
+                429,
+                format!("over {} publishes per second for this user", b.rate()),
+            ));
+        }
+        let publisher = principal.user_id.clone();
         self.actions.push_back(Action::Publish(Publication {
             channel,
             id: id.map(<[u8]>::to_vec),
@@ -845,9 +984,22 @@ impl Session {
             status: p.status,
             timestamp,
             ts_ms,
+            publisher,
+            bind_check,
         }));
         Ok(())
     }
+}
+
+/// The first heartbeat ping comes after 0.5 to 1.5 intervals, by a hash of the connection
+/// id: connections opened together (a reconnect storm, a load test) are then pinged, and
+/// answer, spread over the interval instead of all in the same loop turn.
+fn first_ping_after(conn_id: &str, heartbeat: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    conn_id.hash(&mut h);
+    let phase = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    heartbeat.mul_f64(0.5 + phase)
 }
 
 fn new_keys(requested: &[Box<str>], existing: &[Box<str>]) -> Vec<Box<str>> {
@@ -959,6 +1111,8 @@ mod tests {
                 } else {
                     vec![]
                 },
+                drivers: vec![],
+                trips: vec![],
             };
             let auth = Authenticator::new(&AuthConfig {
                 api_keys: vec![key(VIEWER, Role::Viewer), key(DEVICE, Role::Device)],
@@ -1135,9 +1289,23 @@ mod tests {
             0,
             &format!(r#"{{"type":"auth","payload":{{"api_key":"{VIEWER}"}}}}"#),
         );
-        s.handle_tick(f.at(30_000));
+        // The first ping comes 0.5 to 1.5 intervals in (a phase per connection).
+        let first = s.next_deadline(f.at(0)).unwrap() - f.t0;
+        assert!(
+            (Duration::from_secs(15)..Duration::from_secs(45)).contains(&first),
+            "{first:?}"
+        );
+        let first_ms = first.as_millis() as u64;
+        s.handle_tick(f.at(first_ms - 1));
+        assert!(s.poll_action().is_none());
+        s.handle_tick(f.at(first_ms + 1));
         let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
         assert!(matches!(&a[..], [Action::Send(p)] if p[0] == 0x89), "{a:?}");
+        // Silent since 0: closed after two intervals.
+        assert_eq!(
+            s.next_deadline(f.at(first_ms + 1)),
+            Some(f.t0 + Duration::from_secs(60))
+        );
         s.handle_tick(f.at(59_999));
         assert!(closes(&std::iter::from_fn(|| s.poll_action()).collect::<Vec<_>>()).is_empty());
         s.handle_tick(f.at(60_000));
@@ -1192,6 +1360,22 @@ mod tests {
         let a = f.send(&mut s, 2, r#"{"type":"subscribe","id":"z","payload":{"channel":"telemetry","filters":{"vehicle_id":"v1"}}}"#);
         assert_eq!(texts(&a)[0]["payload"]["code"], 403);
         assert_eq!(texts(&a)[0]["id"], "z");
+    }
+
+    #[test]
+    fn first_pings_are_spread_over_the_interval() {
+        let h = Duration::from_secs(30);
+        let mut buckets = [0u32; 10];
+        for i in 0..10_000 {
+            let d = first_ping_after(&format!("c0-{i}-{i}"), h);
+            assert!(d >= h / 2 && d < h * 3 / 2, "{d:?}");
+            buckets[((d - h / 2).as_secs_f64() / 3.0) as usize] += 1;
+        }
+        // Uniform: each tenth of the interval gets about 1 000 of 10 000 connections.
+        assert!(
+            buckets.iter().all(|&n| (800..1200).contains(&n)),
+            "{buckets:?}"
+        );
     }
 
     #[test]
@@ -1253,6 +1437,8 @@ mod tests {
                 timestamp: "t".into(),
                 ts_ms: 0,
                 ack: false,
+                publisher: "broker".into(),
+                bind_check: Default::default(),
             };
             Event::encode("fleet_a".into(), p, seq, 1, b"\"e\"", f.t0)
         };

@@ -164,8 +164,14 @@ fn shipped_scenarios_match_their_broker_configs() {
                 assert_eq!(k.tenant, t.id, "{name}");
                 assert_eq!(k.role, role, "{name}");
                 assert!(
-                    k.vehicles.is_empty(),
-                    "{name}: device key limited to vehicles"
+                    role != Role::Device || k.vehicles.iter().any(|v| v == "*"),
+                    "{name}: device key limited to vehicles (it needs vehicles = [\"*\"])"
+                );
+                // One key is shared by every connection of the role: its user-wide
+                // publish bucket must take the whole scenario's rate.
+                assert!(
+                    l.for_role(role).publishes_per_second >= 10_000 || role == Role::Viewer,
+                    "{name}: {role:?} publishes_per_second"
                 );
                 let eff = l.for_role(role);
                 assert!(

@@ -79,6 +79,9 @@ pub struct PublishRequest {
     /// The publisher's own timestamp: raw string range and UNIX milliseconds.
     pub timestamp: Option<(Range<usize>, i64)>,
     pub fleet_id: Option<Box<str>>,
+    /// `device_id` when the payload names one (it is the vehicle when `vehicle_id` is
+    /// absent; either way a device's scope must cover it).
+    pub device_id: Option<Box<str>>,
     pub ack: bool,
 }
 
@@ -105,6 +108,15 @@ impl ProtoError {
             field: Some(field),
         }
     }
+
+    /// A 403 naming the field whose value is outside the credential's scope.
+    pub fn forbidden(field: &'static str, message: impl Into<Cow<'static, str>>) -> ProtoError {
+        ProtoError {
+            code: 403,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
 }
 
 /// Reusable parse state owned by a shard (no allocation per message once warm).
@@ -122,6 +134,9 @@ const MAX_FILTER_LIST: usize = 256;
 /// level 1). Payloads are forwarded as they are, and many subscribers' JSON parsers refuse
 /// deep nesting (serde_json at 128 levels): one publisher must not break them all.
 pub const MAX_DEPTH: usize = 32;
+/// Members of a payload object. A 1 KiB message holds fewer; an HTTP item is bounded by
+/// the same size, so this is a second, cheap fence for the duplicate-name check.
+pub const MAX_MEMBERS: usize = 256;
 
 impl Parser {
     /// Decodes one message. Returns the raw range of its `id` (for the reply) and the
@@ -458,12 +473,18 @@ fn decode_publish(
     // so that what subscribers read is what was authorized (a device's own vehicle).
     let body = &raw[payload.clone()];
     let members = json::object_members(body).unwrap_or_default();
-    for (i, a) in members.iter().enumerate() {
-        let name = json::unescape(&body[a.key.clone()]);
-        if members[..i]
-            .iter()
-            .any(|b| json::key_is(&body[b.key.clone()], &name))
-        {
+    if members.len() > MAX_MEMBERS {
+        return Err(ProtoError::field(
+            "payload",
+            format!("payload has more than {MAX_MEMBERS} members"),
+        ));
+    }
+    // Linear: each unescaped name goes into a set once (no comparison of every pair).
+    let mut seen = std::collections::HashSet::with_capacity(members.len());
+    for m in &members {
+        let name = json::unescape(&body[m.key.clone()]);
+        if !seen.insert(name) {
+            let name = json::unescape(&body[m.key.clone()]);
             return Err(ProtoError::field(
                 "payload",
                 format!("duplicate payload member {name:?}"),
@@ -475,8 +496,9 @@ fn decode_publish(
         trip: optional_id(p, "trip_id")?,
         driver: optional_id(p, "driver_id")?,
     };
+    let device_id = optional_id(p, "device_id")?;
     if keys.vehicle.is_none() {
-        keys.vehicle = optional_id(p, "device_id")?;
+        keys.vehicle = device_id.clone();
     }
     let mut severity = None;
     let mut category = None;
@@ -588,6 +610,7 @@ fn decode_publish(
         status,
         timestamp,
         fleet_id: opt_string(p, "fleet_id")?.map(Into::into),
+        device_id,
         ack,
     })
 }

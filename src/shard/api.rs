@@ -5,6 +5,7 @@
 //! roles, tenant checks, errors) and the same `accept_publication` (dedup, per-vehicle
 //! rate, encode once, fan-out).
 
+use super::conn::PendingBody;
 use super::{Published, Shard, now};
 use crate::auth::{Credential, Principal};
 use crate::event::Event;
@@ -56,6 +57,14 @@ impl Shard {
                 }
                 if principal.role == Role::Device {
                     return self.http_error(slot, 403, "devices may not read fleet data");
+                }
+                if !self.shared.admission.http_read(&principal, now.mono) {
+                    self.stats().breach(Limit::RequestRate);
+                    let msg = format!(
+                        "over {} polling requests per second for this user",
+                        self.shared.config.limits.requests_per_second
+                    );
+                    return self.http_error(slot, 429, &msg);
                 }
                 let max = self.shared.config.limits.max_tenants;
                 let Some(hub) = self.shared.hubs.try_tenant(fleet, max) else {
@@ -167,8 +176,40 @@ impl Shard {
             );
         }
         if self.conns[slot].rbuf.len() < head + len {
-            return; // The rest of the body is still on its way.
+            // The rest of the body is still on its way: keep what was decided (the head
+            // is not parsed, nor the credential verified, again on every read).
+            self.conns[slot].http_body = Some(Box::new(PendingBody {
+                head,
+                len,
+                principal,
+            }));
+            return;
         }
+        self.api_publish_body(slot, head, len, principal, now);
+    }
+
+    /// Continues a publish whose body arrives in pieces: runs once the body is complete.
+    pub(super) fn api_body_bytes(&mut self, slot: usize) {
+        let conn = &mut self.conns[slot];
+        let Some(p) = conn.http_body.as_ref() else {
+            return;
+        };
+        if conn.rbuf.len() < p.head + p.len {
+            return;
+        }
+        let p = conn.http_body.take().expect("checked");
+        self.api_publish_body(slot, p.head, p.len, p.principal, now());
+    }
+
+    fn api_publish_body(
+        &mut self,
+        slot: usize,
+        head: usize,
+        len: usize,
+        principal: Principal,
+        now: Now,
+    ) {
+        let limits = &self.shared.config.limits;
         let body = self.conns[slot].rbuf[head..head + len].to_vec();
         let Some(items) = split_messages(&body) else {
             return self.http_error(
@@ -182,10 +223,10 @@ impl Shard {
             let msg = format!("at most {} messages per request", limits.max_batch);
             return self.http_error(slot, 400, &msg);
         }
-        let allowed = self
+        let bucket = self
             .shared
             .admission
-            .http_messages(&principal, items.len(), now.mono);
+            .user_publish_bucket(&principal, now.mono);
         let max = limits.max_tenants;
         let Some(hub) = self.shared.hubs.try_tenant(&principal.tenant, max) else {
             return self.http_error(slot, 503, Limit::Tenants.message());
@@ -197,17 +238,21 @@ impl Shard {
             now.mono,
             limits,
         );
+        session.set_publish_bucket(Some(bucket));
         while session.poll_action().is_some() {}
+        let max_message = limits.max_message_bytes;
         let mut outcomes = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
+        for item in items {
             let raw = &body[item];
-            if i >= allowed {
-                self.stats().breach(Limit::MessageRate);
-                let id = json::member(raw, "id").map(<[u8]>::to_vec);
-                let err =
-                    br#"{"code":429,"message":"over the publish rate of this user"}"#.to_vec();
+            if raw.len() > max_message {
+                // The same size limit as a WebSocket message (closed there with 1009).
+                self.stats().breach(Limit::MessageSize);
+                let mut err = Vec::with_capacity(64);
+                err.extend_from_slice(b"{\"code\":413,\"message\":");
+                json::write_str(&mut err, &format!("message over {max_message} bytes"));
+                err.push(b'}');
                 outcomes.push(Outcome {
-                    id,
+                    id: valid_id_of(raw),
                     result: Err(err),
                 });
                 continue;
@@ -240,9 +285,9 @@ impl Shard {
             parser: &mut self.parser,
             admission: &AdmitAll,
         };
-        session.handle_message(now, crate::wire::frame::Message::Text(raw), &mut ctx);
+        session.handle_item(now, raw, &mut ctx);
         let mut outcome = Outcome {
-            id: json::member(raw, "id").map(<[u8]>::to_vec),
+            id: valid_id_of(raw),
             result: Err(Vec::new()),
         };
         while let Some(action) = session.poll_action() {
@@ -267,6 +312,14 @@ impl Shard {
         }
         outcome
     }
+}
+
+/// The message's `id`, if it is one JSON string or number (never raw bytes of a
+/// message that did not parse: they would make the response invalid JSON).
+fn valid_id_of(raw: &[u8]) -> Option<Vec<u8>> {
+    json::member(raw, "id")
+        .filter(|id| json::valid_id(id))
+        .map(<[u8]>::to_vec)
 }
 
 /// The JSON text of a server frame.

@@ -42,6 +42,21 @@ pub struct Conn {
     pub echo: bool,
     /// Snapshot values still to send, fed as the outbox drains.
     pub snapshots: Vec<PendingSnapshot>,
+    /// Counted as a pending (not yet upgraded or answered) connection in admission.
+    pub pending: bool,
+    /// An HTTP publish whose body is still arriving.
+    pub http_body: Option<Box<PendingBody>>,
+    /// When this connection's entry in the shard's timer heap fires.
+    pub timer_at: Option<Instant>,
+}
+
+/// What a publish request still waiting for its body has already decided, so that the
+/// head is not parsed, nor the credential verified, again on every read.
+#[derive(Debug)]
+pub struct PendingBody {
+    pub head: usize,
+    pub len: usize,
+    pub principal: crate::auth::Principal,
 }
 
 impl Conn {
@@ -66,6 +81,9 @@ impl Conn {
             dirty_since: deadline,
             echo: false,
             snapshots: Vec::new(),
+            pending: true,
+            http_body: None,
+            timer_at: None,
         }
     }
 

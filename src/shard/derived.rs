@@ -70,6 +70,8 @@ impl Shard {
             timestamp: crate::dialect::native::format_rfc3339_ms(now.unix_ms),
             ts_ms: now.unix_ms,
             ack: false,
+            publisher: "broker".into(),
+            bind_check: Default::default(),
         };
         let mut ch = hub.channel(channel).lock();
         ch.seq += 1;

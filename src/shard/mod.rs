@@ -33,8 +33,9 @@ use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
+use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -88,8 +89,12 @@ const INBOX_PER_TURN: usize = 8192;
 /// arrived, so a long fan-out does not hold back new input, and a connection not yet
 /// written gets the newer events in the same `writev`.
 const FLUSH_PER_TURN: usize = 256;
+/// Wait before accepting again after accept failed for lack of resources.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Time a peer gets to answer our close frame, or to read an HTTP response.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Connection timers (heartbeats, deadlines) handled per loop turn.
+const TIMERS_PER_TURN: usize = 1024;
 /// Connections sent their close frame per turn during shutdown (no reconnect storm).
 const SHUTDOWN_CLOSES_PER_TURN: usize = 500;
 /// Tick interval during shutdown: 500 closes per 10 ms is 50 000 per second.
@@ -118,9 +123,17 @@ pub struct Shard {
     /// Other shards to wake at the end of this turn.
     wake_mask: u64,
     accept_pending: bool,
+    /// Accept failed for lack of resources (EMFILE...): try again at this time, so that
+    /// the backlog is drained once descriptors are free (an edge-triggered listener
+    /// would not report the connections already queued).
+    accept_retry_at: Option<Instant>,
     next_generation: u32,
     next_event: u64,
     next_tick: Instant,
+    /// Every connection's next deadline (handshake, auth, heartbeat, expiry, close
+    /// linger), earliest first; entries that no longer match their connection are skipped
+    /// when they come up. No tick walks every connection.
+    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
     shutdown_deadline: Option<Instant>,
     /// Shard 0 publishes derived `fleet_metrics` and `system` status at this time.
     next_metrics: Instant,
@@ -166,9 +179,11 @@ impl Shard {
             pending_reads: Vec::new(),
             wake_mask: 0,
             accept_pending: false,
+            accept_retry_at: None,
             next_generation: 0,
             next_event: 0,
             next_tick: Instant::now(),
+            timers: BinaryHeap::new(),
             shutdown_deadline: None,
             next_metrics: Instant::now(),
             derived: Default::default(),
@@ -184,14 +199,26 @@ impl Shard {
         let mut events = Events::with_capacity(1024);
         let tick = Session::tick_interval(&self.shared.config.limits);
         loop {
+            let timers_due = self
+                .timers
+                .peek()
+                .is_some_and(|Reverse((t, _, _))| *t <= Instant::now());
             let busy = self.accept_pending
+                || timers_due
                 || !self.pending_reads.is_empty()
                 || !self.dirty.is_empty()
                 || !self.inbox.is_empty();
+            let mut wake_at = match self.accept_retry_at {
+                Some(t) => t.min(self.next_tick),
+                None => self.next_tick,
+            };
+            if let Some(Reverse((t, _, _))) = self.timers.peek() {
+                wake_at = wake_at.min(*t);
+            }
             let timeout = if busy {
                 Duration::ZERO
             } else {
-                self.next_tick.saturating_duration_since(Instant::now())
+                wake_at.saturating_duration_since(Instant::now())
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
@@ -221,6 +248,10 @@ impl Shard {
                     }
                 }
             }
+            if self.accept_retry_at.is_some_and(|t| Instant::now() >= t) {
+                self.accept_retry_at = None;
+                self.accept_pending = true;
+            }
             if self.accept_pending {
                 self.accept();
             }
@@ -232,6 +263,7 @@ impl Shard {
             }
             self.drain_inbox();
             self.flush_dirty();
+            self.fire_timers();
             if Instant::now() >= self.next_tick {
                 self.on_tick();
                 // While shutting down, tick fast to pace the close frames.
@@ -276,10 +308,13 @@ impl Shard {
                     self.accept_pending = false;
                     return;
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: retry on a later turn rather than spin.
-                    tracing::warn!(shard = self.id, "accept failed: {e}");
+                    // EMFILE and friends: the backlog is still queued and the listener
+                    // will not report it again; retry shortly rather than spin or forget.
+                    tracing::warn!(shard = self.id, "accept failed: {e}; retrying in 50 ms");
                     self.accept_pending = false;
+                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
                     return;
                 }
             }
@@ -288,10 +323,17 @@ impl Shard {
     }
 
     fn add_conn(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) {
+        // Connections that have not upgraded yet (or are still sending an HTTP request)
+        // are capped per node and per address: beyond it the socket is closed at once.
+        if let Err(limit) = self.shared.admission.pending_open(peer.ip()) {
+            self.stats().breach(limit);
+            return;
+        }
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         if slot >= WAKER.0 {
+            self.shared.admission.pending_done(peer.ip());
             return;
         }
         if let Err(e) = self.poll.registry().register(
@@ -300,17 +342,20 @@ impl Shard {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             tracing::warn!("register failed: {e}");
+            self.shared.admission.pending_done(peer.ip());
             return;
         }
         self.next_generation = self.next_generation.wrapping_add(1);
         let limits = &self.shared.config.limits;
+        let deadline = Instant::now() + limits.handshake_timeout();
         entry.insert(Conn::new(
             stream,
             peer,
             self.next_generation,
-            Instant::now() + limits.handshake_timeout(),
+            deadline,
             limits.max_message_bytes,
         ));
+        self.schedule(slot, deadline);
         self.stats()
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
@@ -322,6 +367,9 @@ impl Shard {
         }
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if conn.pending {
+            self.shared.admission.pending_done(conn.peer.ip());
+        }
         if let (Some(session), Some(hub)) = (&conn.session, &conn.hub) {
             let subs: Vec<(Channel, Selection)> = session
                 .subscriptions()
@@ -381,7 +429,11 @@ impl Shard {
         match conn.phase {
             Phase::Handshake { .. } => {
                 conn.rbuf.extend_from_slice(fresh);
-                self.on_handshake_bytes(slot);
+                if conn.http_body.is_some() {
+                    self.api_body_bytes(slot);
+                } else {
+                    self.on_handshake_bytes(slot);
+                }
             }
             Phase::Open => {
                 if conn.rbuf.is_empty() {
@@ -444,6 +496,9 @@ impl Shard {
             }
         };
         self.apply_actions(slot, now);
+        // A message can bring a deadline forward (authenticated: heartbeat instead of the
+        // auth timeout).
+        self.schedule_next(slot, now);
         used
     }
 
@@ -477,6 +532,9 @@ impl Shard {
             true
         });
         self.mark_dirty(slot);
+        if self.enforce_hard_bound(slot) {
+            return buf.len();
+        }
         match result {
             Ok(used) => {
                 if let Some(code) = close_code {
@@ -523,6 +581,17 @@ impl Shard {
                 return self.http_reply(slot, status, "text/plain", body.as_bytes());
             }
             Endpoint::Metrics => {
+                if let Some(token) = &shared.config.server.metrics_token
+                    && !req.bearer().is_some_and(|b| {
+                        crate::auth::constant_time_eq(b.as_bytes(), token.as_bytes())
+                    })
+                {
+                    return self.http_error(
+                        slot,
+                        401,
+                        "/metrics requires Authorization: Bearer <server.metrics_token>",
+                    );
+                }
                 let body = shared.render_metrics();
                 return self.http_reply(slot, 200, "text/plain; version=0.0.4", body.as_bytes());
             }
@@ -586,13 +655,18 @@ impl Shard {
             }
         }
         let conn_id = format!("c{}-{}-{}", self.id, slot, self.conns[slot].generation);
-        let session = Session::new(conn_id.into(), scope, principal, now.mono, limits);
+        let bucket = principal
+            .as_ref()
+            .map(|p| shared.admission.user_publish_bucket(p, now.mono));
+        let mut session = Session::new(conn_id.into(), scope, principal, now.mono, limits);
+        session.set_publish_bucket(bucket);
         self.upgrade(slot, head, key, Some(session));
     }
 
     /// Answers 101 and switches the connection to WebSocket (a session, or echo).
     fn upgrade(&mut self, slot: usize, head: usize, key: &str, session: Option<Session>) {
         let echo_max = self.shared.config.testing.echo_max_message_bytes;
+        self.not_pending(slot);
         let conn = &mut self.conns[slot];
         conn.out.push_owned(handshake::switching_protocols(key));
         conn.echo = session.is_none();
@@ -612,23 +686,35 @@ impl Shard {
             stats.connections_native.fetch_add(1, Ordering::Relaxed);
         }
         self.mark_dirty(slot);
-        self.apply_actions(slot, now());
+        let now = now();
+        self.apply_actions(slot, now);
+        self.schedule_next(slot, now);
         if !rest.is_empty() {
             let mut rest = rest;
             self.on_bytes(slot, &mut rest);
         }
     }
 
+    /// The connection is upgraded or answered: it no longer counts as pending.
+    fn not_pending(&mut self, slot: usize) {
+        let conn = &mut self.conns[slot];
+        if std::mem::take(&mut conn.pending) {
+            self.shared.admission.pending_done(conn.peer.ip());
+        }
+    }
+
     fn http_reply(&mut self, slot: usize, status: u16, content_type: &str, body: &[u8]) {
         self.stats().handshake(Outcome::from_status(status));
+        self.not_pending(slot);
         let conn = &mut self.conns[slot];
         conn.rbuf = Vec::new();
+        conn.http_body = None;
         conn.out
             .push_owned(handshake::response(status, content_type, body));
-        conn.phase = Phase::HttpClose {
-            deadline: Instant::now() + CLOSE_LINGER,
-        };
+        let deadline = Instant::now() + CLOSE_LINGER;
+        conn.phase = Phase::HttpClose { deadline };
         self.mark_dirty(slot);
+        self.schedule(slot, deadline);
     }
 
     fn http_error(&mut self, slot: usize, status: u16, message: &str) {
@@ -647,10 +733,7 @@ impl Shard {
                 return;
             };
             match action {
-                Action::Send(frame) => {
-                    conn.out.push_owned(frame);
-                    self.mark_dirty(slot);
-                }
+                Action::Send(frame) => self.send_owned(slot, frame),
                 Action::Authenticated => {
                     let tenant = conn
                         .session
@@ -771,13 +854,18 @@ impl Shard {
             })
             .collect();
         session.set_fence(channel, fence);
+        self.mark_dirty(slot);
+        // The reply and a `since` replay count against the bounds like events do.
+        if self.enforce_hard_bound(slot) {
+            return;
+        }
         if !items.is_empty() {
+            let conn = &mut self.conns[slot];
             conn.snapshots.retain(|s| s.channel != channel);
             conn.snapshots
                 .push(snapshot::PendingSnapshot::new(channel, items));
             self.feed_snapshots(slot);
         }
-        self.mark_dirty(slot);
     }
 
     /// Moves pending snapshot values into the outbox while it is below half the soft
@@ -831,6 +919,21 @@ impl Shard {
         };
         let (events, _) = hub.channel(channel).lock().snapshot(sel);
         let ts = crate::dialect::native::format_rfc3339_ms(now.unix_ms);
+        let hard = self.shared.config.limits.max_outbound_bytes;
+        let size: usize = events.iter().map(|e| e.json().len() + 1).sum();
+        if size > hard / 2 {
+            // One reply this large could never be queued within the bound; a subscription
+            // sends the same values paced as the client reads.
+            let e = ProtoError::new(
+                413,
+                format!(
+                    "snapshot of {} values ({size} bytes) is over half the outbound bound; \
+                     subscribe to {channel} instead (its snapshot is paced)",
+                    events.len()
+                ),
+            );
+            return self.send_owned(slot, frame::text_frame(&native::error(id, &ts, &e)));
+        }
         let json = crate::dialect::native::reply("snapshot", id, &ts, |o| {
             o.extend_from_slice(b"{\"channel\":");
             json::write_str(o, channel.name());
@@ -838,8 +941,7 @@ impl Shard {
             api::write_events(o, &events);
             o.push(b'}');
         });
-        self.conns[slot].out.push_owned(frame::text_frame(&json));
-        self.mark_dirty(slot);
+        self.send_owned(slot, frame::text_frame(&json));
     }
 
     /// A WebSocket publish: accept it, then answer with `ack` or `error` as asked.
@@ -880,14 +982,43 @@ impl Shard {
         let shared = self.shared.clone();
         let history = &shared.config.history;
         let channel = p.channel;
+        if p.bind_check != Default::default() {
+            let bindings = hub.bindings.lock();
+            let vehicle = p.keys.vehicle.as_deref().unwrap_or("");
+            if p.bind_check.trip && p.keys.trip.as_deref() != bindings.trip_of(vehicle) {
+                return Published::Refused(ProtoError::forbidden(
+                    "trip_id",
+                    "trip is neither in the device's credential nor its vehicle's current trip",
+                ));
+            }
+            if p.bind_check.driver && p.keys.driver.as_deref() != bindings.driver_of(vehicle) {
+                return Published::Refused(ProtoError::forbidden(
+                    "driver_id",
+                    "driver is neither in the device's credential nor on its vehicle's \
+                     current trip",
+                ));
+            }
+        }
         if let Some(id) = &p.id
-            && hub
-                .dedup
-                .lock()
-                .check(id, now.mono, history.dedup_window(), history.dedup_max_ids)
+            && hub.dedup.lock().check(
+                &[p.publisher.as_bytes(), &[channel as u8], id],
+                now.mono,
+                history.dedup_window(),
+                history.dedup_max_ids,
+            )
         {
             self.stats().drop(StatDrop::Duplicate, 1);
             return Published::Duplicate;
+        }
+        if channel == Channel::TripEvents
+            && let (Some(v), Some(t)) = (p.keys.vehicle.as_deref(), p.keys.trip.as_deref())
+        {
+            hub.bindings.lock().bind(
+                v,
+                t,
+                p.keys.driver.as_deref(),
+                shared.config.limits.max_vehicles_per_tenant,
+            );
         }
         self.next_event += 1;
         let mut fresh = Vec::with_capacity(40);
@@ -945,11 +1076,50 @@ impl Shard {
         Published::Accepted { seq: ev.seq }
     }
 
+    /// Queues a reply (an answer, an error, a pong). Every byte queued counts against the
+    /// connection's outbound bounds, whatever produced it.
     fn send_owned(&mut self, slot: usize, frame: Vec<u8>) {
-        if let Some(conn) = self.conns.get_mut(slot) {
+        if let Some(conn) = self.conns.get_mut(slot)
+            && conn.is_open()
+        {
             conn.out.push_owned(frame);
             self.mark_dirty(slot);
+            self.enforce_hard_bound(slot);
         }
+    }
+
+    /// Past `limits.max_outbound_bytes` of unread bytes (after giving the socket what it
+    /// takes) the connection is closed with 1013, as for events. Returns true if closed.
+    fn enforce_hard_bound(&mut self, slot: usize) -> bool {
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
+        let hard = shared.config.limits.max_outbound_bytes;
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        if conn.out.bytes() <= hard || !conn.is_open() {
+            return false;
+        }
+        if !conn.out.is_blocked() {
+            let before = conn.out.bytes();
+            let mut written_at = WriteStamp::default();
+            // A write error is left to the next flush, which drops the connection.
+            let _ = conn.out.flush(&mut conn.stream, |e| {
+                stats.publish_to_write.observe(written_at.since(e))
+            });
+            stats
+                .bytes_out
+                .fetch_add((before - conn.out.bytes()) as u64, Ordering::Relaxed);
+            if conn.out.bytes() <= hard {
+                return false;
+            }
+        }
+        stats.breach(Limit::SlowConsumer);
+        let discarded = conn.out.clear();
+        stats.drop(StatDrop::SlowConsumer, discarded as u64);
+        conn.snapshots.clear();
+        self.close_conn(slot, close::TRY_AGAIN_LATER, "slow consumer");
+        true
     }
 
     fn close_conn(&mut self, slot: usize, code: u16, reason: &str) {
@@ -959,12 +1129,14 @@ impl Shard {
         match conn.phase {
             Phase::Open => {
                 conn.out.push_owned(frame::close_frame(code, reason));
+                let deadline = Instant::now() + CLOSE_LINGER;
                 conn.phase = Phase::Closing {
-                    deadline: Instant::now() + CLOSE_LINGER,
+                    deadline,
                     shut: false,
                 };
                 conn.rbuf = Vec::new();
                 self.mark_dirty(slot);
+                self.schedule(slot, deadline);
             }
             Phase::Handshake { .. } => self.drop_conn(slot),
             Phase::Closing { .. } | Phase::HttpClose { .. } => {}
@@ -1207,40 +1379,86 @@ impl Shard {
 
     // ------------------------------------------------------------------ timers
 
-    fn on_tick(&mut self) {
+    /// Makes sure the connection's timer fires no later than `at`. A timer already due
+    /// earlier stays (when it fires, the connection's next deadline is computed anew).
+    fn schedule(&mut self, slot: usize, at: Instant) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if conn.timer_at.is_some_and(|t| t <= at) {
+            return;
+        }
+        conn.timer_at = Some(at);
+        self.timers.push(Reverse((at, slot, conn.generation)));
+    }
+
+    /// The deadline of the connection's phase, or its session's next one.
+    fn schedule_next(&mut self, slot: usize, now: Now) {
+        let Some(conn) = self.conns.get(slot) else {
+            return;
+        };
+        let at = match conn.phase {
+            Phase::Handshake { deadline }
+            | Phase::Closing { deadline, .. }
+            | Phase::HttpClose { deadline } => Some(deadline),
+            Phase::Open => conn.session.as_ref().and_then(|s| s.next_deadline(now)),
+        };
+        if let Some(at) = at {
+            self.schedule(slot, at);
+        }
+    }
+
+    /// Runs the connections' timers that are due, at most `TIMERS_PER_TURN` a turn (the
+    /// rest stay due and make the next poll non-blocking). Heartbeats have a phase per
+    /// connection, so a node's pings and their pongs are spread over the interval.
+    fn fire_timers(&mut self) {
         let now = now();
-        let mut expired = Vec::new();
-        let mut ticked = Vec::new();
-        for (slot, conn) in self.conns.iter() {
+        for _ in 0..TIMERS_PER_TURN {
+            match self.timers.peek() {
+                Some(Reverse((at, _, _))) if *at <= now.mono => {}
+                _ => return,
+            }
+            let Some(Reverse((at, slot, generation))) = self.timers.pop() else {
+                return;
+            };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.generation != generation || conn.timer_at != Some(at) {
+                continue; // Stale: the connection is gone or has an earlier timer.
+            }
+            conn.timer_at = None;
             match conn.phase {
-                Phase::Handshake { deadline }
-                | Phase::Closing { deadline, .. }
-                | Phase::HttpClose { deadline }
+                Phase::Handshake { deadline } if now.mono >= deadline => {
+                    self.stats().breach(Limit::HandshakeTimeout);
+                    self.stats().handshake(Outcome::Timeout);
+                    self.drop_conn(slot);
+                    continue;
+                }
+                Phase::Closing { deadline, .. } | Phase::HttpClose { deadline }
                     if now.mono >= deadline =>
                 {
-                    expired.push(slot)
+                    self.drop_conn(slot);
+                    continue;
                 }
-                Phase::Open => ticked.push(slot),
+                Phase::Open => {
+                    if let Some(s) = conn.session.as_mut() {
+                        s.handle_tick(now);
+                    }
+                    self.apply_actions(slot, now);
+                }
                 _ => {}
             }
+            self.schedule_next(slot, now);
         }
-        for slot in expired {
-            if matches!(self.conns[slot].phase, Phase::Handshake { .. }) {
-                self.stats().breach(Limit::HandshakeTimeout);
-                self.stats().handshake(Outcome::Timeout);
-            }
-            self.drop_conn(slot);
-        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = now();
         let queued: usize = self.conns.iter().map(|(_, c)| c.out.bytes()).sum();
         self.stats()
             .queued_bytes
             .store(queued as u64, Ordering::Relaxed);
-        for slot in ticked {
-            if let Some(s) = self.conns[slot].session.as_mut() {
-                s.handle_tick(now);
-            }
-            self.apply_actions(slot, now);
-        }
         if self.shutdown_deadline.is_some() {
             self.close_some_for_shutdown();
         }

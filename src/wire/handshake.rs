@@ -184,13 +184,24 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
             "connection" => out.connection_upgrade = has_token("upgrade"),
             "sec-websocket-key" => out.ws_key = Some(value.trim().to_string()),
             "sec-websocket-version" => out.ws_version = Some(value.trim().to_string()),
+            "authorization" if out.authorization.is_some() => return Err(HeadError::Malformed),
             "authorization" => out.authorization = Some(value.to_string()),
+            // A repeated length (or credential) is how requests are smuggled past a
+            // proxy that reads the other one: refused (RFC 9112 section 6.3).
+            "content-length" if out.content_length.is_some() => return Err(HeadError::Malformed),
             "content-length" => {
-                out.content_length = Some(value.trim().parse().map_err(|_| HeadError::Malformed)?)
+                let v = value.trim();
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(HeadError::Malformed);
+                }
+                out.content_length = Some(v.parse().map_err(|_| HeadError::Malformed)?)
             }
             "transfer-encoding" => out.chunked = has_token("chunked"),
             _ => {}
         }
+    }
+    if out.chunked && out.content_length.is_some() {
+        return Err(HeadError::Malformed);
     }
     Ok((Head::Complete(len), out))
 }

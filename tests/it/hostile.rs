@@ -4,6 +4,7 @@
 //! receive exactly what was published to them.
 
 use crate::raw::{self, *};
+use crate::security::*;
 use crate::support::*;
 use fleetcast::model::Role;
 use serde_json::{Value, json};
@@ -1506,4 +1507,288 @@ fn hostile_clients_beside_healthy_ones() {
         ) > 0
     );
     assert_healthy(&b);
+}
+
+// ------------------------------------------------- kinds added with issue 9
+
+/// One of each new kind of hostile client, beside healthy viewers receiving a known
+/// sequence: every viewer gets exactly the sequence, and each breach is counted exactly.
+#[test]
+fn new_hostile_kinds_beside_healthy_ones() {
+    const VIEWERS: usize = 4;
+    const ALERTS: usize = 100;
+    const FUTURE: usize = 5;
+    const IDLE: usize = 30;
+    const PENDING_PER_IP: usize = 20;
+    const RATE_DEVICE: &str = "dev-rate-key-0123456789";
+
+    let mut cfg = config(2);
+    cfg.limits.max_outbound_bytes = 256 * 1024;
+    cfg.limits.soft_outbound_bytes = 64 * 1024;
+    cfg.limits.requests_per_second = 2 * REQUESTS as u32;
+    cfg.limits.max_pending_connections_per_ip = PENDING_PER_IP;
+    cfg.limits.handshake_timeout_ms = 10_000;
+    cfg.limits.roles.device.publishes_per_second = Some(10);
+    add_key(
+        &mut cfg,
+        RATE_DEVICE,
+        "fleet_b",
+        Role::Device,
+        &["*"],
+        &[],
+        &[],
+    );
+    let b = Arc::new(Broker::start(cfg));
+    publish_fleet_state(&b, 200);
+
+    // Healthy viewers watch every channel the hostile clients aim at.
+    let viewers: Vec<Client> = (0..VIEWERS)
+        .map(|_| {
+            let mut c = b.connect_key(&key("fleet_a", Role::Viewer));
+            c.subscribe("alerts", json!({}));
+            c.subscribe("driver_status", json!({}));
+            c.subscribe("telemetry", json!({}));
+            c.subscribe("vehicle_locations", json!({"vehicle_ids":["v1","v2"]}));
+            c
+        })
+        .collect();
+    let mut expected: Vec<String> = (0..ALERTS).map(|i| format!("seq-{i}")).collect();
+    expected.push("end".into());
+
+    type Job = Box<dyn FnOnce(&Broker) -> String + Send>;
+    let jobs: Vec<(&str, Job)> = vec![
+        (
+            // One after the other, so that each knows the slow consumer counted is itself.
+            "flooders that never read",
+            Box::new(|b: &Broker| {
+                let mut f = Flooder::connect(b, &key("fleet_a", Role::Viewer));
+                // Fewer than the request burst: closed for its size, not its rate.
+                f.expect_slow_consumer_close(b, "request flood", REQUESTS, request_frame);
+                let mut f = Flooder::connect(b, &key("fleet_a", Role::Viewer));
+                f.expect_slow_consumer_close(b, "WebSocket ping flood", WS_PINGS, ws_ping_frame);
+                let mut f = Flooder::connect(b, &key("fleet_a", Role::Viewer));
+                f.expect_slow_consumer_close(b, "JSON ping flood", JSON_PINGS, json_ping_frame);
+                String::new()
+            }),
+        ),
+        (
+            "request rate",
+            Box::new(|b: &Broker| {
+                // Another user than the flooders, whatever the bucket's scope.
+                let mut c = b.connect_key(&key("fleet_a", Role::Admin));
+                let msgs: Vec<Value> = (0..3 * REQUESTS)
+                    .map(|i| request_msg(&format!("rr-{i}"), "driver_status"))
+                    .collect();
+                let refused = burst_replies(&mut c, &msgs)
+                    .iter()
+                    .filter(|r| match r["type"].as_str() {
+                        Some("snapshot") => false,
+                        Some("error") if r["payload"]["code"] == 429 => true,
+                        _ => panic!("request rate: unexpected {r}"),
+                    })
+                    .count();
+                assert!(
+                    refused >= REQUESTS / 2,
+                    "only {refused} of {} requests refused at {}/s",
+                    3 * REQUESTS,
+                    2 * REQUESTS
+                );
+                format!("request_rate={refused}")
+            }),
+        ),
+        (
+            "publish rate",
+            Box::new(|b: &Broker| {
+                let mut c = b.connect_key(RATE_DEVICE);
+                let started = Instant::now();
+                let msgs: Vec<Value> = (0..30)
+                    .map(|i| acked(telemetry(&format!("v{i}")), &format!("pr-{i}")))
+                    .collect();
+                let replies = burst_replies(&mut c, &msgs);
+                let refill = (started.elapsed().as_secs_f64() * 10.0).ceil() as usize;
+                let refused = replies
+                    .iter()
+                    .filter(|r| match r["type"].as_str() {
+                        Some("ack") => false,
+                        Some("error") if r["payload"]["code"] == 429 => true,
+                        _ => panic!("publish rate: unexpected {r}"),
+                    })
+                    .count();
+                assert!(
+                    30 - refused >= 10 && 30 - refused <= 10 + refill,
+                    "{refused} of 30 refused at 10/s"
+                );
+                format!("publish_rate={refused}")
+            }),
+        ),
+        (
+            "out-of-scope device",
+            Box::new(|b: &Broker| {
+                let mut dev = b.connect_key(DEVICE_V1);
+                let mut trip = acked(bare_location("v1", 1.0), "LEAK-trip");
+                trip["payload"]["trip_id"] = json!("t8");
+                let mut other = acked(telemetry("v1"), "LEAK-dev");
+                other["payload"]["device_id"] = json!("v2");
+                let mut other_loc = acked(bare_location("v1", 1.0), "LEAK-devloc");
+                other_loc["payload"]["device_id"] = json!("v2");
+                for m in [
+                    acked(driver_status(Some("v1"), "d_victim"), "LEAK-driver"),
+                    trip,
+                    other,
+                    other_loc,
+                ] {
+                    let id = m["id"].as_str().unwrap().to_string();
+                    crate::security::assert_error(&publish(&mut dev, m), &id, 403);
+                }
+                String::new()
+            }),
+        ),
+        (
+            "future timestamps",
+            Box::new(|b: &Broker| {
+                let mut svc = b.connect_key(&key("fleet_a", Role::Service));
+                for i in 0..FUTURE {
+                    let id = format!("LEAK-fut-{i}");
+                    let mut m = acked(bare_location("v1", 1.0), &id);
+                    m["timestamp"] = json!("2099-01-01T00:00:00Z");
+                    let e = publish(&mut svc, m);
+                    crate::security::assert_error(&e, &id, 400);
+                    assert_eq!(e["payload"]["field"], "timestamp", "{e}");
+                }
+                String::new()
+            }),
+        ),
+        (
+            "nested HTTP batch",
+            Box::new(|b: &Broker| {
+                let body = json!({"messages":[nested_line("LEAK-nested")]}).to_string();
+                let (_, r) = post(b, &key("fleet_a", Role::Service), &body);
+                assert_result(&r[0], 0, json!("LEAK-nested"), "rejected", Some(400));
+                String::new()
+            }),
+        ),
+        (
+            "oversized HTTP item",
+            Box::new(|b: &Broker| {
+                let mut big = acked(bare_location("v1", 1.0), "LEAK-big");
+                big["payload"]["extra"] = json!("x".repeat(60_000));
+                let body = json!({ "messages": [big] }).to_string();
+                let (_, r) = post(b, &key("fleet_a", Role::Service), &body);
+                assert_result(&r[0], 0, json!("LEAK-big"), "rejected", Some(413));
+                String::new()
+            }),
+        ),
+        (
+            "idle pre-upgrade sockets",
+            Box::new(|b: &Broker| {
+                let (held, closed) = idle_connections(
+                    b.addr,
+                    std::net::IpAddr::from(HOSTILE_IP),
+                    IDLE,
+                    IDLE - PENDING_PER_IP,
+                    Duration::from_secs(2),
+                );
+                assert!(
+                    held.len() <= PENDING_PER_IP,
+                    "{} idle connections held",
+                    held.len()
+                );
+                // Held until the end of the job; the broker may close them later.
+                drop(held);
+                format!("pending_connections_per_ip={closed}")
+            }),
+        ),
+    ];
+
+    let start = Arc::new(Barrier::new(VIEWERS + jobs.len() + 1));
+    let readers: Vec<_> = viewers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                let got = events_until_long(&mut c, "end");
+                (i, got, c)
+            })
+        })
+        .collect();
+    let hostiles: Vec<_> = jobs
+        .into_iter()
+        .map(|(name, job)| {
+            let (b, start) = (b.clone(), start.clone());
+            (
+                name,
+                thread::spawn(move || {
+                    start.wait();
+                    job(&b)
+                }),
+            )
+        })
+        .collect();
+
+    let mut publisher = b.connect_key(&key("fleet_a", Role::Service));
+    start.wait();
+    for chunk in expected[..ALERTS].chunks(10) {
+        for id in chunk {
+            publisher.send(acked(alert(id, "v1", "high"), id));
+        }
+        for id in chunk {
+            let ack = publisher.recv();
+            assert_eq!(
+                (&ack["type"], &ack["id"]),
+                (&json!("ack"), &json!(id)),
+                "{ack}"
+            );
+        }
+        thread::sleep(Duration::from_millis(30));
+    }
+    let mut counted: Vec<String> = Vec::new();
+    let mut failures = Vec::new();
+    for (name, h) in hostiles {
+        match h.join() {
+            Ok(s) if s.is_empty() => {}
+            Ok(s) => counted.push(s),
+            Err(e) => failures.push(format!(
+                "{name}: {}",
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+    // Only now the end marker: anything a hostile client slipped in came before it.
+    assert_accepted(&publish(
+        &mut publisher,
+        acked(alert("end", "v1", "high"), "end"),
+    ));
+    for r in readers {
+        let (i, got, mut c) = r.join().expect("healthy viewer");
+        assert_eq!(got, expected, "healthy viewer {i}");
+        c.expect_nothing_more(&format!("healthy viewer {i}"));
+    }
+    assert!(failures.is_empty(), "hostile clients: {failures:#?}");
+
+    let want = |kind: &str| -> u64 {
+        counted
+            .iter()
+            .find_map(|s| s.strip_prefix(&format!("{kind}=")))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    for (kind, n) in [
+        ("slow_consumer", 3),
+        ("request_rate", want("request_rate")),
+        ("publish_rate", want("publish_rate")),
+        ("future_timestamp", FUTURE as u64),
+        ("message_size", 1),
+        (
+            "pending_connections_per_ip",
+            want("pending_connections_per_ip"),
+        ),
+        ("pending_connections", 0),
+    ] {
+        assert_eq!(breaches(&b, kind), n, "breaches of {kind}");
+    }
+    assert!(want("pending_connections_per_ip") >= (IDLE - PENDING_PER_IP) as u64);
 }

@@ -114,6 +114,13 @@ fn publish_refusals_are_json_errors_with_codes() {
     let r = post(&b, Some(dev), &location("v2", 1.0).to_string()).1;
     assert_eq!(r["results"][0]["error"]["code"], 403, "{r}");
     let r = post(&b, Some(dev), &location("v1", 1.0).to_string()).1;
+    assert_eq!(
+        r["results"][0]["error"]["code"], 403,
+        "trip_1 is not its trip: {r}"
+    );
+    let mut own = location("v1", 1.0);
+    own["payload"].as_object_mut().unwrap().remove("trip_id");
+    let r = post(&b, Some(dev), &own.to_string()).1;
     assert_eq!(r["results"][0]["status"], "accepted", "{r}");
 }
 
@@ -229,7 +236,7 @@ fn http_publishes_are_rate_limited_per_user() {
     let (_, r) = post(&b, Some(&svc), &alert("r9", "v1", "low").to_string());
     assert_eq!(r["results"][0]["error"]["code"], 429, "{r}");
     assert_eq!(
-        b.metric("fleetcast_limit_breaches_total", "kind=\"message_rate\""),
+        b.metric("fleetcast_limit_breaches_total", "kind=\"publish_rate\""),
         4
     );
 }

@@ -17,6 +17,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod overload;
+mod security;
 mod slow_consumer;
 mod smoke;
 mod snapshot;

@@ -36,7 +36,11 @@ pub fn config(shards: usize) -> Config {
                 user_id: format!("{tenant}-{}", role.name()),
                 tenant: tenant.into(),
                 role,
-                vehicles: vec![],
+                // Devices may publish for any vehicle, driver and trip of the tenant
+                // (narrower scopes: security.rs).
+                vehicles: vec!["*".into()],
+                drivers: vec!["*".into()],
+                trips: vec!["*".into()],
             });
         }
         cfg.auth.api_keys.push(ApiKeyConfig {
@@ -45,6 +49,8 @@ pub fn config(shards: usize) -> Config {
             tenant: tenant.into(),
             role: Role::Device,
             vehicles: vec!["v1".into()],
+            drivers: vec![],
+            trips: vec![],
         });
     }
     cfg
@@ -292,6 +298,9 @@ pub fn relax_limits(cfg: &mut Config) {
     l.new_connections_per_minute_per_user = 1_000_000;
     l.new_connections_per_minute_per_ip = 1_000_000;
     l.location_update_interval_ms = 0;
+    l.requests_per_second = 1_000_000;
+    l.max_pending_connections = 100_000;
+    l.max_pending_connections_per_ip = 100_000;
 }
 
 impl Broker {
