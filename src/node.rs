@@ -4,94 +4,16 @@
 use crate::admission::NodeAdmission;
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::event::Event;
 use crate::hub::Hubs;
-use crate::metrics::{self, ShardStats};
+use crate::metrics::ShardStats;
+use crate::shard::shared::{Shared, unix_ms};
 use crate::shard::{Shard, WAKER};
-use crossbeam_channel::Sender;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Read-mostly state every shard sees: config, credentials, tenant hubs, and the way to
-/// reach every other shard.
-pub struct Shared {
-    pub config: Config,
-    pub auth: Authenticator,
-    pub admission: NodeAdmission,
-    pub hubs: Hubs,
-    /// Each shard's inbox of routed events.
-    pub mesh: Vec<Sender<Arc<Event>>>,
-    pub wakers: Vec<Arc<Waker>>,
-    pub stats: Vec<ShardStats>,
-    /// Set when shutdown begins (read by every shard each loop turn, ahead of its inbox).
-    pub stopping: std::sync::atomic::AtomicBool,
-    /// Set for a shard when an event could not be queued to it (its inbox was full).
-    pub inbox_overflowed: Vec<std::sync::atomic::AtomicBool>,
-}
-
-/// A shard whose loop has not turned for this long makes `/readyz` fail.
-const STALL_MS: u64 = 3_000;
-
-/// Admission of an authenticated principal: its tenant must fit on the node, and the
-/// user within its connection caps.
-impl crate::session::Admission for Shared {
-    fn admit(
-        &self,
-        p: &crate::auth::Principal,
-        now: crate::session::Now,
-    ) -> Result<(), crate::metrics::Limit> {
-        self.hubs
-            .try_tenant(&p.tenant, self.config.limits.max_tenants)
-            .ok_or(crate::metrics::Limit::Tenants)?;
-        self.admission.admit_user(p, now.mono)
-    }
-
-    fn publish_bucket(
-        &self,
-        p: &crate::auth::Principal,
-        now: crate::session::Now,
-    ) -> Option<Arc<crate::session::PublishBucket>> {
-        Some(self.admission.user_publish_bucket(p, now.mono))
-    }
-}
-
-impl Shared {
-    pub fn readiness(&self) -> (u16, String) {
-        readiness(&self.stats, unix_ms())
-    }
-
-    pub fn render_metrics(&self) -> String {
-        metrics::render(&self.stats)
-    }
-}
-
-/// `/readyz`: 200 when every shard's loop turned within `STALL_MS`, else 503 naming the
-/// stalled shards.
-fn readiness(stats: &[ShardStats], now_ms: u64) -> (u16, String) {
-    let stalled: Vec<usize> = stats
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| now_ms.saturating_sub(s.last_turn_ms.load(Ordering::Relaxed)) > STALL_MS)
-        .map(|(i, _)| i)
-        .collect();
-    if stalled.is_empty() {
-        (200, "ready\n".into())
-    } else {
-        (503, format!("stalled shards: {stalled:?}\n"))
-    }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -195,22 +117,5 @@ impl Node {
         for t in self.threads {
             let _ = t.join();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn readyz_turns_red_when_a_shard_stops_turning() {
-        let stats: Vec<ShardStats> = (0..3).map(|_| ShardStats::default()).collect();
-        for s in &stats {
-            s.last_turn_ms.store(10_000, Ordering::Relaxed);
-        }
-        assert_eq!(readiness(&stats, 10_000 + STALL_MS).0, 200);
-        stats[1].last_turn_ms.store(5_000, Ordering::Relaxed);
-        let (status, body) = readiness(&stats, 10_000 + STALL_MS);
-        assert_eq!((status, body.as_str()), (503, "stalled shards: [1]\n"));
     }
 }

@@ -85,7 +85,7 @@ impl Shard {
             all: true,
             ..Default::default()
         };
-        let (events, _) = hub.channel(Channel::VehicleLocations).lock().snapshot(&all);
+        let events = self.store().snapshot(hub, Channel::VehicleLocations, &all);
         let mut body = Vec::with_capacity(64 + events.len() * 256);
         body.extend_from_slice(b"{\"fleet_id\":");
         json::write_str(&mut body, &hub.id);
@@ -115,21 +115,12 @@ impl Shard {
             }
             (s, e) => (s.map(Result::unwrap).unwrap_or(0), e.map(Result::unwrap)),
         };
-        let history = &self.shared.config.history;
-        let our_epoch = self.shared.hubs.epoch;
-        let ch = hub.channel(channel).lock();
-        let same_epoch = epoch.is_none_or(|e| e == our_epoch);
-        let recovered = same_epoch
-            && ch
-                .replay_after(since, now.mono, history.max_age())
-                .is_some();
-        let events = ch.history_after(
-            if same_epoch { since } else { 0 },
-            now.mono,
-            history.max_age(),
-        );
-        let seq = ch.seq;
-        drop(ch);
+        let crate::store::HistoryPage {
+            epoch: our_epoch,
+            seq,
+            recovered,
+            events,
+        } = self.store().history(hub, channel, since, epoch, now);
         let mut body = Vec::with_capacity(128 + events.len() * 256);
         body.extend_from_slice(b"{\"fleet_id\":");
         json::write_str(&mut body, &hub.id);

@@ -14,17 +14,17 @@
 
 mod api;
 pub mod conn;
-mod derived;
 pub mod outbox;
+pub mod shared;
 pub mod snapshot;
 
 use crate::dialect::native::{self, Parser, ProtoError};
-use crate::event::Event;
+use crate::event::{Event, Publication};
 use crate::hub::TenantHub;
 use crate::json;
 use crate::metrics::{Drop as StatDrop, Limit, Outcome, ShardStats};
-use crate::node::Shared;
 use crate::session::{Action, Ctx, Now, Selection, Session, Verdict};
+use crate::store::{Counted, Joining, Positioned, Published, Store};
 use crate::wire::frame::{self, FrameError, FrameReader, Message, close};
 use crate::wire::handshake::{self, Endpoint, Head, HeadError};
 use crate::{auth::Credential, model::Channel};
@@ -32,6 +32,7 @@ use conn::{Conn, Phase};
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use shared::Shared;
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
@@ -44,14 +45,6 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
-
-/// What became of one publication.
-#[derive(Debug)]
-pub enum Published {
-    Accepted { seq: u64 },
-    Duplicate,
-    Refused(ProtoError),
-}
 
 /// Capacity of a shard's inbox. A shard this far behind is stalled, not slow: what does
 /// not fit is dropped (`drops{reason="overload"}`) and the shard closes its subscribers
@@ -137,7 +130,7 @@ pub struct Shard {
     shutdown_deadline: Option<Instant>,
     /// Shard 0 publishes derived `fleet_metrics` and `system` status at this time.
     next_metrics: Instant,
-    derived: derived::Derived,
+    derived: crate::store::derived::Derived,
 }
 
 fn now() -> Now {
@@ -787,26 +780,24 @@ impl Shard {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
-        let epoch = self.shared.hubs.epoch;
-        let history = &self.shared.config.history;
         let first = self.index.add(&hub.id, channel, added, slot);
-        let mut ch = hub.channel(channel).lock();
-        if first {
-            ch.shard_mask |= 1 << self.id;
-        }
-        let position = ch.seq;
-        let (events, mut fence) = if channel.is_state() {
-            ch.snapshot(snapshot)
-        } else {
-            Default::default()
-        };
-        let replay = match since {
-            Some((e, seq)) if channel.is_event() && e == epoch => {
-                ch.replay_after(seq, Instant::now(), history.max_age())
-            }
-            _ => None,
-        };
-        drop(ch);
+        let Positioned {
+            epoch,
+            position,
+            snapshot: events,
+            replay,
+            fence,
+        } = self.store().subscribe(
+            &hub,
+            channel,
+            Joining {
+                shard: self.id,
+                first,
+            },
+            snapshot,
+            since,
+            now(),
+        );
         if channel.is_event() {
             reply.extend_from_slice(b",\"epoch\":");
             json::write_u64(&mut reply, epoch);
@@ -818,15 +809,6 @@ impl Shard {
                 } else {
                     b",\"recovered\":false"
                 });
-            }
-            // Events still in flight up to `position` were replayed (or are older than the
-            // client asked for): skip them.
-            if replay.is_some() {
-                fence = crate::session::Fence {
-                    max: position,
-                    all: true,
-                    ..Default::default()
-                };
             }
         }
         reply.extend_from_slice(b"}}");
@@ -898,11 +880,15 @@ impl Shard {
 
     fn unindex(&mut self, hub: &TenantHub, channel: Channel, sel: &Selection, slot: usize) {
         if self.index.remove(&hub.id, channel, sel, slot) {
-            let mut ch = hub.channel(channel).lock();
-            // Re-check under the lock: nothing else on this shard can add meanwhile.
-            if !self.index.has_interest(&hub.id, channel) {
-                ch.shard_mask &= !(1 << self.id);
-            }
+            let index = &self.index;
+            let store = Store::new(
+                &self.shared.hubs,
+                &self.shared.config.limits,
+                &self.shared.config.history,
+            );
+            store.leave(hub, channel, self.id, || {
+                index.has_interest(&hub.id, channel)
+            });
         }
     }
 
@@ -917,7 +903,7 @@ impl Shard {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
-        let (events, _) = hub.channel(channel).lock().snapshot(sel);
+        let events = self.store().snapshot(&hub, channel, sel);
         let ts = crate::dialect::native::format_rfc3339_ms(now.unix_ms);
         let hard = self.shared.config.limits.max_outbound_bytes;
         let size: usize = events.iter().map(|e| e.json().len() + 1).sum();
@@ -971,109 +957,70 @@ impl Shard {
         self.send_owned(slot, frame::text_frame(&json));
     }
 
-    /// Accepts one validated publication for `hub`: dedup, per-vehicle rate, then under
-    /// the channel's lock seq, encode once, state, history and fan-out to shard inboxes.
-    fn accept_publication(
-        &mut self,
-        hub: &TenantHub,
-        p: crate::event::Publication,
-        now: Now,
-    ) -> Published {
-        let shared = self.shared.clone();
-        let history = &shared.config.history;
-        let channel = p.channel;
-        if p.bind_check != Default::default() {
-            let bindings = hub.bindings.lock();
-            let vehicle = p.keys.vehicle.as_deref().unwrap_or("");
-            if p.bind_check.trip && p.keys.trip.as_deref() != bindings.trip_of(vehicle) {
-                return Published::Refused(ProtoError::forbidden(
-                    "trip_id",
-                    "trip is neither in the device's credential nor its vehicle's current trip",
-                ));
-            }
-            if p.bind_check.driver && p.keys.driver.as_deref() != bindings.driver_of(vehicle) {
-                return Published::Refused(ProtoError::forbidden(
-                    "driver_id",
-                    "driver is neither in the device's credential nor on its vehicle's \
-                     current trip",
-                ));
-            }
-        }
-        if let Some(id) = &p.id
-            && hub.dedup.lock().check(
-                &[p.publisher.as_bytes(), &[channel as u8], id],
-                now.mono,
-                history.dedup_window(),
-                history.dedup_max_ids,
-            )
-        {
-            self.stats().drop(StatDrop::Duplicate, 1);
-            return Published::Duplicate;
-        }
-        if channel == Channel::TripEvents
-            && let (Some(v), Some(t)) = (p.keys.vehicle.as_deref(), p.keys.trip.as_deref())
-        {
-            hub.bindings.lock().bind(
-                v,
-                t,
-                p.keys.driver.as_deref(),
-                shared.config.limits.max_vehicles_per_tenant,
-            );
-        }
+    fn store(&self) -> Store<'_> {
+        let c = &self.shared.config;
+        Store::new(&self.shared.hubs, &c.limits, &c.history)
+    }
+
+    /// A fresh event id, unique in this run of the node: `"evt_<epoch>_<shard>_<n>"`.
+    fn fresh_id(&mut self) -> Vec<u8> {
         self.next_event += 1;
-        let mut fresh = Vec::with_capacity(40);
-        fresh.extend_from_slice(b"\"evt_");
-        let id = format!("{:x}_{}_{}", shared.hubs.epoch, self.id, self.next_event);
-        fresh.extend_from_slice(id.as_bytes());
-        fresh.push(b'"');
-        let interval = shared.config.limits.location_update_interval();
-        let mut ch = hub.channel(channel).lock();
-        if ch.would_exceed(
-            channel,
-            &p.keys,
-            shared.config.limits.max_vehicles_per_tenant,
-        ) {
-            drop(ch);
-            self.stats().breach(Limit::VehiclesPerTenant);
-            let l = Limit::VehiclesPerTenant;
-            return Published::Refused(ProtoError::new(l.code(), l.message()));
-        }
-        if channel == Channel::VehicleLocations
-            && !interval.is_zero()
-            && ch.accepted_within(&p.keys, now.mono, interval)
-        {
-            drop(ch);
-            self.stats().breach(Limit::LocationRate);
-            self.stats().drop(StatDrop::RateLimited, 1);
-            return Published::Refused(ProtoError::new(
-                429,
-                "at most one location update per vehicle per interval",
-            ));
-        }
-        ch.seq += 1;
-        let ev = Arc::new(Event::encode(
-            hub.id.clone(),
-            p,
-            ch.seq,
-            shared.hubs.epoch,
-            &fresh,
-            now.mono,
-        ));
-        ch.record_state(&ev);
-        ch.record_history(&ev, history.max_events, history.max_age());
-        if channel == Channel::FleetMetrics {
-            ch.published_metrics = Some(ev.clone());
-        }
-        if let (Channel::Alerts, Some(severity)) = (channel, ev.severity) {
-            ch.count_alert(shared.hubs.minute(now.mono), severity);
-        }
-        self.wake_mask |= route(&shared, self.id, &ev, ch.shard_mask);
-        drop(ch);
+        format!(
+            "\"evt_{:x}_{}_{}\"",
+            self.shared.hubs.epoch, self.id, self.next_event
+        )
+        .into_bytes()
+    }
+
+    /// Hands a validated publication to the store, routes it to the shards with
+    /// subscribers and counts the outcome.
+    fn accept_publication(&mut self, hub: &TenantHub, p: Publication, now: Now) -> Published {
+        let fresh = self.fresh_id();
+        let shared = self.shared.clone();
+        let channel = p.channel;
+        let (me, mut wake) = (self.id, 0);
+        let mut counted = Counted::default();
+        let out = self
+            .store()
+            .accept(hub, p, &fresh, now, &mut counted, |ev, mask| {
+                wake = route(&shared, me, ev, mask)
+            });
+        self.wake_mask |= wake;
         let stats = self.stats();
-        stats.publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
-        stats.published_bytes[channel.index()]
-            .fetch_add(ev.payload.len() as u64, Ordering::Relaxed);
-        Published::Accepted { seq: ev.seq }
+        if let Some(l) = counted.breach {
+            stats.breach(l);
+        }
+        if counted.duplicate {
+            stats.drop(StatDrop::Duplicate, 1);
+        }
+        if counted.rate_limited {
+            stats.drop(StatDrop::RateLimited, 1);
+        }
+        if let Published::Accepted { .. } = out {
+            stats.publishes[channel.index()].fetch_add(1, Ordering::Relaxed);
+            stats.published_bytes[channel.index()]
+                .fetch_add(counted.accepted_bytes as u64, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Shard 0's timer: derived `fleet_metrics` and `system_status`, through the store.
+    fn publish_derived(&mut self, now: Now) {
+        let shared = self.shared.clone();
+        let mut derived = std::mem::take(&mut self.derived);
+        let mut made = Vec::new();
+        derived.tick(&self.store(), &shared.stats, now, |hub, p| {
+            made.push((shared.hubs.tenant(&hub.id), p))
+        });
+        self.derived = derived;
+        for (hub, p) in made {
+            let fresh = self.fresh_id();
+            let (me, mut wake) = (self.id, 0);
+            self.store().broadcast(&hub, p, &fresh, now, |ev, mask| {
+                wake = route(&shared, me, ev, mask)
+            });
+            self.wake_mask |= wake;
+        }
     }
 
     /// Queues a reply (an answer, an error, a pong). Every byte queued counts against the

@@ -3,10 +3,11 @@
 //! fields a service published, and `system_status` on the admin-only `system` channel.
 //! Computed only for tenants with subscribers on those channels.
 
-use super::Shard;
-use crate::event::Event;
+use super::Store;
+use crate::event::Publication;
 use crate::hub::TenantHub;
 use crate::json;
+use crate::metrics::ShardStats;
 use crate::model::{Channel, EntityKeys};
 use crate::session::Now;
 use std::collections::{HashMap, HashSet};
@@ -33,60 +34,33 @@ struct NodeReading {
     publishes: u64,
 }
 
-impl Shard {
-    pub(super) fn publish_derived(&mut self, now: Now) {
+impl Derived {
+    /// Computes the derived events due now and hands each to `emit` (which publishes it
+    /// through [`Store::broadcast`]).
+    pub fn tick(
+        &mut self,
+        store: &Store<'_>,
+        stats: &[ShardStats],
+        now: Now,
+        mut emit: impl FnMut(&TenantHub, Publication),
+    ) {
         let mut system: Option<Vec<u8>> = None;
-        for hub in self.shared.hubs.all() {
+        for hub in store.hubs.all() {
             let wants = |c| hub.channel(c).lock().shard_mask != 0;
             if wants(Channel::FleetMetrics) {
-                let payload = self.fleet_metrics(&hub, now);
-                self.broadcast(&hub, Channel::FleetMetrics, payload, now);
+                let payload = self.fleet_metrics(store, &hub, now);
+                emit(&hub, broker_event(Channel::FleetMetrics, payload, now));
             }
             if wants(Channel::System) {
                 let payload = system
-                    .get_or_insert_with(|| self.system_status(now))
+                    .get_or_insert_with(|| self.system_status(store, stats, now))
                     .clone();
-                self.broadcast(&hub, Channel::System, payload, now);
+                emit(&hub, broker_event(Channel::System, payload, now));
             }
         }
     }
 
-    /// Publishes a broker-made event: seq, encode once, fan-out. No state, history or
-    /// dedup: derived events are recomputed every interval.
-    fn broadcast(&mut self, hub: &TenantHub, channel: Channel, payload: Vec<u8>, now: Now) {
-        self.next_event += 1;
-        let fresh = format!(
-            "\"evt_{:x}_{}_{}\"",
-            self.shared.hubs.epoch, self.id, self.next_event
-        );
-        let p = crate::event::Publication {
-            channel,
-            id: None,
-            payload,
-            keys: EntityKeys::default(),
-            severity: None,
-            category: None,
-            status: None,
-            timestamp: crate::dialect::native::format_rfc3339_ms(now.unix_ms),
-            ts_ms: now.unix_ms,
-            ack: false,
-            publisher: "broker".into(),
-            bind_check: Default::default(),
-        };
-        let mut ch = hub.channel(channel).lock();
-        ch.seq += 1;
-        let ev = Arc::new(Event::encode(
-            hub.id.clone(),
-            p,
-            ch.seq,
-            self.shared.hubs.epoch,
-            fresh.as_bytes(),
-            now.mono,
-        ));
-        self.wake_mask |= super::route(&self.shared, self.id, &ev, ch.shard_mask);
-    }
-
-    fn fleet_metrics(&mut self, hub: &TenantHub, now: Now) -> Vec<u8> {
+    fn fleet_metrics(&mut self, store: &Store<'_>, hub: &TenantHub, now: Now) -> Vec<u8> {
         let (mut active, mut speed_sum, mut speeds) = (0u64, 0f64, 0u64);
         let mut trips: HashSet<Box<str>> = HashSet::new();
         {
@@ -108,7 +82,7 @@ impl Shard {
         let alerts = hub
             .channel(Channel::Alerts)
             .lock()
-            .alerts_last_hour(self.shared.hubs.minute(now.mono));
+            .alerts_last_hour(store.hubs.minute(now.mono));
         let published = hub
             .channel(Channel::FleetMetrics)
             .lock()
@@ -118,11 +92,7 @@ impl Shard {
             .iter()
             .map(|c| hub.channel(*c).lock().seq)
             .sum();
-        let rate = match self
-            .derived
-            .tenant_seqs
-            .insert(hub.id.clone(), (total, now.mono))
-        {
+        let rate = match self.tenant_seqs.insert(hub.id.clone(), (total, now.mono)) {
             Some((prev, at)) => {
                 let secs = now.mono.saturating_duration_since(at).as_secs_f64();
                 if secs > 0.0 {
@@ -183,10 +153,8 @@ impl Shard {
         o
     }
 
-    fn system_status(&mut self, now: Now) -> Vec<u8> {
-        let sum = |f: fn(&crate::metrics::ShardStats) -> u64| -> u64 {
-            self.shared.stats.iter().map(f).sum()
-        };
+    fn system_status(&mut self, store: &Store<'_>, stats: &[ShardStats], now: Now) -> Vec<u8> {
+        let sum = |f: fn(&ShardStats) -> u64| -> u64 { stats.iter().map(f).sum() };
         let reading = NodeReading {
             at: now.mono,
             cpu_ticks: proc_cpu_ticks().unwrap_or(0),
@@ -194,7 +162,7 @@ impl Shard {
             deliveries: sum(|s| s.deliveries_total()),
             publishes: sum(|s| s.publishes.iter().map(|a| a.load(Ordering::Relaxed)).sum()),
         };
-        let prev = self.derived.node.replace(reading);
+        let prev = self.node.replace(reading);
         let per_sec = |cur: u64, old: u64, secs: f64| {
             if secs > 0.0 {
                 (cur.saturating_sub(old)) as f64 / secs
@@ -230,18 +198,36 @@ impl Shard {
         o.extend_from_slice(b",\"deliveries_per_second\":");
         o.extend_from_slice(format!("{dels:.1}").as_bytes());
         o.extend_from_slice(b",\"shards\":");
-        json::write_u64(&mut o, self.shared.stats.len() as u64);
+        json::write_u64(&mut o, stats.len() as u64);
         o.extend_from_slice(b",\"tenants\":");
-        json::write_u64(&mut o, self.shared.hubs.all().len() as u64);
+        json::write_u64(&mut o, store.hubs.all().len() as u64);
         o.extend_from_slice(b",\"uptime_seconds\":");
         json::write_u64(
             &mut o,
             now.mono
-                .saturating_duration_since(self.shared.hubs.started)
+                .saturating_duration_since(store.hubs.started)
                 .as_secs(),
         );
         o.push(b'}');
         o
+    }
+}
+
+/// A broker-made event: no id (a fresh one is given), the broker's time.
+fn broker_event(channel: Channel, payload: Vec<u8>, now: Now) -> Publication {
+    Publication {
+        channel,
+        id: None,
+        payload,
+        keys: EntityKeys::default(),
+        severity: None,
+        category: None,
+        status: None,
+        timestamp: crate::dialect::native::format_rfc3339_ms(now.unix_ms),
+        ts_ms: now.unix_ms,
+        ack: false,
+        publisher: "broker".into(),
+        bind_check: Default::default(),
     }
 }
 
