@@ -154,45 +154,70 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
+/// Public keys for asymmetric JWTs, already read and parsed: `Config::validate` loads
+/// them from the files the config names, so nothing here touches the file system.
+#[derive(Debug, Clone, Default)]
+pub struct JwtKeys {
+    pub rs256: Option<DecodingKey>,
+    pub es256: Option<DecodingKey>,
+}
+
 impl Authenticator {
+    /// An authenticator for API keys and HS256 only. A config naming RS256 or ES256 key
+    /// files is refused: their keys are read by `Config::validate`, which gives them to
+    /// `with_keys`.
     pub fn new(cfg: &AuthConfig) -> anyhow::Result<Authenticator> {
-        let read = |path: &str| {
-            std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read key file {path}: {e}"))
-        };
-        let rs256 = match &cfg.jwt_rs256_public_key_file {
-            Some(p) => Some(DecodingKey::from_rsa_pem(&read(p)?)?),
-            None => None,
-        };
-        let es256 = match &cfg.jwt_es256_public_key_file {
-            Some(p) => Some(DecodingKey::from_ec_pem(&read(p)?)?),
-            None => None,
-        };
+        for (key, set) in [
+            (
+                "auth.jwt_rs256_public_key_file",
+                &cfg.jwt_rs256_public_key_file,
+            ),
+            (
+                "auth.jwt_es256_public_key_file",
+                &cfg.jwt_es256_public_key_file,
+            ),
+        ] {
+            anyhow::ensure!(
+                set.is_none(),
+                "{key} is set: load it with Config::validate and pass the keys to \
+                 Authenticator::with_keys"
+            );
+        }
+        Authenticator::with_keys(cfg, JwtKeys::default())
+    }
+
+    /// An authenticator for the config's API keys and HS256 secret and the given public
+    /// keys (the paths in `cfg` are not read). Refuses an API key listed twice.
+    pub fn with_keys(cfg: &AuthConfig, keys: JwtKeys) -> anyhow::Result<Authenticator> {
         // Keys are looked up by their SHA-256 digest, so the comparison time does not
         // depend on how many leading bytes of a guess were right.
-        let api_keys = cfg
-            .api_keys
-            .iter()
-            .map(|k| {
-                let scope =
-                    DeviceScope::from_lists(k.vehicles.clone(), k.drivers.clone(), k.trips.clone());
-                let p = Principal {
-                    user_id: k.user_id.as_str().into(),
-                    tenant: k.tenant.as_str().into(),
-                    role: k.role,
-                    scope: Arc::new(scope),
-                    expires_at: None,
-                };
-                (key_digest(&k.key), p)
-            })
-            .collect();
+        let mut api_keys = HashMap::with_capacity(cfg.api_keys.len());
+        for k in &cfg.api_keys {
+            let scope =
+                DeviceScope::from_lists(k.vehicles.clone(), k.drivers.clone(), k.trips.clone());
+            let p = Principal {
+                user_id: k.user_id.as_str().into(),
+                tenant: k.tenant.as_str().into(),
+                role: k.role,
+                scope: Arc::new(scope),
+                expires_at: None,
+            };
+            if let Some(other) = api_keys.insert(key_digest(&k.key), p) {
+                anyhow::bail!(
+                    "api key listed twice (users {:?} and {:?})",
+                    other.user_id,
+                    k.user_id
+                );
+            }
+        }
         Ok(Authenticator {
             api_keys,
             hs256: cfg
                 .jwt_hs256_secret
                 .as_ref()
                 .map(|s| DecodingKey::from_secret(s.as_bytes())),
-            rs256,
-            es256,
+            rs256: keys.rs256,
+            es256: keys.es256,
             issuer: cfg.jwt_issuer.clone(),
             require_exp: cfg.require_exp,
         })
@@ -401,6 +426,60 @@ mod tests {
 }
 
 #[cfg(test)]
+mod construction_tests {
+    use super::*;
+    use crate::config::ApiKeyConfig;
+
+    fn key(key: &str, user: &str) -> ApiKeyConfig {
+        ApiKeyConfig {
+            key: key.into(),
+            user_id: user.into(),
+            tenant: "fleet_001".into(),
+            role: Role::Viewer,
+            vehicles: vec![],
+            drivers: vec![],
+            trips: vec![],
+        }
+    }
+
+    #[test]
+    fn new_refuses_key_file_paths_instead_of_reading_them() {
+        for cfg in [
+            AuthConfig {
+                jwt_rs256_public_key_file: Some("/nonexistent/rs.pem".into()),
+                ..Default::default()
+            },
+            AuthConfig {
+                jwt_es256_public_key_file: Some("/nonexistent/es.pem".into()),
+                ..Default::default()
+            },
+        ] {
+            let err = Authenticator::new(&cfg).err().expect("refused").to_string();
+            assert!(err.contains("public_key_file is set"), "{err}");
+            // The paths are not read: with loaded keys (none here) it is accepted.
+            assert!(Authenticator::with_keys(&cfg, JwtKeys::default()).is_ok());
+        }
+    }
+
+    #[test]
+    fn an_api_key_listed_twice_is_refused() {
+        let cfg = AuthConfig {
+            api_keys: vec![
+                key("shared-key-0123456789", "tenant-a-viewer"),
+                key("other-key-0123456789", "x"),
+                key("shared-key-0123456789", "tenant-b-service"),
+            ],
+            ..Default::default()
+        };
+        let err = Authenticator::new(&cfg).err().expect("refused").to_string();
+        assert!(
+            err.contains("listed twice") && err.contains("tenant-b-service"),
+            "{err}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod asymmetric_tests {
     use super::*;
 
@@ -415,12 +494,12 @@ mod asymmetric_tests {
 
     #[test]
     fn rs256_and_es256_tokens_verify_with_configured_public_keys() {
-        let a = Authenticator::new(&AuthConfig {
-            jwt_rs256_public_key_file: Some(fixture("rs256-public.pem")),
-            jwt_es256_public_key_file: Some(fixture("es256-public.pem")),
-            ..Default::default()
-        })
-        .unwrap();
+        let pem = |name: &str| std::fs::read(fixture(name)).unwrap();
+        let keys = JwtKeys {
+            rs256: Some(DecodingKey::from_rsa_pem(&pem("rs256-public.pem")).unwrap()),
+            es256: Some(DecodingKey::from_ec_pem(&pem("es256-public.pem")).unwrap()),
+        };
+        let a = Authenticator::with_keys(&AuthConfig::default(), keys).unwrap();
         let rsa = std::fs::read(fixture("rs256-private.pem")).unwrap();
         let ec = std::fs::read(fixture("es256-private.pem")).unwrap();
         let t = sign(

@@ -2,8 +2,12 @@
 //!
 //! Every option is documented in `docs/configuration.md`; a default here has a reason there.
 
+use crate::auth::JwtKeys;
 use crate::model::Role;
+use jsonwebtoken::DecodingKey;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +20,9 @@ pub struct Config {
     pub auth: AuthConfig,
     pub history: HistoryConfig,
     pub testing: TestingConfig,
+    /// Lines of the `[[auth.api_keys]]` entries when parsed from text (`Config::parse`).
+    #[serde(skip)]
+    api_key_lines: Vec<KeyLine>,
 }
 
 /// Event history (resume with `since`) and publish-id deduplication.
@@ -311,92 +318,388 @@ pub struct ApiKeyConfig {
     pub trips: Vec<String>,
 }
 
+/// Where an `[[auth.api_keys]]` entry was in the text a config was parsed from, to name
+/// its line in errors. Matched to `auth.api_keys[i]` by the key's digest, so an entry
+/// replaced or moved after parsing is named by its index instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyLine {
+    line: usize,
+    digest: [u8; 32],
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line of each `[[auth.api_keys]] key` value, in order (the text is already known
+/// to parse as a `Config`; only the spans are read here).
+fn api_key_lines(text: &str) -> Vec<KeyLine> {
+    #[derive(Deserialize, Default)]
+    struct File {
+        #[serde(default)]
+        auth: Auth,
+    }
+    #[derive(Deserialize, Default)]
+    struct Auth {
+        #[serde(default)]
+        api_keys: Vec<Key>,
+    }
+    #[derive(Deserialize)]
+    struct Key {
+        key: toml::Spanned<String>,
+    }
+    let Ok(file) = toml::from_str::<File>(text) else {
+        return Vec::new();
+    };
+    file.auth
+        .api_keys
+        .iter()
+        .map(|k| KeyLine {
+            line: line_of(text, k.key.span().start),
+            digest: digest(k.key.get_ref()),
+        })
+        .collect()
+}
+
+/// Every semantic problem found in a config, one message per problem, each naming the
+/// key at fault. (TOML syntax, type and unknown-key errors come from `Config::parse`,
+/// which stops at the first.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    /// One problem per line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            f.write_str(e)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// What validation produced besides its verdict: the key material the config names,
+/// read and parsed (so the authenticator does no file IO), and warnings about settings
+/// that are legal but probably not meant.
+#[derive(Debug, Clone, Default)]
+pub struct Validated {
+    pub keys: JwtKeys,
+    pub warnings: Vec<String>,
+}
+
+/// Largest `history.max_events`: per tenant and event channel, so memory grows with it
+/// times the tenants.
+pub const MAX_HISTORY_EVENTS: usize = 10_000_000;
+/// Longest `server.shutdown_grace_ms` (one hour).
+pub const MAX_SHUTDOWN_GRACE_MS: u64 = 3_600_000;
+
+/// Collects problems, so that one pass reports all of them.
+#[derive(Default)]
+struct Problems {
+    errors: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Problems {
+    fn ensure(&mut self, ok: bool, msg: impl FnOnce() -> String) {
+        if !ok {
+            self.errors.push(msg());
+        }
+    }
+
+    fn at_least(&mut self, key: &str, value: u64, min: u64) {
+        self.ensure(value >= min, || {
+            format!("{key} must be at least {min} (it is {value})")
+        });
+    }
+
+    fn at_most(&mut self, key: &str, value: u64, max: u64) {
+        self.ensure(value <= max, || {
+            format!("{key} must be at most {max} (it is {value})")
+        });
+    }
+}
+
 impl Config {
+    /// Parses TOML into a raw config: syntax, types and unknown keys (serde stops at the
+    /// first error, whose message names its line). No semantic checks: see `validate`.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let mut cfg: Config = toml::from_str(text)?;
+        cfg.api_key_lines = api_key_lines(text);
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file into a raw config (no semantic checks: see `validate`).
+    pub fn read(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Parses and validates.
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let cfg: Config = toml::from_str(text)?;
+        let cfg = Config::parse(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let cfg = Config::read(path)?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(cfg)
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// The one semantic validation, run by `serve`, `check-config` and `Node::start`:
+    /// checks every value, reads and parses the JWT public key files, and returns every
+    /// problem found (not only the first). A config it accepts starts, as far as the
+    /// config is concerned.
+    pub fn validate(&self) -> Result<Validated, ConfigErrors> {
+        let mut p = Problems::default();
+        self.check_server(&mut p);
+        self.check_limits(&mut p);
+        self.check_history(&mut p);
+        let keys = self.check_auth(&mut p);
+        if p.errors.is_empty() {
+            Ok(Validated {
+                keys,
+                warnings: p.warnings,
+            })
+        } else {
+            Err(ConfigErrors(p.errors))
+        }
+    }
+
+    fn check_server(&self, p: &mut Problems) {
+        let s = &self.server;
+        p.at_most("server.shards", s.shards as u64, 64);
+        p.ensure(s.shutdown_grace_ms <= MAX_SHUTDOWN_GRACE_MS, || {
+            format!(
+                "server.shutdown_grace_ms must be at most {MAX_SHUTDOWN_GRACE_MS} (one hour; it \
+                 is {})",
+                s.shutdown_grace_ms
+            )
+        });
+        if let Some(t) = &s.metrics_token {
+            p.ensure(t.len() >= 16, || {
+                format!(
+                    "server.metrics_token must be at least 16 characters (it is {})",
+                    t.len()
+                )
+            });
+        }
+    }
+
+    fn check_limits(&self, p: &mut Problems) {
         let l = &self.limits;
-        anyhow::ensure!(
-            l.max_message_bytes >= 64,
-            "limits.max_message_bytes must be at least 64"
+        let n = |v: usize| v as u64;
+        p.at_least("limits.max_message_bytes", n(l.max_message_bytes), 64);
+        p.at_least("limits.handshake_timeout_ms", l.handshake_timeout_ms, 1);
+        p.at_least("limits.auth_timeout_ms", l.auth_timeout_ms, 1);
+        p.at_least("limits.heartbeat_interval_ms", l.heartbeat_interval_ms, 10);
+        p.at_least("limits.max_subscriptions", n(l.max_subscriptions), 1);
+        p.at_least("limits.max_batch", n(l.max_batch), 1);
+        p.at_least("limits.max_outbound_bytes", n(l.max_outbound_bytes), 4096);
+        p.at_least("limits.soft_outbound_bytes", n(l.soft_outbound_bytes), 1);
+        p.ensure(l.soft_outbound_bytes <= l.max_outbound_bytes, || {
+            format!(
+                "limits.soft_outbound_bytes ({}) must not exceed limits.max_outbound_bytes ({})",
+                l.soft_outbound_bytes, l.max_outbound_bytes
+            )
+        });
+        p.at_least("limits.overload_lag_ms", l.overload_lag_ms, 1);
+        p.at_least(
+            "limits.messages_per_second",
+            l.messages_per_second.into(),
+            1,
         );
-        anyhow::ensure!(l.max_batch >= 1, "limits.max_batch must be at least 1");
-        anyhow::ensure!(
-            l.heartbeat_interval_ms >= 10,
-            "limits.heartbeat_interval_ms must be at least 10"
+        p.at_least(
+            "limits.max_connections_per_user",
+            n(l.max_connections_per_user),
+            1,
         );
-        anyhow::ensure!(
-            l.max_outbound_bytes >= 4096,
-            "limits.max_outbound_bytes must be at least 4096"
+        p.at_least("limits.max_connections", n(l.max_connections), 1);
+        p.at_least(
+            "limits.new_connections_per_minute_per_user",
+            l.new_connections_per_minute_per_user.into(),
+            1,
         );
-        anyhow::ensure!(
-            l.overload_lag_ms >= 1,
-            "limits.overload_lag_ms must be at least 1"
+        p.at_least(
+            "limits.new_connections_per_minute_per_ip",
+            l.new_connections_per_minute_per_ip.into(),
+            1,
         );
-        anyhow::ensure!(
-            l.soft_outbound_bytes <= l.max_outbound_bytes,
-            "limits.soft_outbound_bytes must not exceed limits.max_outbound_bytes"
+        p.ensure(l.max_http_body_bytes >= l.max_message_bytes, || {
+            format!(
+                "limits.max_http_body_bytes ({}) must be at least limits.max_message_bytes ({}): \
+                 a body must hold one message",
+                l.max_http_body_bytes, l.max_message_bytes
+            )
+        });
+        p.at_least("limits.max_tenants", n(l.max_tenants), 1);
+        p.at_least(
+            "limits.max_vehicles_per_tenant",
+            n(l.max_vehicles_per_tenant),
+            1,
         );
-        for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
-            anyhow::ensure!(
-                l.for_role(role).messages_per_second >= 1,
-                "messages_per_second for {} must be at least 1",
-                role.name()
-            );
+        p.at_least(
+            "limits.requests_per_second",
+            l.requests_per_second.into(),
+            1,
+        );
+        p.at_least(
+            "limits.max_pending_connections",
+            n(l.max_pending_connections),
+            1,
+        );
+        p.at_least(
+            "limits.max_pending_connections_per_ip",
+            n(l.max_pending_connections_per_ip),
+            1,
+        );
+        let r = &l.roles;
+        for (role, o) in [
+            ("device", &r.device),
+            ("viewer", &r.viewer),
+            ("service", &r.service),
+            ("admin", &r.admin),
+        ] {
+            let overrides = [
+                ("messages_per_second", o.messages_per_second.map(u64::from)),
+                (
+                    "max_connections_per_user",
+                    o.max_connections_per_user.map(n),
+                ),
+                (
+                    "new_connections_per_minute_per_user",
+                    o.new_connections_per_minute_per_user.map(u64::from),
+                ),
+                (
+                    "publishes_per_second",
+                    o.publishes_per_second.map(u64::from),
+                ),
+            ];
+            for (key, value) in overrides {
+                if let Some(v) = value {
+                    p.at_least(&format!("limits.roles.{role}.{key}"), v, 1);
+                }
+            }
         }
-        anyhow::ensure!(
-            l.requests_per_second >= 1,
-            "limits.requests_per_second must be at least 1"
-        );
-        anyhow::ensure!(
-            l.max_pending_connections >= 1 && l.max_pending_connections_per_ip >= 1,
-            "limits.max_pending_connections and max_pending_connections_per_ip must be at least 1"
-        );
-        for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
-            anyhow::ensure!(
-                l.for_role(role).publishes_per_second >= 1,
-                "publishes_per_second for {} must be at least 1",
-                role.name()
-            );
+    }
+
+    fn check_history(&self, p: &mut Problems) {
+        let h = &self.history;
+        p.ensure(h.max_events <= MAX_HISTORY_EVENTS, || {
+            format!(
+                "history.max_events must be at most {MAX_HISTORY_EVENTS} (it is {}): it is kept \
+                 per tenant and event channel",
+                h.max_events
+            )
+        });
+        p.ensure(h.dedup_window_ms == 0 || h.dedup_max_ids >= 1, || {
+            format!(
+                "history.dedup_max_ids must be at least 1 when history.dedup_window_ms is set \
+                 (it is {} ms)",
+                h.dedup_window_ms
+            )
+        });
+    }
+
+    /// Where `auth.api_keys[i]` came from: its line when the config was parsed from text
+    /// and the entry is still the one parsed there, else its index.
+    fn api_key_origin(&self, i: usize) -> Origin {
+        match (self.api_key_lines.get(i), self.auth.api_keys.get(i)) {
+            (Some(at), Some(k)) if at.digest == digest(&k.key) => Origin::Line(at.line),
+            _ => Origin::Index(i),
         }
-        if let Some(s) = &self.auth.jwt_hs256_secret {
-            anyhow::ensure!(
-                s.len() >= 32,
-                "auth.jwt_hs256_secret must be at least 32 bytes (it is {}): a short HS256 \
-                 secret can be brute-forced from any token",
-                s.len()
-            );
+    }
+
+    fn describe_api_key(&self, i: usize) -> String {
+        let user = &self.auth.api_keys[i].user_id;
+        match self.api_key_origin(i) {
+            Origin::Line(line) => format!("api key at line {line} (user {user:?})"),
+            Origin::Index(i) => format!("auth.api_keys[{i}] (user {user:?})"),
         }
-        if let Some(t) = &self.server.metrics_token {
-            anyhow::ensure!(
-                t.len() >= 16,
-                "server.metrics_token must be at least 16 characters"
-            );
+    }
+
+    fn check_auth(&self, p: &mut Problems) -> JwtKeys {
+        let a = &self.auth;
+        if let Some(s) = &a.jwt_hs256_secret {
+            p.ensure(s.len() >= 32, || {
+                format!(
+                    "auth.jwt_hs256_secret must be at least 32 bytes (it is {}): a short HS256 \
+                     secret can be brute-forced from any token",
+                    s.len()
+                )
+            });
         }
-        anyhow::ensure!(self.server.shards <= 64, "server.shards must be at most 64");
-        for k in &self.auth.api_keys {
-            anyhow::ensure!(
-                k.key.len() >= 16,
-                "api key for user {:?} is shorter than 16 characters",
-                k.user_id
-            );
-            anyhow::ensure!(
-                !k.tenant.is_empty(),
-                "api key for user {:?} has no tenant",
-                k.user_id
-            );
+        let keys = JwtKeys {
+            rs256: load_pem(
+                p,
+                "auth.jwt_rs256_public_key_file",
+                a.jwt_rs256_public_key_file.as_deref(),
+                "an RSA public key",
+                DecodingKey::from_rsa_pem,
+            ),
+            es256: load_pem(
+                p,
+                "auth.jwt_es256_public_key_file",
+                a.jwt_es256_public_key_file.as_deref(),
+                "an EC public key",
+                DecodingKey::from_ec_pem,
+            ),
+        };
+        let mut first_at: HashMap<&str, usize> = HashMap::new();
+        for (i, k) in a.api_keys.iter().enumerate() {
+            p.ensure(k.key.len() >= 16, || {
+                format!(
+                    "{}: key must be at least 16 characters (it is {})",
+                    self.describe_api_key(i),
+                    k.key.len()
+                )
+            });
+            p.ensure(!k.tenant.is_empty(), || {
+                format!("{}: tenant is empty", self.describe_api_key(i))
+            });
+            if let Some(&first) = first_at.get(k.key.as_str()) {
+                let users = (&a.api_keys[first].user_id, &k.user_id);
+                p.errors
+                    .push(match (self.api_key_origin(first), self.api_key_origin(i)) {
+                        (Origin::Line(x), Origin::Line(y)) => format!(
+                            "api key listed twice: lines {x} and {y} (users {:?} and {:?})",
+                            users.0, users.1
+                        ),
+                        (x, y) => format!(
+                            "api key listed twice: {x} and {y} (users {:?} and {:?})",
+                            users.0, users.1
+                        ),
+                    });
+            } else {
+                first_at.insert(&k.key, i);
+            }
+            if k.role == Role::Device && k.vehicles.is_empty() {
+                p.warnings.push(format!(
+                    "{} is a device key with no vehicles: it may publish for none (list them, \
+                     or [\"*\"] for any vehicle of its tenant)",
+                    self.describe_api_key(i)
+                ));
+            }
         }
-        Ok(())
+        keys
     }
 
     pub fn shard_count(&self) -> usize {
@@ -407,6 +710,49 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(1)
                 .min(64)
+        }
+    }
+}
+
+/// Where an entry of a list came from, for messages.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    Line(usize),
+    Index(usize),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Line(l) => write!(f, "line {l}"),
+            Origin::Index(i) => write!(f, "auth.api_keys[{i}]"),
+        }
+    }
+}
+
+/// Reads and parses the PEM file `key` names, if set; a problem is recorded, not
+/// returned, so that validation goes on.
+fn load_pem(
+    p: &mut Problems,
+    key: &str,
+    path: Option<&str>,
+    what: &str,
+    parse: fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>,
+) -> Option<DecodingKey> {
+    let path = path?;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            p.errors.push(format!("{key}: cannot read {path}: {e}"));
+            return None;
+        }
+    };
+    match parse(&bytes) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            p.errors
+                .push(format!("{key}: {path} is not {what} in PEM format: {e}"));
+            None
         }
     }
 }
@@ -439,5 +785,320 @@ role = "viewer"
 "#;
         assert_eq!(Config::from_toml(ok).unwrap().auth.api_keys.len(), 1);
         assert!(Config::from_toml(&ok.replace("viewer", "boss")).is_err());
+    }
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// The errors `validate` reports for `text` (which must parse).
+    fn errors(text: &str) -> Vec<String> {
+        Config::parse(text)
+            .expect("parses")
+            .validate()
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default()
+    }
+
+    /// `text` is refused with exactly one error, which names `key`.
+    #[track_caller]
+    fn refused(text: &str, key: &str) {
+        let e = errors(text);
+        assert_eq!(e.len(), 1, "{text}: {e:?}");
+        assert!(e[0].contains(key), "{text}: {e:?} does not name {key}");
+    }
+
+    #[test]
+    fn impossible_limits_are_refused_naming_the_key() {
+        for key in [
+            "max_connections_per_user",
+            "max_connections",
+            "messages_per_second",
+            "new_connections_per_minute_per_user",
+            "new_connections_per_minute_per_ip",
+            "max_subscriptions",
+            "handshake_timeout_ms",
+            "auth_timeout_ms",
+            "soft_outbound_bytes",
+            "max_tenants",
+            "max_vehicles_per_tenant",
+            "requests_per_second",
+            "max_pending_connections",
+            "max_pending_connections_per_ip",
+            "overload_lag_ms",
+            "max_batch",
+        ] {
+            refused(&format!("[limits]\n{key} = 0"), &format!("limits.{key} "));
+        }
+        refused(
+            "[limits]\nmax_message_bytes = 63",
+            "limits.max_message_bytes",
+        );
+        refused(
+            "[limits]\nheartbeat_interval_ms = 9",
+            "limits.heartbeat_interval_ms",
+        );
+        refused(
+            "[limits]\nmax_outbound_bytes = 4095\nsoft_outbound_bytes = 1024",
+            "limits.max_outbound_bytes",
+        );
+        refused(
+            "[limits]\nsoft_outbound_bytes = 8388608",
+            "limits.soft_outbound_bytes",
+        );
+    }
+
+    #[test]
+    fn http_body_must_hold_one_message() {
+        refused(
+            "[limits]\nmax_message_bytes = 4096\nmax_http_body_bytes = 4095",
+            "limits.max_http_body_bytes",
+        );
+        assert!(
+            errors("[limits]\nmax_message_bytes = 4096\nmax_http_body_bytes = 4096").is_empty()
+        );
+    }
+
+    #[test]
+    fn zero_role_overrides_are_refused() {
+        for role in ["device", "viewer", "service", "admin"] {
+            for key in [
+                "messages_per_second",
+                "max_connections_per_user",
+                "new_connections_per_minute_per_user",
+                "publishes_per_second",
+            ] {
+                refused(
+                    &format!("[limits.roles.{role}]\n{key} = 0"),
+                    &format!("limits.roles.{role}.{key}"),
+                );
+            }
+        }
+        assert!(errors("[limits.roles.viewer]\nmax_connections_per_user = 1").is_empty());
+    }
+
+    #[test]
+    fn history_bounds() {
+        refused("[history]\nmax_events = 10000001", "history.max_events");
+        assert!(errors("[history]\nmax_events = 10000000").is_empty());
+        // 0 turns history off: allowed.
+        assert!(errors("[history]\nmax_events = 0").is_empty());
+        refused("[history]\ndedup_max_ids = 0", "history.dedup_max_ids");
+        // Without a dedup window no ids are remembered.
+        assert!(errors("[history]\ndedup_max_ids = 0\ndedup_window_ms = 0").is_empty());
+    }
+
+    #[test]
+    fn server_bounds() {
+        refused(
+            "[server]\nshutdown_grace_ms = 3600001",
+            "server.shutdown_grace_ms",
+        );
+        assert!(errors("[server]\nshutdown_grace_ms = 3600000").is_empty());
+        refused("[server]\nshards = 65", "server.shards");
+        refused(
+            "[server]\nmetrics_token = \"short\"",
+            "server.metrics_token",
+        );
+        refused(
+            "[auth]\njwt_hs256_secret = \"0123456789012345678901234567890\"",
+            "auth.jwt_hs256_secret",
+        );
+    }
+
+    #[test]
+    fn listen_address_is_parsed_by_serde() {
+        assert!(Config::parse("[server]\nlisten = \"127.0.0.1:99999\"").is_err());
+        assert!(Config::parse("[server]\nlisten = \"nowhere\"").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_only_the_first() {
+        let e = errors(
+            "[server]\nshutdown_grace_ms = 7200000\n\
+             [limits]\nmax_connections = 0\nmax_subscriptions = 0\n\
+             [history]\nmax_events = 20000000\n",
+        );
+        assert_eq!(e.len(), 4, "{e:?}");
+        for key in [
+            "server.shutdown_grace_ms",
+            "limits.max_connections ",
+            "limits.max_subscriptions",
+            "history.max_events",
+        ] {
+            assert!(
+                e.iter().any(|m| m.contains(key)),
+                "{key} missing from {e:?}"
+            );
+        }
+        // The Display form puts each on its own line.
+        let shown = Config::parse("[limits]\nmax_connections = 0\nmax_tenants = 0")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(shown.lines().count(), 2, "{shown}");
+    }
+
+    const TWO_TENANTS: &str = r#"
+[[auth.api_keys]]
+key = "tenant-a-viewer-key-01"
+user_id = "a-viewer"
+tenant = "fleet_a"
+role = "viewer"
+
+[[auth.api_keys]]
+key = "tenant-b-other-key-001"
+user_id = "b-other"
+tenant = "fleet_b"
+role = "viewer"
+
+[[auth.api_keys]]
+key = "tenant-a-viewer-key-01"
+user_id = "b-service"
+tenant = "fleet_b"
+role = "service"
+"#;
+
+    #[test]
+    fn a_key_listed_twice_is_refused_with_both_lines() {
+        let e = errors(TWO_TENANTS);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("api key listed twice: lines 3 and 15"),
+            "{e:?}"
+        );
+        assert!(
+            e[0].contains("a-viewer") && e[0].contains("b-service"),
+            "{e:?}"
+        );
+        // The secret itself is not printed.
+        assert!(!e[0].contains("tenant-a-viewer-key-01"), "{e:?}");
+    }
+
+    #[test]
+    fn a_key_listed_twice_in_code_is_refused_with_indices() {
+        let mut c = Config::default();
+        let k = |key: &str, user: &str| ApiKeyConfig {
+            key: key.into(),
+            user_id: user.into(),
+            tenant: "fleet_a".into(),
+            role: Role::Viewer,
+            vehicles: vec![],
+            drivers: vec![],
+            trips: vec![],
+        };
+        c.auth.api_keys = vec![
+            k("key-number-one-0001", "u0"),
+            k("key-number-two-0002", "u1"),
+            k("key-number-one-0001", "u2"),
+        ];
+        let e = c.validate().unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("api key listed twice: auth.api_keys[0] and auth.api_keys[2]"),
+            "{e:?}"
+        );
+        // Lines of parsed entries stay attached to them; an entry changed in code is
+        // named by its index.
+        let mut c = Config::parse(TWO_TENANTS).unwrap();
+        c.auth.api_keys[2].key = "tenant-b-other-key-001".into();
+        let e = c.validate().unwrap_err().0;
+        assert!(
+            e[0].contains("api key listed twice: line 9 and auth.api_keys[2]"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn api_key_entries_are_checked_with_their_line() {
+        let e = errors(
+            "[[auth.api_keys]]\nkey = \"short\"\nuser_id = \"u\"\ntenant = \"\"\nrole = \"viewer\"\n",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e.iter()
+                .all(|m| m.starts_with("api key at line 2 (user \"u\")")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn device_key_without_vehicles_is_a_warning_not_an_error() {
+        let text = "[[auth.api_keys]]\nkey = \"device-key-0123456789\"\nuser_id = \"d\"\n\
+                    tenant = \"fleet_a\"\nrole = \"device\"\n";
+        let v = Config::parse(text).unwrap().validate().expect("accepted");
+        assert_eq!(v.warnings.len(), 1, "{:?}", v.warnings);
+        assert!(
+            v.warnings[0].contains("line 2") && v.warnings[0].contains("no vehicles"),
+            "{:?}",
+            v.warnings
+        );
+        let scoped = text.replace(
+            "role = \"device\"",
+            "role = \"device\"\nvehicles = [\"v1\"]",
+        );
+        assert!(
+            Config::parse(&scoped)
+                .unwrap()
+                .validate()
+                .unwrap()
+                .warnings
+                .is_empty()
+        );
+        // Other roles have no vehicle scope.
+        let viewer = text.replace("device\"\n", "viewer\"\n");
+        assert!(
+            Config::parse(&viewer)
+                .unwrap()
+                .validate()
+                .unwrap()
+                .warnings
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn jwt_key_files_are_loaded_by_validation() {
+        let text = format!(
+            "[auth]\njwt_rs256_public_key_file = {:?}\njwt_es256_public_key_file = {:?}\n",
+            fixture("rs256-public.pem"),
+            fixture("es256-public.pem")
+        );
+        let v = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .expect("valid keys");
+        assert!(v.keys.rs256.is_some() && v.keys.es256.is_some());
+        // A config without key files loads none.
+        let v = Config::default().validate().unwrap();
+        assert!(v.keys.rs256.is_none() && v.keys.es256.is_none());
+    }
+
+    #[test]
+    fn missing_or_invalid_key_files_are_refused_naming_the_file() {
+        let missing = "/nonexistent/fleetcast/rs256.pem";
+        let e = errors(&format!("[auth]\njwt_rs256_public_key_file = {missing:?}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("auth.jwt_rs256_public_key_file") && e[0].contains(missing),
+            "{e:?}"
+        );
+        // Not PEM at all, and a PEM key of the other kind: both refused, both reported.
+        let e = errors(&format!(
+            "[auth]\njwt_rs256_public_key_file = {:?}\njwt_es256_public_key_file = {:?}",
+            format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR")),
+            fixture("rs256-public.pem"),
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].contains("Cargo.toml") && e[0].contains("not an RSA public key"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains("rs256-public.pem") && e[1].contains("not an EC public key"),
+            "{e:?}"
+        );
     }
 }

@@ -5,7 +5,8 @@ use fleetcast::config::{ApiKeyConfig, Config};
 use fleetcast::model::Role;
 use fleetcast::node::Node;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -111,10 +112,10 @@ fn serve(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     shards: Option<usize>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     let dev = config.is_none();
     let mut cfg = match &config {
-        Some(p) => Config::load(p)?,
+        Some(p) => Config::read(p)?,
         None => dev_config(Config::default()),
     };
     if let Some(l) = listen {
@@ -123,7 +124,21 @@ fn serve(
     if let Some(s) = shards {
         cfg.server.shards = s;
     }
-    cfg.validate()?;
+    // The validation `check-config` runs (`Node::start` runs it again).
+    let origin = match &config {
+        Some(p) => p.display().to_string(),
+        None => "development config".into(),
+    };
+    let checked = match cfg.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}", with_origin(&origin, "error: ", &e.0));
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    for w in &checked.warnings {
+        tracing::warn!("{origin}: {w}");
+    }
     let shown = cfg.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -141,10 +156,48 @@ fn serve(
     }
     node.shutdown();
     tracing::info!("stopped");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-fn main() -> anyhow::Result<()> {
+/// `check-config`: parses the file and runs the validation `serve` runs (key files
+/// included), printing every problem on its own line; fails exactly when `serve` would
+/// refuse the file.
+fn check_config(path: &Path) -> ExitCode {
+    let cfg = match Config::read(path) {
+        Ok(c) => c,
+        Err(e) => {
+            // TOML syntax, types and unknown keys: serde stops at the first.
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let origin = path.display().to_string();
+    match cfg.validate() {
+        Ok(checked) => {
+            if !checked.warnings.is_empty() {
+                eprintln!("{}", with_origin(&origin, "warning: ", &checked.warnings));
+            }
+            println!("{origin}: ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", with_origin(&origin, "error: ", &e.0));
+            eprintln!("{origin}: {} error(s)", e.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line per message, each prefixed with where the config came from.
+fn with_origin(origin: &str, kind: &str, messages: &[String]) -> String {
+    messages
+        .iter()
+        .map(|m| format!("{origin}: {kind}{m}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -157,7 +210,7 @@ fn main() -> anyhow::Result<()> {
             config,
             listen,
             shards,
-        } => serve(config, listen, shards),
+        } => return serve(config, listen, shards),
         Command::Token {
             secret,
             sub,
@@ -174,12 +227,8 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 fleetcast::auth::mint_hs256(&secret, &sub, &tenant, role, exp, vehicle.as_deref())?
             );
-            Ok(())
         }
-        Command::CheckConfig { path } => {
-            Config::load(&path)?;
-            println!("{}: ok", path.display());
-            Ok(())
-        }
+        Command::CheckConfig { path } => return Ok(check_config(&path)),
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -34,9 +34,10 @@ pub struct Node {
 impl Node {
     /// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
     pub fn start(config: Config) -> anyhow::Result<Node> {
-        config.validate()?;
+        // The same validation as `serve` and `check-config`; it also loads the JWT keys.
+        let checked = config.validate()?;
         let n = config.shard_count();
-        let auth = Authenticator::new(&config.auth)?;
+        let auth = Authenticator::with_keys(&config.auth, checked.keys)?;
         let first = bind(config.server.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
         let addr = first.local_addr()?;
