@@ -7,6 +7,7 @@ mod support;
 
 mod auth;
 mod batch;
+mod config;
 mod derived;
 mod echo;
 mod fanout;
@@ -18,6 +19,7 @@ mod lifecycle;
 mod limits;
 mod overload;
 mod security;
+mod seeds;
 mod slow_consumer;
 mod smoke;
 mod snapshot;
