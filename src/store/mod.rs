@@ -17,7 +17,7 @@ pub mod derived;
 use crate::config::{HistoryConfig, Limits};
 use crate::dialect::native::ProtoError;
 use crate::event::{Event, Publication};
-use crate::hub::{Hubs, TenantHub};
+use crate::hub::{ChannelHub, Hubs, TenantHub};
 use crate::limit::Limit;
 use crate::model::Channel;
 use crate::session::{Fence, Now, Selection};
@@ -160,15 +160,7 @@ impl<'a> Store<'a> {
                 "at most one location update per vehicle per interval",
             ));
         }
-        ch.seq += 1;
-        let ev = Arc::new(Event::encode(
-            hub.id.clone(),
-            p,
-            ch.seq,
-            self.hubs.epoch,
-            fresh_id,
-            now.mono,
-        ));
+        let ev = self.next_event(&mut ch, &hub.id, p, fresh_id, now);
         ch.record_state(&ev);
         ch.record_history(&ev, self.history.max_events, self.history.max_age());
         if channel == Channel::FleetMetrics {
@@ -194,16 +186,28 @@ impl<'a> Store<'a> {
         route: impl FnOnce(&Arc<Event>, u64),
     ) {
         let mut ch = hub.channel(p.channel).lock();
+        let ev = self.next_event(&mut ch, &hub.id, p, fresh_id, now);
+        route(&ev, ch.shard_mask);
+    }
+
+    /// The stream's next position, and the publication encoded once at it.
+    fn next_event(
+        &self,
+        ch: &mut ChannelHub,
+        tenant: &Arc<str>,
+        p: Publication,
+        fresh_id: &[u8],
+        now: Now,
+    ) -> Arc<Event> {
         ch.seq += 1;
-        let ev = Arc::new(Event::encode(
-            hub.id.clone(),
+        Arc::new(Event::encode(
+            tenant.clone(),
             p,
             ch.seq,
             self.hubs.epoch,
             fresh_id,
             now.mono,
-        ));
-        route(&ev, ch.shard_mask);
+        ))
     }
 
     /// Positions a subscription of shard `shard` on `channel`: when `first` (the shard had

@@ -10,7 +10,7 @@
 //!
 //! The harnesses need Node with `tests/seeds/node_modules` (`npm ci`) and a Python with
 //! the packages of `tests/seeds/requirements.txt`: `$FLEETCAST_PYTHON`, else
-//! `target/seeds-venv/bin/python`, else `python3` (`bash tests/seeds/install.sh` sets up
+//! `target/seeds-venv/bin/python`, else `python3` (the `seed clients` step of `.ci/run` sets up
 //! both). Without them a test prints why and returns (nextest has no "skipped" outcome:
 //! it shows as passed, with the message in its output and on the terminal); with
 //! `FLEETCAST_REQUIRE_SEED_CLIENTS=1`, as in CI, a missing dependency fails it.
@@ -52,7 +52,7 @@ fn ready<T>(test: &str, check: impl FnOnce() -> Result<T, String>) -> Option<T> 
         Err(why) if required() => panic!("{test}: {why} ({REQUIRE}=1: the seed clients must run)"),
         Err(why) => {
             let msg = format!(
-                "SKIPPED {test}: {why}\n  (bash tests/seeds/install.sh installs the seed clients; \
+                "SKIPPED {test}: {why}\n  (the `seed clients` step of .ci/run installs them; \
                  {REQUIRE}=1 turns this into a failure)"
             );
             eprintln!("{msg}");
@@ -931,7 +931,7 @@ fn check_valtronics(events: &[Value], telemetry_cb: &str, alert_cb: &str, want: 
 /// The seed's JavaScript `ValtronicsWebSocket`, unchanged (see tests/seeds/valtronics.js
 /// for the two seed defects its harness works around).
 #[test]
-#[ignore = "needs the Valtronics dialect"]
+#[ignore = "needs the Valtronics dialect (issue 10, branch wip/dialect-seam); runs with: cargo nextest run --test it --run-ignored only seeds"]
 fn valtronics_js_client_gets_filtered_telemetry_and_alerts() {
     const TEST: &str = "valtronics_js_client_gets_filtered_telemetry_and_alerts";
     let Some((node, seed)) = ready(TEST, || Ok((node(true)?, seed_file(VALTRONICS)?))) else {
@@ -986,7 +986,7 @@ fn valtronics_js_client_gets_filtered_telemetry_and_alerts() {
 /// The seed's Python `ValtronicsWebSocketClient` (re-indented from the page, otherwise
 /// unchanged), driven as its `main()` does; it also subscribes `devices`, unfiltered.
 #[test]
-#[ignore = "needs the Valtronics dialect"]
+#[ignore = "needs the Valtronics dialect (issue 10, branch wip/dialect-seam); runs with: cargo nextest run --test it --run-ignored only seeds"]
 fn valtronics_py_client_gets_filtered_telemetry_and_alerts() {
     const TEST: &str = "valtronics_py_client_gets_filtered_telemetry_and_alerts";
     let Some((python, seed)) = ready(TEST, || Ok((python(true)?, seed_file(VALTRONICS)?))) else {
