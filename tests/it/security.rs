@@ -1281,6 +1281,9 @@ pub(crate) fn pending_connections_are_capped_per_node() {
         held.len()
     );
     drop(held);
+    // Let the broker see them close first: a connect racing their release would be
+    // refused (and counted), and reading /metrics needs a connection too.
+    thread::sleep(Duration::from_millis(500));
     connects_again(&b, IpAddr::from([127, 0, 0, 1]));
     assert_eq!(breaches(&b, "pending_connections"), closed as u64);
 }
