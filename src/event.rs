@@ -1,11 +1,56 @@
 //! A published event, encoded once and shared by every subscriber (SPEC §1 "encode once").
 
 use crate::dialect::native::{self, EventHead};
-use crate::model::{Channel, EntityKeys, Severity};
+use crate::dialect::{self, DialectId};
+use crate::model::{Channel, EntityKeys};
 use crate::wire::frame;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+/// The typed parts of a publication (SPEC §6, "one canonical event model"), read once when
+/// it is accepted, from which every dialect encodes its own shape. Fields the model does
+/// not know stay in the native payload, which native subscribers receive byte for byte.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Canon {
+    pub location: Option<Location>,
+    /// Telemetry, in the publisher's order.
+    pub metrics: Vec<Metric>,
+    pub alert: Option<Alert>,
+    /// A status change (device or driver status): the new status is [`Event::status`].
+    pub reason: Option<Box<str>>,
+    /// Raw JSON of the publisher's `metadata` object.
+    pub metadata: Option<Box<str>>,
+    /// A trip event's `event` name.
+    pub trip_event: Option<Box<str>>,
+}
+
+/// A position: speed in km/h, heading in degrees, accuracy and altitude in metres.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Location {
+    pub lat: f64,
+    pub lon: f64,
+    pub speed_kmh: Option<f64>,
+    pub heading: Option<f64>,
+    pub accuracy_m: Option<f64>,
+    pub altitude_m: Option<f64>,
+}
+
+/// One telemetry reading: its raw JSON value (usually a number) and unit, if known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metric {
+    pub name: Box<str>,
+    pub value: Box<str>,
+    pub unit: Option<Box<str>>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// Raw JSON of the alert id (a string, or a number as the Valtronics seed has it).
+    pub id: Option<Box<str>>,
+    pub title: Option<Box<str>>,
+    pub message: Option<Box<str>>,
+}
 
 /// What a session hands the shard for one accepted publish.
 #[derive(Debug)]
@@ -16,9 +61,11 @@ pub struct Publication {
     /// The payload exactly as published.
     pub payload: Vec<u8>,
     pub keys: EntityKeys,
-    pub severity: Option<Severity>,
+    /// One of [`crate::model::SEVERITIES`], as published.
+    pub severity: Option<Box<str>>,
     pub category: Option<Box<str>>,
     pub status: Option<Box<str>>,
+    pub canon: Canon,
     /// The event's own time (the publisher's, or the broker's when it gave none).
     pub timestamp: String,
     pub ts_ms: i64,
@@ -46,12 +93,20 @@ pub struct Event {
     /// Position in its (tenant, channel) stream; increases by one per accepted publish.
     pub seq: u64,
     pub keys: EntityKeys,
-    pub severity: Option<Severity>,
+    pub severity: Option<Box<str>>,
     pub category: Option<Box<str>>,
     pub status: Option<Box<str>>,
+    /// A status channel's previous status of this entity (from last known state).
+    pub prev_status: Option<Box<str>>,
+    pub canon: Canon,
+    pub timestamp: Box<str>,
     pub ts_ms: i64,
     /// The complete WebSocket text frame, identical for every native subscriber.
     pub frame: Box<[u8]>,
+    /// The frame of each other dialect, encoded the first time a subscriber of that
+    /// dialect needs it and then shared by all of them (`None`: the dialect has no shape
+    /// for this event).
+    others: [OnceLock<Option<Box<[u8]>>>; dialect::COUNT - 1],
     /// Where the JSON payload sits inside `frame`.
     pub payload: Range<usize>,
     /// Length of the frame header (the JSON text starts here).
@@ -86,12 +141,31 @@ impl Event {
             severity: p.severity,
             category: p.category,
             status: p.status,
+            prev_status: None,
+            canon: p.canon,
+            timestamp: p.timestamp.into_boxed_str(),
             ts_ms: p.ts_ms,
             frame,
+            others: Default::default(),
             payload: range.start + hl..range.end + hl,
             header_len: hl,
             accepted_at,
         }
+    }
+
+    /// This event's frame in dialect `d`, encoded at most once per event and dialect
+    /// (`None`: that dialect has no shape for it, and its subscribers do not get it).
+    pub fn frame_in(&self, d: DialectId) -> Option<&[u8]> {
+        if d == dialect::NATIVE {
+            return Some(&self.frame);
+        }
+        self.others[d.0 as usize - 1]
+            .get_or_init(|| {
+                dialect::codec(d)
+                    .encode_event(self)
+                    .map(|json| frame::text_frame(&json).into_boxed_slice())
+            })
+            .as_deref()
     }
 
     /// The event's JSON text (the frame without its header).
@@ -103,18 +177,20 @@ impl Event {
         &self.frame[self.payload.clone()]
     }
 
-    /// A frame for a subscriber that asked for only some telemetry metrics.
-    pub fn projected_frame(&self, metrics: &[Box<str>]) -> Vec<u8> {
-        let json = self.json();
-        let (ps, pe) = (
+    /// Where the payload sits in [`Event::json`].
+    pub fn payload_range_in_json(&self) -> (usize, usize) {
+        (
             self.payload.start - self.header_len,
             self.payload.end - self.header_len,
-        );
-        let mut out = Vec::with_capacity(json.len());
-        out.extend_from_slice(&json[..ps]);
-        out.extend_from_slice(&native::project_metrics(&json[ps..pe], metrics));
-        out.extend_from_slice(&json[pe..]);
-        frame::text_frame(&out)
+        )
+    }
+
+    /// A frame in dialect `d` for a subscriber that asked for only some telemetry metrics
+    /// (the shard builds it once per event and distinct metric list).
+    pub fn projected_frame(&self, d: DialectId, metrics: &[Box<str>]) -> Option<Vec<u8>> {
+        dialect::codec(d)
+            .encode_projected(self, metrics)
+            .map(|json| frame::text_frame(&json))
     }
 }
 
@@ -139,6 +215,7 @@ pub(crate) fn test_event(
         severity: None,
         category: None,
         status: None,
+        canon: Canon::default(),
         timestamp: "t".into(),
         ts_ms: 0,
         ack: false,

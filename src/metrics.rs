@@ -159,7 +159,8 @@ impl Histogram {
 #[derive(Debug, Default)]
 pub struct ShardStats {
     pub connections_accepted: AtomicU64,
-    pub connections_native: AtomicU64,
+    /// Open connections by dialect ([`crate::dialect::DialectId`]).
+    pub connections: [AtomicU64; crate::dialect::COUNT],
     pub connections_echo: AtomicU64,
     pub messages_in: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -283,10 +284,10 @@ pub fn render(stats: &[ShardStats]) -> String {
         "WebSocket connections open, by shard and dialect",
     );
     for (i, s) in stats.iter().enumerate() {
-        for (dialect, a) in [
-            ("native", &s.connections_native),
-            ("echo", &s.connections_echo),
-        ] {
+        let by_dialect = crate::dialect::CODECS
+            .iter()
+            .map(|c| (c.name(), &s.connections[c.id().0 as usize]));
+        for (dialect, a) in by_dialect.chain([("echo", &s.connections_echo)]) {
             let _ = writeln!(
                 out,
                 "fleetcast_connections_open{{shard=\"{i}\",dialect=\"{dialect}\"}} {}",

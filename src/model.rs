@@ -146,9 +146,15 @@ impl Role {
 
     pub fn may_publish(self, channel: Channel) -> bool {
         match self {
+            // A unit reports its position, telemetry, driver and own status, and the
+            // alerts it detects itself (harsh braking...), all within its scope.
             Role::Device => matches!(
                 channel,
-                Channel::VehicleLocations | Channel::Telemetry | Channel::DriverStatus
+                Channel::VehicleLocations
+                    | Channel::Telemetry
+                    | Channel::DriverStatus
+                    | Channel::DeviceStatus
+                    | Channel::Alerts
             ),
             Role::Service => channel != Channel::System,
             Role::Viewer | Role::Admin => false,
@@ -156,7 +162,16 @@ impl Role {
     }
 }
 
-/// Alert severity, ordered from least to most urgent.
+/// The severities clients may publish and filter on: one open set, the union of the
+/// seeds' words, passed through unchanged (a filter matches the string).
+pub const SEVERITIES: [&str; 6] = ["info", "low", "medium", "warning", "high", "critical"];
+
+/// The canonical spelling of a known severity word (`None`: not one of [`SEVERITIES`]).
+pub fn severity_word(s: &str) -> Option<&'static str> {
+    SEVERITIES.iter().copied().find(|w| *w == s)
+}
+
+/// Alert severity buckets of the derived alert summary, from least to most urgent.
 #[derive(Copy, Clone, Debug, Eq, PartialEq, Hash, PartialOrd, Ord)]
 pub enum Severity {
     Low,

@@ -18,6 +18,7 @@
 
 use crate::auth::{AuthError, Authenticator, Credential, Principal};
 use crate::config::Limits;
+use crate::dialect::Codec;
 use crate::dialect::native::{
     self, AuthRequest, Command, Filters, Parser, ProtoError, PublishRequest, SubAction,
     SubscribeRequest,
@@ -176,11 +177,80 @@ impl Selection {
     }
 }
 
+/// A reply for the client, typed: the connection's dialect encodes it (SPEC §6, "a
+/// dialect is a codec"). `id` is the raw JSON of the id of the message it answers.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    AuthOk {
+        id: Option<Vec<u8>>,
+        connection_id: Box<str>,
+        principal: Principal,
+        limits: ReplyLimits,
+    },
+    AuthError {
+        id: Option<Vec<u8>>,
+        code: u16,
+        message: Box<str>,
+    },
+    Error {
+        id: Option<Vec<u8>>,
+        error: ProtoError,
+    },
+    /// The answer to a JSON ping.
+    Pong { id: Option<Vec<u8>> },
+    Subscribed {
+        id: Option<Vec<u8>>,
+        channel: Channel,
+        filters: Filters,
+        /// Event channels: the stream position, and `recovered` when `since` was given
+        /// (filled in by the shard once the subscription is positioned).
+        position: Option<StreamPosition>,
+    },
+    Unsubscribed {
+        id: Option<Vec<u8>>,
+        channel: Channel,
+        filters: Filters,
+    },
+    Snapshot {
+        id: Option<Vec<u8>>,
+        channel: Channel,
+        events: Vec<Arc<Event>>,
+    },
+    /// An accepted publish (`seq`), or a duplicate (`None`).
+    Ack {
+        id: Option<Vec<u8>>,
+        channel: Channel,
+        seq: Option<u64>,
+    },
+    /// The server's heartbeat (a WebSocket ping, or the dialect's own).
+    Heartbeat,
+    /// The answer to a WebSocket ping frame, with its payload.
+    WsPong(Vec<u8>),
+}
+
+/// The limits an `auth` reply announces.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyLimits {
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub max_batch: usize,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Where a subscription to an event channel starts in its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPosition {
+    pub epoch: u64,
+    pub seq: u64,
+    /// `Some` when the client asked to resume with `since`.
+    pub recovered: Option<bool>,
+}
+
 /// What the session asks its shard to do.
 #[derive(Debug)]
 pub enum Action {
-    /// Queue this complete frame for the client.
-    Send(Vec<u8>),
+    /// Encode this reply in the connection's dialect and queue it.
+    Reply(Reply),
     /// The session is now authenticated as [`Session::principal`].
     Authenticated,
     /// Add these keys to the index; then send a snapshot of `snapshot` (state channels)
@@ -191,9 +261,9 @@ pub enum Action {
         snapshot: Selection,
         /// `since: {epoch, seq}`: replay the event channel's history after this point.
         since: Option<(u64, u64)>,
-        /// The `subscribed` reply without its two closing braces (payload and message):
-        /// the shard appends the stream position and `recovered`, then sends it first.
-        reply: Vec<u8>,
+        /// The `subscribed` reply: the shard fills in the stream position, then sends it
+        /// first.
+        reply: Reply,
     },
     /// Remove these keys from the index.
     Unsubscribe {
@@ -229,7 +299,7 @@ pub struct Fence {
 #[derive(Debug, Default)]
 struct Subscription {
     keys: Selection,
-    severity: u8,
+    severities: Vec<Box<str>>,
     categories: Vec<Box<str>>,
     status_types: Vec<Box<str>>,
     metrics: Option<Arc<[Box<str>]>>,
@@ -254,6 +324,11 @@ enum State {
 }
 
 pub struct Session {
+    /// The connection's dialect: decodes its messages (and the shard encodes replies and
+    /// events with it).
+    codec: &'static dyn Codec,
+    /// A channel the endpoint subscribes to once authenticated (Valtronics `/ws/alerts`).
+    preset: Option<Channel>,
     conn_id: Box<str>,
     scope: Scope,
     state: State,
@@ -299,6 +374,8 @@ impl Session {
         };
         let first_ping = first_ping_after(&conn_id, limits.heartbeat_interval());
         let mut s = Session {
+            codec: crate::dialect::codec(crate::dialect::NATIVE),
+            preset: None,
             conn_id,
             scope,
             state,
@@ -321,6 +398,37 @@ impl Session {
             s.actions.push_back(Action::Authenticated);
         }
         s
+    }
+
+    /// Speaks `codec` instead of the native dialect; subscribes `preset` once
+    /// authenticated (at once if the handshake carried the credential).
+    pub fn with_dialect(
+        mut self,
+        codec: &'static dyn Codec,
+        preset: Option<Channel>,
+        limits: &Limits,
+        now: Now,
+    ) -> Session {
+        self.codec = codec;
+        self.preset = preset;
+        if self.state == State::Active
+            && let Some(channel) = self.preset.take()
+        {
+            let req = SubscribeRequest {
+                action: SubAction::Subscribe,
+                channel,
+                filters: Filters::default(),
+                since: None,
+            };
+            if let Err(e) = self.handle_subscribe(now, None, req, limits) {
+                self.send_error(now, None, &e);
+            }
+        }
+        self
+    }
+
+    pub fn codec(&self) -> &'static dyn Codec {
+        self.codec
     }
 
     /// The user's publish bucket (for a principal given at the handshake or over HTTP;
@@ -391,7 +499,7 @@ impl Session {
             Message::Binary(_) => {
                 self.close(close::UNSUPPORTED_DATA, "binary frames are not supported")
             }
-            Message::Ping(p) => self.send(frame::pong_frame(p)),
+            Message::Ping(p) => self.reply(Reply::WsPong(p.to_vec())),
             Message::Pong => {}
             Message::Close(_) => self.close(close::NORMAL, ""),
         }
@@ -475,7 +583,7 @@ impl Session {
             return;
         }
         if now.mono >= self.next_ping {
-            self.send(frame::ping_frame(b""));
+            self.reply(Reply::Heartbeat);
             self.next_ping = now.mono + self.heartbeat;
         }
     }
@@ -504,13 +612,13 @@ impl Session {
                 return Verdict::Skip;
             }
         }
-        if sub.severity != 0 && ev.severity.is_none_or(|s| sub.severity & s.bit() == 0) {
-            return Verdict::Skip;
-        }
         let listed = |list: &[Box<str>], v: &Option<Box<str>>| {
             list.is_empty() || v.as_ref().is_some_and(|v| list.contains(v))
         };
-        if !listed(&sub.categories, &ev.category) || !listed(&sub.status_types, &ev.status) {
+        if !listed(&sub.severities, &ev.severity)
+            || !listed(&sub.categories, &ev.category)
+            || !listed(&sub.status_types, &ev.status)
+        {
             return Verdict::Skip;
         }
         match &sub.metrics {
@@ -521,16 +629,15 @@ impl Session {
 
     // ------------------------------------------------------------------ internals
 
-    fn send(&mut self, frame: Vec<u8>) {
-        self.actions.push_back(Action::Send(frame));
+    fn reply(&mut self, reply: Reply) {
+        self.actions.push_back(Action::Reply(reply));
     }
 
-    fn send_json(&mut self, json: Vec<u8>) {
-        self.send(frame::text_frame(&json));
-    }
-
-    fn send_error(&mut self, now: Now, id: Option<&[u8]>, e: &ProtoError) {
-        self.send_json(native::error(id, &now.rfc3339(), e));
+    fn send_error(&mut self, _now: Now, id: Option<&[u8]>, e: &ProtoError) {
+        self.reply(Reply::Error {
+            id: id.map(<[u8]>::to_vec),
+            error: e.clone(),
+        });
     }
 
     fn close(&mut self, code: u16, reason: &'static str) {
@@ -541,7 +648,7 @@ impl Session {
     }
 
     fn handle_text(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>, top_level: bool) {
-        let (id_range, cmd) = ctx.parser.decode(raw);
+        let (id_range, cmd) = self.codec.decode(ctx.parser, raw);
         let id = id_range.map(|r| &raw[r]);
         let cmd = match cmd {
             Ok(c) => c,
@@ -551,12 +658,9 @@ impl Session {
         let result = match cmd {
             Command::Auth(a) => self.handle_auth(now, id, a, ctx),
             Command::Ping => {
-                let ts = now.rfc3339();
-                self.send_json(native::reply("pong", id, &ts, |o| {
-                    o.extend_from_slice(b"{\"server_time\":");
-                    json::write_str(o, &ts);
-                    o.push(b'}');
-                }));
+                self.reply(Reply::Pong {
+                    id: id.map(<[u8]>::to_vec),
+                });
                 Ok(())
             }
             Command::Ack => Ok(()),
@@ -663,10 +767,11 @@ impl Session {
             (_, Ok(p)) => {
                 if let Err(limit) = ctx.admission.admit(&p, now) {
                     self.actions.push_back(Action::Breach(limit));
-                    let ts = now.rfc3339();
-                    self.send_json(native::reply("auth_error", id, &ts, |o| {
-                        write_code_message(o, limit.code(), limit.message())
-                    }));
+                    self.reply(Reply::AuthError {
+                        id: id.map(<[u8]>::to_vec),
+                        code: limit.code(),
+                        message: limit.message().into(),
+                    });
                     self.close(close::POLICY_VIOLATION, "too many connections");
                     return Ok(());
                 }
@@ -679,16 +784,18 @@ impl Session {
                 self.actions.push_back(Action::Authenticated);
             }
             (_, Err(e)) => {
-                let ts = now.rfc3339();
-                self.send_json(native::reply("auth_error", id, &ts, |o| {
-                    write_code_message(o, e.code, &e.message)
-                }));
+                self.reply(Reply::AuthError {
+                    id: id.map(<[u8]>::to_vec),
+                    code: e.code,
+                    message: e.message.as_ref().into(),
+                });
                 self.close(close::POLICY_VIOLATION, "authentication failed");
                 return Ok(());
             }
         }
         self.send_auth_success(now, id, ctx.limits);
-        for c in a.subscriptions {
+        let preset = self.preset.take();
+        for c in a.subscriptions.into_iter().chain(preset) {
             let req = SubscribeRequest {
                 action: SubAction::Subscribe,
                 channel: c,
@@ -702,31 +809,20 @@ impl Session {
         Ok(())
     }
 
-    fn send_auth_success(&mut self, now: Now, id: Option<&[u8]>, limits: &Limits) {
+    fn send_auth_success(&mut self, _now: Now, id: Option<&[u8]>, limits: &Limits) {
         let p = self.principal.as_ref().expect("authenticated");
-        let ts = now.rfc3339();
-        let json = native::reply("auth_success", id, &ts, |o| {
-            o.extend_from_slice(b"{\"connection_id\":");
-            json::write_str(o, &self.conn_id);
-            o.extend_from_slice(b",\"user_id\":");
-            json::write_str(o, &p.user_id);
-            o.extend_from_slice(b",\"fleet_id\":");
-            json::write_str(o, &p.tenant);
-            o.extend_from_slice(b",\"role\":");
-            json::write_str(o, p.role.name());
-            o.extend_from_slice(b",\"server_time\":");
-            json::write_str(o, &ts);
-            o.extend_from_slice(b",\"limits\":{\"max_message_bytes\":");
-            json::write_u64(o, limits.max_message_bytes as u64);
-            o.extend_from_slice(b",\"max_subscriptions\":");
-            json::write_u64(o, limits.max_subscriptions as u64);
-            o.extend_from_slice(b",\"max_batch\":");
-            json::write_u64(o, limits.max_batch as u64);
-            o.extend_from_slice(b",\"heartbeat_interval_ms\":");
-            json::write_u64(o, limits.heartbeat_interval_ms);
-            o.extend_from_slice(b"}}");
-        });
-        self.send_json(json);
+        let reply = Reply::AuthOk {
+            id: id.map(<[u8]>::to_vec),
+            connection_id: self.conn_id.clone(),
+            principal: p.clone(),
+            limits: ReplyLimits {
+                max_message_bytes: limits.max_message_bytes,
+                max_subscriptions: limits.max_subscriptions,
+                max_batch: limits.max_batch,
+                heartbeat_interval_ms: limits.heartbeat_interval_ms,
+            },
+        };
+        self.reply(reply);
     }
 
     /// Applies the endpoint scope (`/vehicle/{id}`, `/trip/{id}`) to requested filters.
@@ -760,7 +856,7 @@ impl Session {
         limits: &Limits,
     ) -> Result<(), ProtoError> {
         let role = self.principal.as_ref().expect("authenticated").role;
-        let channel = req.channel;
+        let channel = self.codec.channel_for_role(req.channel, role);
         if req.action != SubAction::Unsubscribe && !role.may_subscribe(channel) {
             return Err(ProtoError::new(
                 403,
@@ -786,7 +882,6 @@ impl Session {
                 ),
             ));
         }
-        let ts = now.rfc3339();
         match req.action {
             SubAction::Request => {
                 if !channel.is_state() {
@@ -829,15 +924,17 @@ impl Session {
                 sub.keys.vehicles.extend(added.vehicles.iter().cloned());
                 sub.keys.trips.extend(added.trips.iter().cloned());
                 sub.keys.drivers.extend(added.drivers.iter().cloned());
-                sub.severity = f.severity;
+                sub.severities = f.severities.clone();
                 sub.categories = f.categories.clone();
                 sub.status_types = f.status_types.clone();
                 sub.metrics = (!f.metrics.is_empty()).then(|| f.metrics.clone().into());
                 // The shard completes the reply: stream position and `recovered`.
-                let mut reply = native::reply("subscribed", id, &ts, |o| {
-                    write_channel_filters(o, channel, &f)
-                });
-                reply.truncate(reply.len() - 2);
+                let reply = Reply::Subscribed {
+                    id: id.map(<[u8]>::to_vec),
+                    channel,
+                    filters: f.clone(),
+                    position: None,
+                };
                 self.actions.push_back(Action::Subscribe {
                     channel,
                     added,
@@ -868,9 +965,11 @@ impl Session {
                     }
                 };
                 self.sub_count -= removed.len();
-                self.send_json(native::reply("unsubscribed", id, &ts, |o| {
-                    write_channel_filters(o, channel, &f)
-                }));
+                self.reply(Reply::Unsubscribed {
+                    id: id.map(<[u8]>::to_vec),
+                    channel,
+                    filters: f.clone(),
+                });
                 if !removed.is_empty() {
                     self.actions
                         .push_back(Action::Unsubscribe { channel, removed });
@@ -976,7 +1075,8 @@ impl Session {
         self.actions.push_back(Action::Publish(Publication {
             channel,
             id: id.map(<[u8]>::to_vec),
-            payload: raw[p.payload].to_vec(),
+            payload: p.synthesized.unwrap_or_else(|| raw[p.payload].to_vec()),
+            canon: p.canon,
             ack: p.ack,
             keys: p.keys,
             severity: p.severity,
@@ -1026,58 +1126,6 @@ fn take_keys(existing: &mut Vec<Box<str>>, requested: &[Box<str>]) -> Vec<Box<st
 
 fn auth_error(e: &AuthError) -> ProtoError {
     ProtoError::new(401, e.to_string())
-}
-
-fn write_code_message(o: &mut Vec<u8>, code: u16, message: &str) {
-    o.extend_from_slice(b"{\"code\":");
-    json::write_u64(o, code as u64);
-    o.extend_from_slice(b",\"message\":");
-    json::write_str(o, message);
-    o.push(b'}');
-}
-
-fn write_list(o: &mut Vec<u8>, key: &str, list: &[Box<str>], first: &mut bool) {
-    if list.is_empty() {
-        return;
-    }
-    if !*first {
-        o.push(b',');
-    }
-    *first = false;
-    json::write_key(o, key);
-    o.push(b'[');
-    for (i, v) in list.iter().enumerate() {
-        if i > 0 {
-            o.push(b',');
-        }
-        json::write_str(o, v);
-    }
-    o.push(b']');
-}
-
-fn write_channel_filters(o: &mut Vec<u8>, channel: Channel, f: &Filters) {
-    o.extend_from_slice(b"{\"channel\":");
-    json::write_str(o, channel.name());
-    o.extend_from_slice(b",\"filters\":{");
-    let mut first = true;
-    write_list(o, "vehicle_ids", &f.vehicles, &mut first);
-    write_list(o, "trip_ids", &f.trips, &mut first);
-    write_list(o, "driver_ids", &f.drivers, &mut first);
-    let sev: Vec<Box<str>> = [
-        (crate::model::Severity::Low, "low"),
-        (crate::model::Severity::Medium, "medium"),
-        (crate::model::Severity::High, "high"),
-        (crate::model::Severity::Critical, "critical"),
-    ]
-    .into_iter()
-    .filter(|(s, _)| f.severity & s.bit() != 0)
-    .map(|(_, n)| n.into())
-    .collect();
-    write_list(o, "severity", &sev, &mut first);
-    write_list(o, "category", &f.categories, &mut first);
-    write_list(o, "metrics", &f.metrics, &mut first);
-    write_list(o, "status_types", &f.status_types, &mut first);
-    o.extend_from_slice(b"}}");
 }
 
 #[cfg(test)]

@@ -1,5 +1,76 @@
-//! Wire dialects: codecs between client frames and the broker's commands and events.
-//! The native (Bookovia-style) dialect is the reference; the compatibility dialects of
-//! SPEC §6 will sit beside it.
+//! Wire dialects: codecs between a client's frames and the broker's one core (SPEC §6).
+//!
+//! A dialect decodes a client message into a [`Command`] of the one
+//! [`crate::session::Session`], and encodes the session's typed [`Reply`]s and the events
+//! into its own frames. It never touches sockets, the store or the shard. An event is
+//! encoded at most once per dialect ([`crate::event::Event::frame_in`]) and the frame is
+//! shared by every subscriber of that dialect.
+//!
+//! Adding a dialect: one file here implementing [`Codec`], its entry in [`CODECS`], and its
+//! paths in the endpoint table (`crate::wire::handshake::Endpoint::classify`).
 
 pub mod native;
+pub mod valtronics;
+
+use crate::event::Event;
+use crate::model::{Channel, Role};
+use crate::session::Reply;
+use native::{Command, Parser, ProtoError};
+use std::ops::Range;
+
+/// A dialect's index in [`CODECS`] (and in each event's frame cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DialectId(pub u8);
+
+pub const NATIVE: DialectId = DialectId(0);
+pub const VALTRONICS: DialectId = DialectId(1);
+/// Number of dialects.
+pub const COUNT: usize = 2;
+
+/// Every dialect, by [`DialectId`].
+pub static CODECS: [&(dyn Codec + Sync); COUNT] = [&native::Native, &valtronics::Valtronics];
+
+pub fn codec(d: DialectId) -> &'static dyn Codec {
+    CODECS[d.0 as usize]
+}
+
+/// How the server's heartbeat looks on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// A WebSocket ping frame; any frame from the client counts as an answer.
+    WsPing,
+}
+
+pub trait Codec: Sync {
+    fn id(&self) -> DialectId;
+
+    /// The `dialect` label of this dialect's connection metrics.
+    fn name(&self) -> &'static str;
+
+    /// Decodes one client message (a complete text message): the raw range of its id (for
+    /// the error that may answer it) and the command, or why it was refused.
+    fn decode(
+        &self,
+        parser: &mut Parser,
+        raw: &[u8],
+    ) -> (Option<Range<usize>>, Result<Command, ProtoError>);
+
+    /// A complete frame for `reply` (`None`: this dialect sends nothing for it). `ts` is
+    /// the broker's time, RFC 3339.
+    fn encode_reply(&self, reply: &Reply, ts: &str) -> Option<Vec<u8>>;
+
+    /// The JSON text of `ev` in this dialect (`None`: it has no shape for the event).
+    fn encode_event(&self, ev: &Event) -> Option<Vec<u8>>;
+
+    /// The JSON text of `ev` projected to the telemetry `metrics` (a subscription filter).
+    fn encode_projected(&self, ev: &Event, metrics: &[Box<str>]) -> Option<Vec<u8>>;
+
+    /// The channel a subscription of `role` to `channel` means in this dialect.
+    fn channel_for_role(&self, channel: Channel, _role: Role) -> Channel {
+        channel
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat::WsPing
+    }
+}

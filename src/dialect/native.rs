@@ -4,8 +4,11 @@
 //! Decoding copies the message into a scratch buffer that simd-json parses in place; the
 //! original bytes are kept so that payloads and ids are forwarded byte for byte.
 
+use crate::event::{Alert, Canon, Event, Location, Metric};
+use crate::session::Reply;
+use crate::wire::frame;
 use crate::json::{self, array_elements};
-use crate::model::{Channel, EntityKeys, Severity};
+use crate::model::{Channel, EntityKeys};
 use simd_json::BorrowedValue as Value;
 use simd_json::prelude::*;
 use std::borrow::Cow;
@@ -54,11 +57,14 @@ pub struct Filters {
     pub vehicles: Vec<Box<str>>,
     pub trips: Vec<Box<str>>,
     pub drivers: Vec<Box<str>>,
-    /// Bit set of accepted severities; 0 accepts all.
-    pub severity: u8,
+    /// Accepted severities, as words of [`crate::model::SEVERITIES`]; empty accepts all.
+    pub severities: Vec<Box<str>>,
     pub categories: Vec<Box<str>>,
     pub metrics: Vec<Box<str>>,
     pub status_types: Vec<Box<str>>,
+    /// At most one update per entity per this interval (state channels; the newest
+    /// pending value wins). `None`: real time.
+    pub frequency_ms: Option<u64>,
 }
 
 impl Filters {
@@ -72,10 +78,14 @@ impl Filters {
 pub struct PublishRequest {
     pub channel: Channel,
     pub payload: Range<usize>,
+    /// A native payload made by another dialect from the canonical parts (then `payload`
+    /// is unused).
+    pub synthesized: Option<Vec<u8>>,
     pub keys: EntityKeys,
-    pub severity: Option<Severity>,
+    pub severity: Option<Box<str>>,
     pub category: Option<Box<str>>,
     pub status: Option<Box<str>>,
+    pub canon: Canon,
     /// The publisher's own timestamp: raw string range and UNIX milliseconds.
     pub timestamp: Option<(Range<usize>, i64)>,
     pub fleet_id: Option<Box<str>>,
@@ -142,6 +152,20 @@ impl Parser {
     /// Decodes one message. Returns the raw range of its `id` (for the reply) and the
     /// command or the reason it was refused.
     pub fn decode(&mut self, raw: &[u8]) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
+        self.decode_with(raw, decode_value)
+    }
+
+    /// Parses `raw` and applies the checks every JSON dialect shares (an object, no
+    /// repeated `payload`/`timestamp`, nesting), then `decode` makes the command.
+    pub fn decode_with(
+        &mut self,
+        raw: &[u8],
+        decode: fn(
+            &[u8],
+            &Value<'_>,
+            &dyn Fn(&str) -> Option<Range<usize>>,
+        ) -> Result<Command, ProtoError>,
+    ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
         self.scratch.clear();
         self.scratch.extend_from_slice(raw);
         let value =
@@ -186,7 +210,7 @@ impl Parser {
             let e = ProtoError::new(400, format!("nested deeper than {MAX_DEPTH} levels"));
             return (id, Err(e));
         }
-        (id, decode_value(raw, &value, &range_of))
+        (id, decode(raw, &value, &range_of))
     }
 }
 
@@ -208,20 +232,7 @@ fn decode_value(
         "subscribe" | "unsubscribe" => decode_subscribe(ty, payload).map(Command::Subscribe),
         "ping" => Ok(Command::Ping),
         "ack" => Ok(Command::Ack),
-        "batch" => {
-            let r = range_of("messages")
-                .ok_or_else(|| ProtoError::field("messages", "batch needs a messages array"))?;
-            array_elements(&raw[r.clone()])
-                .map(|items| {
-                    Command::Batch(
-                        items
-                            .into_iter()
-                            .map(|i| i.start + r.start..i.end + r.start)
-                            .collect(),
-                    )
-                })
-                .ok_or_else(|| ProtoError::field("messages", "messages must be an array"))
-        }
+        "batch" => decode_batch(raw, range_of),
         "publish" => {
             let name = v
                 .get("channel")
@@ -245,7 +256,26 @@ fn decode_value(
     }
 }
 
-fn opt_string(v: &Value<'_>, key: &'static str) -> Result<Option<String>, ProtoError> {
+/// `{"messages": [...]}`: the ranges of the items.
+pub(crate) fn decode_batch(
+    raw: &[u8],
+    range_of: &dyn Fn(&str) -> Option<Range<usize>>,
+) -> Result<Command, ProtoError> {
+    let r = range_of("messages")
+        .ok_or_else(|| ProtoError::field("messages", "batch needs a messages array"))?;
+    array_elements(&raw[r.clone()])
+        .map(|items| {
+            Command::Batch(
+                items
+                    .into_iter()
+                    .map(|i| i.start + r.start..i.end + r.start)
+                    .collect(),
+            )
+        })
+        .ok_or_else(|| ProtoError::field("messages", "messages must be an array"))
+}
+
+pub(crate) fn opt_string(v: &Value<'_>, key: &'static str) -> Result<Option<String>, ProtoError> {
     match v.get(key) {
         None => Ok(None),
         Some(x) if x.is_null() => Ok(None),
@@ -340,7 +370,7 @@ fn decode_subscribe(ty: &str, p: &Value<'_>) -> Result<SubscribeRequest, ProtoEr
 }
 
 /// An entity id: a non-empty string or an integer (some seeds number their devices).
-fn entity_id(v: &Value<'_>) -> Option<Box<str>> {
+pub(crate) fn entity_id(v: &Value<'_>) -> Option<Box<str>> {
     if let Some(s) = v.as_str() {
         return (!s.is_empty() && s.len() <= MAX_ID_LEN).then(|| s.into());
     }
@@ -377,7 +407,24 @@ fn list<T>(
     Ok(())
 }
 
-fn decode_filters(f: &Value<'_>) -> Result<Filters, ProtoError> {
+/// `"real-time"` (Some(None)), or an interval `"500ms"`, `"5s"`, `"1m"` of at most an
+/// hour (Some(Some(ms))); anything else `None`.
+pub fn parse_frequency(s: &str) -> Option<Option<u64>> {
+    if matches!(s, "real-time" | "realtime" | "real_time") {
+        return Some(None);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        _ => return None,
+    };
+    (ms > 0 && ms <= 3_600_000).then_some(Some(ms))
+}
+
+pub(crate) fn decode_filters(f: &Value<'_>) -> Result<Filters, ProtoError> {
     let mut out = Filters::default();
     list(
         f.get("vehicle_id"),
@@ -398,15 +445,28 @@ fn decode_filters(f: &Value<'_>) -> Result<Filters, ProtoError> {
         &mut out.vehicles,
     )?;
     list(f.get("trip_id"), "trip_id", entity_id, &mut out.trips)?;
+    list(f.get("trip_ids"), "trip_ids", entity_id, &mut out.trips)?;
     list(f.get("driver_id"), "driver_id", entity_id, &mut out.drivers)?;
-    let mut sev = Vec::new();
+    list(f.get("driver_ids"), "driver_ids", entity_id, &mut out.drivers)?;
     list(
         f.get("severity"),
         "severity",
-        |v| v.as_str().and_then(Severity::parse),
-        &mut sev,
+        |v| v.as_str().and_then(crate::model::severity_word).map(Into::into),
+        &mut out.severities,
     )?;
-    out.severity = sev.iter().fold(0, |m, s| m | s.bit());
+    out.frequency_ms = match f.get("frequency") {
+        None => None,
+        Some(v) if v.is_null() => None,
+        Some(v) => match v.as_str().map(parse_frequency) {
+            Some(Some(ms)) => ms,
+            _ => {
+                return Err(ProtoError::field(
+                    "frequency",
+                    "frequency must be \"real-time\" or an interval such as \"1s\", \"500ms\", \"5m\"",
+                ));
+            }
+        },
+    };
     let word = |v: &Value<'_>| v.as_str().filter(|s| s.len() <= MAX_ID_LEN).map(Into::into);
     list(f.get("category"), "category", word, &mut out.categories)?;
     list(f.get("alert_type"), "alert_type", word, &mut out.categories)?;
@@ -562,12 +622,16 @@ fn decode_publish(
             }
             let s = opt_string(p, "severity")?;
             severity = match s {
-                Some(s) => Some(Severity::parse(&s).ok_or_else(|| {
-                    ProtoError::field(
-                        "severity",
-                        "severity must be one of low, medium, high, critical",
-                    )
-                })?),
+                Some(s) => Some(
+                    crate::model::severity_word(&s)
+                        .ok_or_else(|| {
+                            ProtoError::field(
+                                "severity",
+                                "severity must be one of info, low, medium, warning, high, critical",
+                            )
+                        })?
+                        .into(),
+                ),
                 None if channel == Channel::Alerts => {
                     return Err(ProtoError::field("severity", "missing severity"));
                 }
@@ -586,7 +650,130 @@ fn decode_publish(
             ));
         }
     }
-    let timestamp = match msg.get("timestamp") {
+    let timestamp = decode_timestamp(msg, range_of)?;
+    let ack = msg.get("ack").and_then(|a| a.as_bool()).unwrap_or(false);
+    Ok(PublishRequest {
+        channel,
+        payload,
+        synthesized: None,
+        keys,
+        severity,
+        category,
+        status,
+        timestamp,
+        fleet_id: opt_string(p, "fleet_id")?.map(Into::into),
+        canon: canon_of(channel, p, body),
+        device_id,
+        ack,
+    })
+}
+
+/// The canonical parts of a native payload (`p` parsed, `body` its raw text): read once,
+/// when the publish is accepted, for the other dialects' encoders.
+fn canon_of(channel: Channel, p: &Value<'_>, body: &[u8]) -> Canon {
+    let text = |k: &str| -> Option<Box<str>> {
+        p.get(k).and_then(|v| v.as_str()).map(Into::into)
+    };
+    let raw = |k: &str| -> Option<Box<str>> {
+        json::member(body, k)
+            .and_then(|r| std::str::from_utf8(r).ok())
+            .map(Into::into)
+    };
+    let mut c = Canon {
+        metadata: raw("metadata").filter(|m| m.starts_with('{')),
+        ..Canon::default()
+    };
+    match channel {
+        Channel::VehicleLocations => {
+            if let Some(loc) = p.get("location") {
+                let num = |k: &str| loc.get(k).and_then(|v| v.cast_f64());
+                c.location = Some(Location {
+                    lat: num("latitude").unwrap_or(0.0),
+                    lon: num("longitude").unwrap_or(0.0),
+                    speed_kmh: num("speed"),
+                    heading: num("heading"),
+                    accuracy_m: num("accuracy"),
+                    altitude_m: num("altitude"),
+                });
+            }
+            if let Some(t) = json::member(body, "telemetry") {
+                c.metrics = metrics_of(t, &[]);
+            }
+        }
+        Channel::Telemetry => {
+            c.metrics = match json::member(body, "telemetry").or_else(|| json::member(body, "metrics")) {
+                Some(t) if t.first() == Some(&b'{') => metrics_of(t, &[]),
+                // Flat: every member but the ids is a metric.
+                _ => metrics_of(body, &NOT_METRICS),
+            };
+        }
+        Channel::Alerts | Channel::MaintenanceAlerts => {
+            c.alert = Some(Alert {
+                id: raw("alert_id").filter(|r| json::valid_id(r.as_bytes())),
+                title: text("title"),
+                message: text("message").or_else(|| text("description")),
+            });
+        }
+        Channel::DeviceStatus | Channel::DriverStatus => c.reason = text("reason"),
+        Channel::TripEvents => c.trip_event = text("event"),
+        _ => {}
+    }
+    c
+}
+
+/// Payload members of a flat `telemetry_update` that are not metrics.
+const NOT_METRICS: [&str; 8] = [
+    "vehicle_id",
+    "device_id",
+    "trip_id",
+    "driver_id",
+    "fleet_id",
+    "timestamp",
+    "metadata",
+    "units",
+];
+
+/// Metrics of a JSON object: `name: number` or `name: {value, unit}`; names in `skip`
+/// and values of other kinds are left out.
+pub(crate) fn metrics_of(obj: &[u8], skip: &[&str]) -> Vec<Metric> {
+    let mut out = Vec::new();
+    for m in json::object_members(obj).unwrap_or_default() {
+        let key = &obj[m.key.clone()];
+        if skip.iter().any(|s| json::key_is(key, s)) {
+            continue;
+        }
+        let v = &obj[m.value.clone()];
+        let (value, unit) = match v.first() {
+            Some(b'-' | b'0'..=b'9') => (v, None),
+            Some(b'{') => match json::member(v, "value") {
+                Some(value) => (
+                    value,
+                    json::member(v, "unit")
+                        .filter(|u| u.first() == Some(&b'"'))
+                        .map(|u| json::unescape(&u[1..u.len() - 1]).into_owned().into()),
+                ),
+                None => continue,
+            },
+            _ => continue,
+        };
+        let Ok(value) = std::str::from_utf8(value) else {
+            continue;
+        };
+        out.push(Metric {
+            name: json::unescape(key).into_owned().into(),
+            value: value.into(),
+            unit,
+        });
+    }
+    out
+}
+
+/// The message's top-level `timestamp`: its raw range and UNIX milliseconds.
+pub(crate) fn decode_timestamp(
+    msg: &Value<'_>,
+    range_of: &dyn Fn(&str) -> Option<Range<usize>>,
+) -> Result<Option<(Range<usize>, i64)>, ProtoError> {
+    Ok(match msg.get("timestamp") {
         None => None,
         Some(t) if t.is_null() => None,
         Some(t) => {
@@ -599,19 +786,6 @@ fn decode_publish(
                 .ok_or_else(|| ProtoError::field("timestamp", "timestamp must be a string"))?;
             Some((range, ms))
         }
-    };
-    let ack = msg.get("ack").and_then(|a| a.as_bool()).unwrap_or(false);
-    Ok(PublishRequest {
-        channel,
-        payload,
-        keys,
-        severity,
-        category,
-        status,
-        timestamp,
-        fleet_id: opt_string(p, "fleet_id")?.map(Into::into),
-        device_id,
-        ack,
     })
 }
 
@@ -667,6 +841,185 @@ pub fn error(id: Option<&[u8]>, ts: &str, e: &ProtoError) -> Vec<u8> {
         }
         o.push(b'}');
     })
+}
+
+/// The native dialect (SPEC §5): the reference shapes.
+pub struct Native;
+
+impl super::Codec for Native {
+    fn id(&self) -> super::DialectId {
+        super::NATIVE
+    }
+
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn decode(
+        &self,
+        parser: &mut Parser,
+        raw: &[u8],
+    ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
+        parser.decode(raw)
+    }
+
+    fn encode_reply(&self, reply: &Reply, ts: &str) -> Option<Vec<u8>> {
+        let raw = |id: &Option<Vec<u8>>| id.as_deref();
+        let json = match reply {
+            Reply::AuthOk {
+                id,
+                connection_id,
+                principal: p,
+                limits,
+            } => self::reply("auth_success", raw(id), ts, |o| {
+                o.extend_from_slice(b"{\"connection_id\":");
+                json::write_str(o, connection_id);
+                o.extend_from_slice(b",\"user_id\":");
+                json::write_str(o, &p.user_id);
+                o.extend_from_slice(b",\"fleet_id\":");
+                json::write_str(o, &p.tenant);
+                o.extend_from_slice(b",\"role\":");
+                json::write_str(o, p.role.name());
+                o.extend_from_slice(b",\"server_time\":");
+                json::write_str(o, ts);
+                o.extend_from_slice(b",\"limits\":{\"max_message_bytes\":");
+                json::write_u64(o, limits.max_message_bytes as u64);
+                o.extend_from_slice(b",\"max_subscriptions\":");
+                json::write_u64(o, limits.max_subscriptions as u64);
+                o.extend_from_slice(b",\"max_batch\":");
+                json::write_u64(o, limits.max_batch as u64);
+                o.extend_from_slice(b",\"heartbeat_interval_ms\":");
+                json::write_u64(o, limits.heartbeat_interval_ms);
+                o.extend_from_slice(b"}}");
+            }),
+            Reply::AuthError { id, code, message } => {
+                self::reply("auth_error", raw(id), ts, |o| {
+                    write_code_message(o, *code, message)
+                })
+            }
+            Reply::Error { id, error } => self::error(raw(id), ts, error),
+            Reply::Pong { id } => self::reply("pong", raw(id), ts, |o| {
+                o.extend_from_slice(b"{\"server_time\":");
+                json::write_str(o, ts);
+                o.push(b'}');
+            }),
+            Reply::Subscribed {
+                id,
+                channel,
+                filters,
+                position,
+            } => self::reply("subscribed", raw(id), ts, |o| {
+                write_channel_filters(o, *channel, filters);
+                if let Some(pos) = position {
+                    o.pop();
+                    o.extend_from_slice(b",\"epoch\":");
+                    json::write_u64(o, pos.epoch);
+                    o.extend_from_slice(b",\"seq\":");
+                    json::write_u64(o, pos.seq);
+                    match pos.recovered {
+                        Some(true) => o.extend_from_slice(b",\"recovered\":true"),
+                        Some(false) => o.extend_from_slice(b",\"recovered\":false"),
+                        None => {}
+                    }
+                    o.push(b'}');
+                }
+            }),
+            Reply::Unsubscribed {
+                id,
+                channel,
+                filters,
+            } => self::reply("unsubscribed", raw(id), ts, |o| {
+                write_channel_filters(o, *channel, filters)
+            }),
+            Reply::Snapshot {
+                id,
+                channel,
+                events,
+            } => self::reply("snapshot", raw(id), ts, |o| {
+                o.extend_from_slice(b"{\"channel\":");
+                json::write_str(o, channel.name());
+                o.extend_from_slice(b",\"items\":[");
+                for (i, ev) in events.iter().enumerate() {
+                    if i > 0 {
+                        o.push(b',');
+                    }
+                    o.extend_from_slice(ev.json());
+                }
+                o.extend_from_slice(b"]}");
+            }),
+            Reply::Ack { id, channel, seq } => self::reply("ack", raw(id), ts, |o| {
+                o.extend_from_slice(match seq {
+                    Some(_) => b"{\"status\":\"accepted\",\"channel\":",
+                    None => b"{\"status\":\"duplicate\",\"channel\":",
+                });
+                json::write_str(o, channel.name());
+                if let Some(seq) = seq {
+                    o.extend_from_slice(b",\"seq\":");
+                    json::write_u64(o, *seq);
+                }
+                o.push(b'}');
+            }),
+            Reply::Heartbeat => return Some(frame::ping_frame(b"")),
+            Reply::WsPong(payload) => return Some(frame::pong_frame(payload)),
+        };
+        Some(frame::text_frame(&json))
+    }
+
+    fn encode_event(&self, ev: &Event) -> Option<Vec<u8>> {
+        Some(ev.json().to_vec())
+    }
+
+    fn encode_projected(&self, ev: &Event, metrics: &[Box<str>]) -> Option<Vec<u8>> {
+        let json = ev.json();
+        let (ps, pe) = ev.payload_range_in_json();
+        let mut out = Vec::with_capacity(json.len());
+        out.extend_from_slice(&json[..ps]);
+        out.extend_from_slice(&project_metrics(&json[ps..pe], metrics));
+        out.extend_from_slice(&json[pe..]);
+        Some(out)
+    }
+}
+
+fn write_code_message(o: &mut Vec<u8>, code: u16, message: &str) {
+    o.extend_from_slice(b"{\"code\":");
+    json::write_u64(o, code as u64);
+    o.extend_from_slice(b",\"message\":");
+    json::write_str(o, message);
+    o.push(b'}');
+}
+
+fn write_list(o: &mut Vec<u8>, key: &str, list: &[Box<str>], first: &mut bool) {
+    if list.is_empty() {
+        return;
+    }
+    if !*first {
+        o.push(b',');
+    }
+    *first = false;
+    json::write_key(o, key);
+    o.push(b'[');
+    for (i, v) in list.iter().enumerate() {
+        if i > 0 {
+            o.push(b',');
+        }
+        json::write_str(o, v);
+    }
+    o.push(b']');
+}
+
+fn write_channel_filters(o: &mut Vec<u8>, channel: Channel, f: &Filters) {
+    o.extend_from_slice(b"{\"channel\":");
+    json::write_str(o, channel.name());
+    o.extend_from_slice(b",\"filters\":{");
+    let mut first = true;
+    write_list(o, "vehicle_ids", &f.vehicles, &mut first);
+    write_list(o, "trip_ids", &f.trips, &mut first);
+    write_list(o, "driver_ids", &f.drivers, &mut first);
+    write_list(o, "severity", &f.severities, &mut first);
+    write_list(o, "category", &f.categories, &mut first);
+    write_list(o, "metrics", &f.metrics, &mut first);
+    write_list(o, "status_types", &f.status_types, &mut first);
+    o.extend_from_slice(b"}}");
 }
 
 /// The fields of an event besides its payload.

@@ -4,6 +4,7 @@
 //! Past the soft bound, a state-channel event replaces the pending (unwritten) value of the
 //! same entity instead of queueing behind it (conflation); event channels always queue.
 
+use crate::dialect::{self, DialectId};
 use crate::event::Event;
 use crate::model::Channel;
 use std::collections::{HashMap, VecDeque};
@@ -12,16 +13,20 @@ use std::sync::Arc;
 
 #[derive(Debug)]
 enum Chunk {
-    /// An event frame shared with every other subscriber.
+    /// An event frame shared with every other subscriber of the connection's dialect
+    /// (its frame in that dialect exists: checked when queued).
     Shared(Arc<Event>),
-    /// A frame for this connection only (replies, projections, control frames).
+    /// A frame shared with some other subscribers (a projection for a `metrics` filter).
+    Frame(Arc<[u8]>),
+    /// A frame for this connection only (replies, control frames).
     Owned(Box<[u8]>),
 }
 
 impl Chunk {
-    fn bytes(&self) -> &[u8] {
+    fn bytes(&self, d: DialectId) -> &[u8] {
         match self {
-            Chunk::Shared(e) => &e.frame,
+            Chunk::Shared(e) => e.frame_in(d).unwrap_or_default(),
+            Chunk::Frame(f) => f,
             Chunk::Owned(b) => b,
         }
     }
@@ -46,9 +51,25 @@ pub struct Outbox {
     pending: Option<Box<PendingState>>,
     /// The last write found the socket full (until a later write makes progress).
     blocked: bool,
+    /// The connection's dialect: which frame of a shared event is written.
+    dialect: DialectId,
+}
+
+impl Default for DialectId {
+    fn default() -> Self {
+        dialect::NATIVE
+    }
 }
 
 impl Outbox {
+    pub fn set_dialect(&mut self, d: DialectId) {
+        self.dialect = d;
+    }
+
+    pub fn dialect(&self) -> DialectId {
+        self.dialect
+    }
+
     /// Queues an event, conflating state channels when more than `soft` bytes are queued.
     /// Returns true if the event replaced a pending value instead of being queued.
     pub fn push_event(&mut self, ev: Arc<Event>, soft: usize) -> bool {
@@ -71,7 +92,9 @@ impl Outbox {
             && old.channel == ev.channel
             && old.keys.state_key(old.channel) == Some(key)
         {
-            self.bytes = self.bytes - old.frame.len() + ev.frame.len();
+            let d = self.dialect;
+            self.bytes = self.bytes - old.frame_in(d).map_or(0, <[u8]>::len)
+                + ev.frame_in(d).map_or(0, <[u8]>::len);
             *old = ev;
             return true;
         }
@@ -81,9 +104,19 @@ impl Outbox {
         false
     }
 
+    /// Queues a shared event; nothing if the connection's dialect has no frame for it.
     pub fn push_shared(&mut self, ev: Arc<Event>) {
-        self.bytes += ev.frame.len();
+        let Some(len) = ev.frame_in(self.dialect).map(<[u8]>::len) else {
+            return;
+        };
+        self.bytes += len;
         self.chunks.push_back(Chunk::Shared(ev));
+    }
+
+    /// Queues a frame shared with other connections (a projection).
+    pub fn push_frame(&mut self, frame: Arc<[u8]>) {
+        self.bytes += frame.len();
+        self.chunks.push_back(Chunk::Frame(frame));
     }
 
     pub fn push_owned(&mut self, frame: Vec<u8>) {
@@ -125,9 +158,11 @@ impl Outbox {
             .flatten();
         let discarded = self.chunks.len();
         let written = self.written;
+        let dialect = self.dialect;
         *self = Outbox::default();
+        self.dialect = dialect;
         if let Some(front) = partial {
-            self.bytes = front.bytes().len() - written;
+            self.bytes = front.bytes(dialect).len() - written;
             self.written = written;
             self.chunks.push_back(front);
         }
@@ -145,7 +180,7 @@ impl Outbox {
             let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
             for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                let b = c.bytes();
+                let b = c.bytes(self.dialect);
                 slices[n] = IoSlice::new(if i == 0 { &b[self.written..] } else { b });
                 n += 1;
             }
@@ -176,7 +211,7 @@ impl Outbox {
                 .chunks
                 .front()
                 .expect("wrote more than queued")
-                .bytes()
+                .bytes(self.dialect)
                 .len();
             let left = front - self.written;
             if n >= left {

@@ -183,7 +183,12 @@ impl Derived {
             }
             None => (0.0, 0.0, 0.0, 0.0),
         };
-        let connections = sum(|s| s.connections_native.load(Ordering::Relaxed));
+        let connections = sum(|s| {
+            s.connections
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum()
+        });
         let mut o = Vec::with_capacity(256);
         o.extend_from_slice(b"{\"cpu_percent\":");
         o.extend_from_slice(format!("{cpu:.1}").as_bytes());
