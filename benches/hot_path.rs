@@ -63,6 +63,7 @@ fn event() -> Arc<Event> {
         severity: None,
         category: None,
         status: None,
+        canon: Default::default(),
         timestamp: "2024-03-15T14:30:00.000Z".into(),
         ts_ms: 0,
         ack: false,

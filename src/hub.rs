@@ -32,6 +32,11 @@ pub struct ChannelHub {
 }
 
 impl ChannelHub {
+    /// The last known state of entity `key` (state channels).
+    pub fn last_of(&self, key: &str) -> Option<&Arc<Event>> {
+        self.last.get(key)
+    }
+
     /// Records `ev` as last known state if it is the newest for its entity by its own
     /// timestamp. An older, late event is still delivered but does not overwrite.
     pub fn record_state(&mut self, ev: &Arc<Event>) {

@@ -402,6 +402,6 @@ mod tests {
             .map(|r| &src[r])
             .collect();
         assert_eq!(el, vec![&br#"{"a":[1,2]}"#[..], br#""x,y""#, b"3"]);
-        assert_eq!(array_elements(b"[]").unwrap(), vec![]);
+        assert!(array_elements(b"[]").unwrap().is_empty());
     }
 }

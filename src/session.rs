@@ -27,7 +27,7 @@ use crate::event::{Event, Publication};
 use crate::json;
 use crate::metrics::Limit;
 use crate::model::{Channel, Role};
-use crate::wire::frame::{self, Message, close};
+use crate::wire::frame::{Message, close};
 use crate::wire::handshake::Scope;
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -1200,12 +1200,16 @@ mod tests {
         }
     }
 
-    /// The JSON of every `Send` that carries a text frame.
+    /// The JSON of every reply that the native dialect sends as a text frame.
     fn texts(actions: &[Action]) -> Vec<Value> {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Send(f) if f[0] == 0x81 => {
+                Action::Reply(r) => {
+                    let f = crate::dialect::native::Native.encode_reply(r, "t")?;
+                    if f[0] != 0x81 {
+                        return None;
+                    }
                     let hl = match f[1] & 0x7f {
                         126 => 4,
                         127 => 10,
@@ -1255,8 +1259,7 @@ mod tests {
         else {
             panic!("{a:?}")
         };
-        // The shard completes the reply; closed here as the shard does for state channels.
-        let reply: Value = serde_json::from_slice(&[reply.as_slice(), b"}}"].concat()).unwrap();
+        let reply = &texts(&[Action::Reply(reply.clone())])[0];
         assert_eq!(
             (reply["type"].as_str(), reply["id"].as_u64()),
             (Some("subscribed"), Some(7))
@@ -1348,7 +1351,7 @@ mod tests {
         assert!(s.poll_action().is_none());
         s.handle_tick(f.at(first_ms + 1));
         let a: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
-        assert!(matches!(&a[..], [Action::Send(p)] if p[0] == 0x89), "{a:?}");
+        assert!(matches!(&a[..], [Action::Reply(Reply::Heartbeat)]), "{a:?}");
         // Silent since 0: closed after two intervals.
         assert_eq!(
             s.next_deadline(f.at(first_ms + 1)),
@@ -1469,7 +1472,7 @@ mod tests {
             1,
             r#"{"type":"subscribe","payload":{"channel":"vehicle_locations"}}"#,
         );
-        let ev = |channel, seq, vehicle: &str, severity| {
+        let ev = |channel, seq, vehicle: &str, severity: Option<&str>| {
             let p = Publication {
                 channel,
                 id: None,
@@ -1479,9 +1482,10 @@ mod tests {
                     trip: None,
                     driver: None,
                 },
-                severity,
+                severity: severity.map(|s: &str| s.into()),
                 category: None,
                 status: None,
+                canon: Default::default(),
                 timestamp: "t".into(),
                 ts_ms: 0,
                 ack: false,
@@ -1490,13 +1494,12 @@ mod tests {
             };
             Event::encode("fleet_a".into(), p, seq, 1, b"\"e\"", f.t0)
         };
-        use crate::model::Severity;
         assert!(matches!(
-            s.verdict(&ev(Channel::Alerts, 1, "v1", Some(Severity::High))),
+            s.verdict(&ev(Channel::Alerts, 1, "v1", Some("high"))),
             Verdict::Shared
         ));
         assert!(matches!(
-            s.verdict(&ev(Channel::Alerts, 2, "v1", Some(Severity::Low))),
+            s.verdict(&ev(Channel::Alerts, 2, "v1", Some("low"))),
             Verdict::Skip
         ));
         assert!(matches!(

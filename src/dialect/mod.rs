@@ -34,6 +34,31 @@ pub fn codec(d: DialectId) -> &'static dyn Codec {
     CODECS[d.0 as usize]
 }
 
+/// The streaming paths of every dialect but the native one (whose paths carry an entity
+/// scope, see [`crate::wire::handshake::Endpoint::classify`]), and the channel each
+/// subscribes once the connection is authenticated.
+pub const ENDPOINTS: &[(&str, DialectId, Option<Channel>)] = &[
+    ("/ws", VALTRONICS, None),
+    ("/ws/telemetry", VALTRONICS, Some(Channel::Telemetry)),
+    ("/ws/alerts", VALTRONICS, Some(Channel::Alerts)),
+    ("/ws/devices", VALTRONICS, Some(Channel::DeviceStatus)),
+    // `system` means the node for admins and their own fleet for everyone else
+    // (`Codec::channel_for_role`).
+    ("/ws/system", VALTRONICS, Some(Channel::System)),
+];
+
+/// The endpoint of a dialect's streaming path (a trailing `/` is ignored).
+pub fn endpoint(path: &str) -> Option<crate::wire::handshake::Endpoint> {
+    let path = match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    };
+    ENDPOINTS
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map(|&(_, d, preset)| crate::wire::handshake::Endpoint::Stream(d, preset))
+}
+
 /// How the server's heartbeat looks on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Heartbeat {

@@ -830,17 +830,20 @@ pub fn reply(ty: &str, id: Option<&[u8]>, ts: &str, payload: impl FnOnce(&mut Ve
 }
 
 pub fn error(id: Option<&[u8]>, ts: &str, e: &ProtoError) -> Vec<u8> {
-    reply("error", id, ts, |o| {
-        o.extend_from_slice(b"{\"code\":");
-        json::write_u64(o, e.code as u64);
-        o.extend_from_slice(b",\"message\":");
-        json::write_str(o, &e.message);
-        if let Some(f) = e.field {
-            o.extend_from_slice(b",\"field\":");
-            json::write_str(o, f);
-        }
-        o.push(b'}');
-    })
+    reply("error", id, ts, |o| write_error_payload(o, e))
+}
+
+/// The payload of an `error`: `{"code":..,"message":..,"field":..}`.
+pub fn write_error_payload(o: &mut Vec<u8>, e: &ProtoError) {
+    o.extend_from_slice(b"{\"code\":");
+    json::write_u64(o, e.code as u64);
+    o.extend_from_slice(b",\"message\":");
+    json::write_str(o, &e.message);
+    if let Some(f) = e.field {
+        o.extend_from_slice(b",\"field\":");
+        json::write_str(o, f);
+    }
+    o.push(b'}');
 }
 
 /// The native dialect (SPEC §5): the reference shapes.
@@ -864,7 +867,9 @@ impl super::Codec for Native {
     }
 
     fn encode_reply(&self, reply: &Reply, ts: &str) -> Option<Vec<u8>> {
-        let raw = |id: &Option<Vec<u8>>| id.as_deref();
+        fn raw(id: &Option<Vec<u8>>) -> Option<&[u8]> {
+            id.as_deref()
+        }
         let json = match reply {
             Reply::AuthOk {
                 id,
@@ -1135,8 +1140,8 @@ mod tests {
         assert_eq!(s.channel, Channel::Alerts);
         assert_eq!(s.filters.vehicles, vec!["v1".into(), "7".into()]);
         assert_eq!(
-            s.filters.severity,
-            Severity::High.bit() | Severity::Critical.bit()
+            s.filters.severities,
+            vec![Box::<str>::from("high"), "critical".into()]
         );
         let (_, c) =
             dec(r#"{"type":"subscribe","payload":{"action":"unsubscribe","channel":"telemetry"}}"#);

@@ -10,6 +10,7 @@ use super::{Published, Shard, now};
 use crate::auth::{Credential, Principal};
 use crate::event::Event;
 use crate::hub::TenantHub;
+use crate::dialect::native;
 use crate::json;
 use crate::metrics::Limit;
 use crate::model::{Channel, Role};
@@ -288,11 +289,11 @@ impl Shard {
                     let channel = p.channel;
                     outcome.result = Ok((channel, self.accept_publication(hub, p, now)));
                 }
-                Action::Send(frame) => {
+                Action::Reply(crate::session::Reply::Error { error, .. }) => {
                     // An error reply: keep its payload (code, message, field).
-                    if let Some(p) = strip_header(&frame).and_then(|t| json::member(t, "payload")) {
-                        outcome.result = Err(p.to_vec());
-                    }
+                    let mut p = Vec::new();
+                    native::write_error_payload(&mut p, &error);
+                    outcome.result = Err(p);
                 }
                 Action::Breach(limit) => self.stats().breach(limit),
                 _ => {}
@@ -311,16 +312,6 @@ fn valid_id_of(raw: &[u8]) -> Option<Vec<u8>> {
     json::member(raw, "id")
         .filter(|id| json::valid_id(id))
         .map(<[u8]>::to_vec)
-}
-
-/// The JSON text of a server frame.
-fn strip_header(frame: &[u8]) -> Option<&[u8]> {
-    let hl = match frame.get(1)? & 0x7f {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
-    frame.get(hl..)
 }
 
 /// A JSON array of the events' texts (snapshot replies, polling endpoints).

@@ -19,11 +19,11 @@ pub mod shared;
 pub mod snapshot;
 
 use crate::dialect::native::{self, Parser, ProtoError};
+use crate::dialect::{self, DialectId};
 use crate::event::{Event, Publication};
 use crate::hub::TenantHub;
-use crate::json;
 use crate::metrics::{Drop as StatDrop, Limit, Outcome, ShardStats};
-use crate::session::{Action, Ctx, Now, Selection, Session, Verdict};
+use crate::session::{Action, Ctx, Now, Reply, Selection, Session, Verdict};
 use crate::store::{Counted, Joining, Positioned, Published, Store};
 use crate::wire::frame::{self, FrameError, FrameReader, Message, close};
 use crate::wire::handshake::{self, Endpoint, Head, HeadError};
@@ -380,7 +380,7 @@ impl Shard {
             let gauge = if conn.echo {
                 &self.stats().connections_echo
             } else {
-                &self.stats().connections_native
+                &self.stats().connections[conn.out.dialect().0 as usize]
             };
             gauge.fetch_sub(1, Ordering::Relaxed);
         }
@@ -590,7 +590,8 @@ impl Shard {
             }
             Endpoint::NotFound => return self.http_error(slot, 404, "not found"),
             Endpoint::Echo => None,
-            Endpoint::Native(scope) => Some(scope),
+            Endpoint::Native(scope) => Some((scope, dialect::NATIVE, None)),
+            Endpoint::Stream(d, preset) => Some((handshake::Scope::None, d, preset)),
         };
         if !(req.upgrade_websocket && req.connection_upgrade) {
             return self.http_error(slot, 426, "this endpoint speaks WebSocket only");
@@ -617,7 +618,7 @@ impl Shard {
             shared.admission.close();
             shard.http_error(slot, status, message);
         };
-        let Some(scope) = scope else {
+        let Some((scope, dialect, preset)) = scope else {
             return self.upgrade(slot, head, key, None);
         };
         let cred = req
@@ -653,6 +654,9 @@ impl Shard {
             .map(|p| shared.admission.user_publish_bucket(p, now.mono));
         let mut session = Session::new(conn_id.into(), scope, principal, now.mono, limits);
         session.set_publish_bucket(bucket);
+        if dialect != dialect::NATIVE {
+            session = session.with_dialect(dialect::codec(dialect), preset, limits, now);
+        }
         self.upgrade(slot, head, key, Some(session));
     }
 
@@ -666,6 +670,8 @@ impl Shard {
         if conn.echo {
             conn.reader = FrameReader::new(echo_max);
         }
+        let dialect = session.as_ref().map_or(dialect::NATIVE, |s| s.codec().id());
+        conn.out.set_dialect(dialect);
         conn.session = session;
         conn.phase = Phase::Open;
         let rest = conn.rbuf.split_off(head);
@@ -676,7 +682,7 @@ impl Shard {
         if echo {
             stats.connections_echo.fetch_add(1, Ordering::Relaxed);
         } else {
-            stats.connections_native.fetch_add(1, Ordering::Relaxed);
+            stats.connections[dialect.0 as usize].fetch_add(1, Ordering::Relaxed);
         }
         self.mark_dirty(slot);
         let now = now();
@@ -726,7 +732,7 @@ impl Shard {
                 return;
             };
             match action {
-                Action::Send(frame) => self.send_owned(slot, frame),
+                Action::Reply(reply) => self.send_reply(slot, &reply, now),
                 Action::Authenticated => {
                     let tenant = conn
                         .session
@@ -775,7 +781,7 @@ impl Shard {
         added: &Selection,
         snapshot: &Selection,
         since: Option<(u64, u64)>,
-        mut reply: Vec<u8>,
+        mut reply: crate::session::Reply,
     ) {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
@@ -798,39 +804,42 @@ impl Shard {
             since,
             now(),
         );
-        if channel.is_event() {
-            reply.extend_from_slice(b",\"epoch\":");
-            json::write_u64(&mut reply, epoch);
-            reply.extend_from_slice(b",\"seq\":");
-            json::write_u64(&mut reply, position);
-            if since.is_some() {
-                reply.extend_from_slice(if replay.is_some() {
-                    b",\"recovered\":true"
-                } else {
-                    b",\"recovered\":false"
-                });
-            }
+        if channel.is_event()
+            && let crate::session::Reply::Subscribed { position: p, .. } = &mut reply
+        {
+            *p = Some(crate::session::StreamPosition {
+                epoch,
+                seq: position,
+                recovered: since.map(|_| replay.is_some()),
+            });
         }
-        reply.extend_from_slice(b"}}");
+        let ts = native::format_rfc3339_ms(now().unix_ms);
         let conn = &mut self.conns[slot];
-        conn.out.push_owned(frame::text_frame(&reply));
         let session = conn.session.as_mut().expect("open");
+        let d = session.codec().id();
+        if let Some(f) = session.codec().encode_reply(&reply, &ts) {
+            conn.out.push_owned(f);
+        }
         // A fence from an earlier subscribe must not filter this snapshot or replay.
         session.set_fence(channel, Default::default());
         for ev in replay.unwrap_or_default() {
             match session.verdict(&ev) {
                 Verdict::Skip => {}
                 Verdict::Shared => conn.out.push_shared(ev),
-                Verdict::Projected(m) => conn.out.push_owned(ev.projected_frame(&m)),
+                Verdict::Projected(m) => {
+                    if let Some(f) = ev.projected_frame(d, &m) {
+                        conn.out.push_owned(f)
+                    }
+                }
             }
         }
         let items: Vec<snapshot::Item> = events
             .into_iter()
             .filter_map(|ev| match session.verdict(&ev) {
                 Verdict::Skip => None,
-                Verdict::Shared => Some((ev, None)),
+                Verdict::Shared => ev.frame_in(d).is_some().then_some((ev, None)),
                 Verdict::Projected(m) => {
-                    let f = ev.projected_frame(&m);
+                    let f = ev.projected_frame(d, &m)?;
                     Some((ev, Some(f)))
                 }
             })
@@ -904,7 +913,6 @@ impl Shard {
             return;
         };
         let events = self.store().snapshot(&hub, channel, sel);
-        let ts = crate::dialect::native::format_rfc3339_ms(now.unix_ms);
         let hard = self.shared.config.limits.max_outbound_bytes;
         let size: usize = events.iter().map(|e| e.json().len() + 1).sum();
         if size > hard / 2 {
@@ -918,16 +926,23 @@ impl Shard {
                     events.len()
                 ),
             );
-            return self.send_owned(slot, frame::text_frame(&native::error(id, &ts, &e)));
+            let id = id.map(<[u8]>::to_vec);
+            return self.send_reply(slot, &Reply::Error { id, error: e }, now);
         }
-        let json = crate::dialect::native::reply("snapshot", id, &ts, |o| {
-            o.extend_from_slice(b"{\"channel\":");
-            json::write_str(o, channel.name());
-            o.extend_from_slice(b",\"items\":");
-            api::write_events(o, &events);
-            o.push(b'}');
-        });
-        self.send_owned(slot, frame::text_frame(&json));
+        let id = id.map(<[u8]>::to_vec);
+        self.send_reply(slot, &Reply::Snapshot { id, channel, events }, now);
+    }
+
+    /// Encodes a reply in the connection's dialect and queues it ([`Shard::send_owned`]).
+    fn send_reply(&mut self, slot: usize, reply: &Reply, now: Now) {
+        let Some(codec) = self.conns.get(slot).and_then(|c| c.session.as_ref()).map(Session::codec)
+        else {
+            return;
+        };
+        let ts = native::format_rfc3339_ms(now.unix_ms);
+        if let Some(frame) = codec.encode_reply(reply, &ts) {
+            self.send_owned(slot, frame);
+        }
     }
 
     /// A WebSocket publish: accept it, then answer with `ack` or `error` as asked.
@@ -937,24 +952,21 @@ impl Shard {
         };
         let (channel, ack, id) = (p.channel, p.ack, p.id.clone());
         let outcome = self.accept_publication(&hub, p, now);
-        let ts = native::format_rfc3339_ms(now.unix_ms);
-        let json = match outcome {
+        let reply = match outcome {
             Published::Accepted { .. } if !ack => return,
-            Published::Accepted { seq } => native::reply("ack", id.as_deref(), &ts, |o| {
-                o.extend_from_slice(b"{\"status\":\"accepted\",\"channel\":");
-                json::write_str(o, channel.name());
-                o.extend_from_slice(b",\"seq\":");
-                json::write_u64(o, seq);
-                o.push(b'}');
-            }),
-            Published::Duplicate => native::reply("ack", id.as_deref(), &ts, |o| {
-                o.extend_from_slice(b"{\"status\":\"duplicate\",\"channel\":");
-                json::write_str(o, channel.name());
-                o.push(b'}');
-            }),
-            Published::Refused(e) => native::error(id.as_deref(), &ts, &e),
+            Published::Accepted { seq } => Reply::Ack {
+                id,
+                channel,
+                seq: Some(seq),
+            },
+            Published::Duplicate => Reply::Ack {
+                id,
+                channel,
+                seq: None,
+            },
+            Published::Refused(error) => Reply::Error { id, error },
         };
-        self.send_owned(slot, frame::text_frame(&json));
+        self.send_reply(slot, &reply, now);
     }
 
     fn store(&self) -> Store<'_> {
@@ -1160,6 +1172,10 @@ impl Shard {
         let marked_at = Instant::now();
         let conns = &mut self.conns;
         let dirty = &mut self.dirty;
+        // Frames projected to a `metrics` filter: built once per dialect and metric list,
+        // then shared by every subscriber that asked for the same (SPEC §1).
+        let mut projections: HashMap<(DialectId, Arc<[Box<str>]>), Option<Arc<[u8]>>> =
+            HashMap::new();
         self.index
             .for_each(&ev.tenant, ev.channel, &ev.keys, |slot| {
                 let Some(conn) = conns.get_mut(slot) else {
@@ -1192,10 +1208,26 @@ impl Shard {
                     });
                     written += (before - conn.out.bytes()) as u64;
                 }
+                let d = conn.out.dialect();
                 match session.verdict(ev) {
                     Verdict::Skip => return,
-                    Verdict::Shared => conflated += conn.out.push_event(ev.clone(), soft) as u64,
-                    Verdict::Projected(m) => conn.out.push_owned(ev.projected_frame(&m)),
+                    Verdict::Shared => {
+                        if ev.frame_in(d).is_none() {
+                            return;
+                        }
+                        conflated += conn.out.push_event(ev.clone(), soft) as u64
+                    }
+                    Verdict::Projected(m) => {
+                        let frame = projections
+                            .entry((d, m))
+                            .or_insert_with_key(|(d, m)| {
+                                ev.projected_frame(*d, m).map(Arc::from)
+                            });
+                        let Some(frame) = frame else {
+                            return;
+                        };
+                        conn.out.push_frame(frame.clone());
+                    }
                 }
                 delivered += 1;
                 if conn.out.bytes() > hard {

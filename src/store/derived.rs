@@ -228,6 +228,7 @@ fn broker_event(channel: Channel, payload: Vec<u8>, now: Now) -> Publication {
         severity: None,
         category: None,
         status: None,
+        canon: Default::default(),
         timestamp: crate::dialect::native::format_rfc3339_ms(now.unix_ms),
         ts_ms: now.unix_ms,
         ack: false,

@@ -19,7 +19,7 @@ use crate::dialect::native::ProtoError;
 use crate::event::{Event, Publication};
 use crate::hub::{ChannelHub, Hubs, TenantHub};
 use crate::limit::Limit;
-use crate::model::Channel;
+use crate::model::{Channel, Severity};
 use crate::session::{Fence, Now, Selection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,7 +166,9 @@ impl<'a> Store<'a> {
         if channel == Channel::FleetMetrics {
             ch.published_metrics = Some(ev.clone());
         }
-        if let (Channel::Alerts, Some(severity)) = (channel, ev.severity) {
+        if channel == Channel::Alerts
+            && let Some(severity) = ev.severity.as_deref().and_then(Severity::parse)
+        {
             ch.count_alert(self.hubs.minute(now.mono), severity);
         }
         route(&ev, ch.shard_mask);
@@ -200,14 +202,23 @@ impl<'a> Store<'a> {
         now: Now,
     ) -> Arc<Event> {
         ch.seq += 1;
-        Arc::new(Event::encode(
+        // A status change names the status it replaces (Valtronics `old_status`).
+        let prev_status = p
+            .status
+            .as_ref()
+            .and_then(|_| p.keys.state_key(p.channel))
+            .and_then(|k| ch.last_of(k))
+            .and_then(|prev| prev.status.clone());
+        let mut ev = Event::encode(
             tenant.clone(),
             p,
             ch.seq,
             self.hubs.epoch,
             fresh_id,
             now.mono,
-        ))
+        );
+        ev.prev_status = prev_status;
+        Arc::new(ev)
     }
 
     /// Positions a subscription of shard `shard` on `channel`: when `first` (the shard had
@@ -314,7 +325,7 @@ mod tests {
     //! The store driven by a fake clock: no sockets, no sleeps.
     use super::*;
     use crate::event::BindCheck;
-    use crate::model::{EntityKeys, Severity};
+    use crate::model::EntityKeys;
     use std::time::Instant;
 
     struct Fixture {
@@ -370,7 +381,8 @@ mod tests {
                 trip: None,
                 driver: None,
             },
-            severity: (channel == Channel::Alerts).then_some(Severity::High),
+            severity: (channel == Channel::Alerts).then(|| "high".into()),
+            canon: Default::default(),
             category: None,
             status: None,
             timestamp: "t".into(),

@@ -18,6 +18,9 @@ pub enum Endpoint {
     FleetEvents(Box<str>),
     /// The native (Bookovia-style) streaming endpoint, with its entity scope.
     Native(Scope),
+    /// Another dialect's streaming endpoint, and the channel it subscribes once the
+    /// connection is authenticated (Valtronics `/ws/alerts`).
+    Stream(crate::dialect::DialectId, Option<crate::model::Channel>),
     NotFound,
 }
 
@@ -42,6 +45,9 @@ impl Endpoint {
             "/v1/publish" => return Endpoint::Publish,
             NATIVE | "/v1/streaming/websocket/" => return Endpoint::Native(Scope::None),
             _ => {}
+        }
+        if let Some(e) = crate::dialect::endpoint(path) {
+            return e;
         }
         if let Some(rest) = path.strip_prefix("/v1/fleets/") {
             return match rest.split_once('/') {

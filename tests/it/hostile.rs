@@ -928,8 +928,11 @@ fn unauthorized_subscriptions_and_publishes_are_403() {
     other["id"] = json!("d-v2");
     let m = ask(&mut device, &other.to_string());
     assert_error(&m, json!("d-v2"), 403, None);
-    let m = ask(&mut device, &alert_msg("d-alert", json!({})).to_string());
-    assert_error(&m, json!("d-alert"), 403, None);
+    // Devices report alerts they detect (Valtronics `alert`), never trip events.
+    let mut trip = crate::security::trip_event("t1", Some("v1"), None);
+    trip["id"] = json!("d-trip");
+    let m = ask(&mut device, &trip.to_string());
+    assert_error(&m, json!("d-trip"), 403, None);
     assert_usable(&mut device, "device-after-403");
 
     // Not yet authenticated: 401.
