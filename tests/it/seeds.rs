@@ -931,7 +931,6 @@ fn check_valtronics(events: &[Value], telemetry_cb: &str, alert_cb: &str, want: 
 /// The seed's JavaScript `ValtronicsWebSocket`, unchanged (see tests/seeds/valtronics.js
 /// for the two seed defects its harness works around).
 #[test]
-#[ignore = "needs the Valtronics dialect (issue 10, branch wip/dialect-seam); runs with: cargo nextest run --test it --run-ignored only seeds"]
 fn valtronics_js_client_gets_filtered_telemetry_and_alerts() {
     const TEST: &str = "valtronics_js_client_gets_filtered_telemetry_and_alerts";
     let Some((node, seed)) = ready(TEST, || Ok((node(true)?, seed_file(VALTRONICS)?))) else {
@@ -986,7 +985,6 @@ fn valtronics_js_client_gets_filtered_telemetry_and_alerts() {
 /// The seed's Python `ValtronicsWebSocketClient` (re-indented from the page, otherwise
 /// unchanged), driven as its `main()` does; it also subscribes `devices`, unfiltered.
 #[test]
-#[ignore = "needs the Valtronics dialect (issue 10, branch wip/dialect-seam); runs with: cargo nextest run --test it --run-ignored only seeds"]
 fn valtronics_py_client_gets_filtered_telemetry_and_alerts() {
     const TEST: &str = "valtronics_py_client_gets_filtered_telemetry_and_alerts";
     let Some((python, seed)) = ready(TEST, || Ok((python(true)?, seed_file(VALTRONICS)?))) else {
