@@ -137,7 +137,7 @@ fn fanout(c: &mut Criterion) {
             b.iter(|| {
                 index.for_each(&ev.tenant, ev.channel, &ev.keys, |slot| {
                     let (s, out) = &mut sessions[slot];
-                    if let Verdict::Shared = s.verdict(&ev) {
+                    if let Verdict::Shared = s.verdict(&ev, Instant::now()) {
                         out.push_shared(ev.clone());
                     }
                 });

@@ -19,6 +19,7 @@ pub struct Config {
     pub limits: Limits,
     pub auth: AuthConfig,
     pub history: HistoryConfig,
+    pub telemetry: TelemetryConfig,
     pub testing: TestingConfig,
     /// Lines of the `[[auth.api_keys]]` entries when parsed from text (`Config::parse`).
     #[serde(skip)]
@@ -39,6 +40,57 @@ pub struct HistoryConfig {
     pub dedup_max_ids: usize,
     /// Interval of the derived `fleet_metrics` and of `system` status events.
     pub metrics_interval_ms: u64,
+}
+
+/// How telemetry is described to dialects that show units (Valtronics).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The unit of a metric published as a bare number (a metric published as
+    /// `{value, unit}` keeps its own unit; a metric not listed gets `""`). Entries given in
+    /// the file are added to the defaults or replace them; `""` removes one.
+    #[serde(deserialize_with = "units_over_defaults")]
+    pub units: HashMap<String, String>,
+}
+
+/// The units of common fleet metrics.
+pub const DEFAULT_UNITS: [(&str, &str); 10] = [
+    ("temperature", "°C"),
+    ("humidity", "%"),
+    ("fuel_level", "%"),
+    ("engine_rpm", "rpm"),
+    ("speed", "km/h"),
+    ("battery_voltage", "V"),
+    ("engine_temp", "°C"),
+    ("coolant_temp", "°C"),
+    ("odometer", "km"),
+    ("tire_pressure", "kPa"),
+];
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            units: DEFAULT_UNITS
+                .iter()
+                .map(|(m, u)| (m.to_string(), u.to_string()))
+                .collect(),
+        }
+    }
+}
+
+fn units_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<HashMap<String, String>, D::Error> {
+    let given = HashMap::<String, String>::deserialize(d)?;
+    let mut units = TelemetryConfig::default().units;
+    for (metric, unit) in given {
+        if unit.is_empty() {
+            units.remove(&metric);
+        } else {
+            units.insert(metric, unit);
+        }
+    }
+    Ok(units)
 }
 
 impl Default for HistoryConfig {
@@ -473,6 +525,13 @@ impl Config {
         self.check_server(&mut p);
         self.check_limits(&mut p);
         self.check_history(&mut p);
+        for (metric, unit) in &self.telemetry.units {
+            p.ensure(!metric.is_empty() && unit.len() <= 32, || {
+                format!(
+                    "telemetry.units: {metric:?} = {unit:?}: a metric needs a name and a unit of at most 32 bytes"
+                )
+            });
+        }
         let keys = self.check_auth(&mut p);
         if p.errors.is_empty() {
             Ok(Validated {
@@ -760,6 +819,22 @@ fn load_pem(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn telemetry_units_are_added_to_the_defaults_replace_them_or_remove_them() {
+        let c = Config::from_toml(
+            "[telemetry.units]\ntemperature = \"°F\"\nflux = \"Wb\"\nhumidity = \"\"\n",
+        )
+        .unwrap();
+        let u = &c.telemetry.units;
+        assert_eq!(u.get("temperature").map(String::as_str), Some("°F"));
+        assert_eq!(u.get("flux").map(String::as_str), Some("Wb"));
+        assert_eq!(u.get("humidity"), None);
+        assert_eq!(u.get("fuel_level").map(String::as_str), Some("%"));
+        let long = format!("[telemetry.units]\nx = \"{}\"\n", "u".repeat(33));
+        let e = Config::from_toml(&long).unwrap_err();
+        assert!(e.to_string().contains("telemetry.units"), "{e}");
+    }
 
     #[test]
     fn empty_file_gives_spec_defaults() {

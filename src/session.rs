@@ -277,6 +277,11 @@ pub enum Action {
         id: Option<Vec<u8>>,
     },
     Publish(Publication),
+    /// Deliver an update a subscription's `frequency` held back, projected to `metrics`.
+    Deliver {
+        event: Arc<Event>,
+        metrics: Option<Arc<[Box<str>]>>,
+    },
     /// A limit was breached (counted in `/metrics`).
     Breach(Limit),
     /// Send a close frame with this code, then close the connection.
@@ -296,8 +301,18 @@ pub struct Fence {
     pub all: bool,
 }
 
+/// A subscription's `frequency`: at most one update per entity per interval; the newest
+/// value that arrives within the interval waits and replaces any older waiting one.
+#[derive(Debug)]
+struct Throttle {
+    every: Duration,
+    /// Per entity: when its last update went out, and the newest one waiting.
+    entities: HashMap<Box<str>, (Instant, Option<Arc<Event>>)>,
+}
+
 #[derive(Debug, Default)]
 struct Subscription {
+    throttle: Option<Box<Throttle>>,
     keys: Selection,
     severities: Vec<Box<str>>,
     categories: Vec<Box<str>>,
@@ -314,6 +329,9 @@ pub enum Verdict {
     Shared,
     /// A frame projected to these telemetry metrics.
     Projected(Arc<[Box<str>]>),
+    /// Held by the subscription's `frequency` until this time (a newer update of the same
+    /// entity replaces it): the shard makes sure the connection's timer fires by then.
+    Held(Instant),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -349,6 +367,8 @@ pub struct Session {
     request_rate: u32,
     /// The user's publish rate, shared with its other connections.
     publish_bucket: Option<Arc<PublishBucket>>,
+    /// The earliest time a throttled subscription has a held update due.
+    flush_at: Option<Instant>,
     actions: VecDeque<Action>,
 }
 
@@ -392,6 +412,7 @@ impl Session {
             requests: Bucket::new(now, limits.requests_per_second),
             request_rate: limits.requests_per_second,
             publish_bucket: None,
+            flush_at: None,
             actions: VecDeque::new(),
         };
         if s.principal.is_some() {
@@ -553,6 +574,9 @@ impl Session {
         at = at
             .min(self.next_ping)
             .min(self.last_heard + self.heartbeat * 2);
+        if let Some(f) = self.flush_at {
+            at = at.min(f);
+        }
         if let Some(exp) = self.principal.as_ref().and_then(|p| p.expires_at) {
             let left_ms = (exp as i64 * 1000).saturating_sub(now.unix_ms).max(0);
             at = at.min(now.mono + Duration::from_millis(left_ms as u64));
@@ -586,6 +610,43 @@ impl Session {
             self.reply(Reply::Heartbeat);
             self.next_ping = now.mono + self.heartbeat;
         }
+        if self.flush_at.is_some_and(|f| now.mono >= f) {
+            self.flush_throttled(now.mono);
+        }
+    }
+
+    /// Sends the held updates whose interval has passed, forgets entities quiet for a whole
+    /// interval, and finds the next due time.
+    fn flush_throttled(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        for sub in self.subs.iter_mut().flatten() {
+            let Some(t) = sub.throttle.as_mut() else {
+                continue;
+            };
+            let every = t.every;
+            t.entities.retain(|_, (last, held)| {
+                let due = *last + every;
+                if now < due {
+                    if held.is_some() {
+                        next = Some(next.map_or(due, |n| n.min(due)));
+                    }
+                    return true;
+                }
+                match held.take() {
+                    Some(event) => {
+                        *last = now;
+                        next = Some(next.map_or(now + every, |n| n.min(now + every)));
+                        self.actions.push_back(Action::Deliver {
+                            event,
+                            metrics: sub.metrics.clone(),
+                        });
+                        true
+                    }
+                    None => false,
+                }
+            });
+        }
+        self.flush_at = next;
     }
 
     /// Records the snapshot fence for `channel` (after the shard sent the snapshot).
@@ -597,7 +658,7 @@ impl Session {
 
     /// Decides whether and how an event routed to this connection is delivered.
     /// Cheap: integer and short-list comparisons, no JSON.
-    pub fn verdict(&mut self, ev: &Event) -> Verdict {
+    pub fn verdict(&mut self, ev: &Arc<Event>, now: Instant) -> Verdict {
         let Some(sub) = self.subs[ev.channel.index()].as_mut() else {
             return Verdict::Skip;
         };
@@ -620,6 +681,28 @@ impl Session {
             || !listed(&sub.status_types, &ev.status)
         {
             return Verdict::Skip;
+        }
+        if let Some(t) = sub.throttle.as_mut()
+            && let Some(key) = ev.keys.state_key(ev.channel)
+        {
+            match t.entities.get_mut(key) {
+                Some((last, held)) if now < *last + t.every => {
+                    let due = *last + t.every;
+                    *held = Some(ev.clone());
+                    self.flush_at = Some(self.flush_at.map_or(due, |f| f.min(due)));
+                    return Verdict::Held(due);
+                }
+                Some((last, held)) => {
+                    *last = now;
+                    *held = None;
+                }
+                None => {
+                    t.entities.insert(key.into(), (now, None));
+                    // Quiet entities are forgotten at the next flush.
+                    let due = now + t.every;
+                    self.flush_at = Some(self.flush_at.map_or(due, |f| f.min(due)));
+                }
+            }
         }
         match &sub.metrics {
             Some(m) => Verdict::Projected(m.clone()),
@@ -928,6 +1011,19 @@ impl Session {
                 sub.categories = f.categories.clone();
                 sub.status_types = f.status_types.clone();
                 sub.metrics = (!f.metrics.is_empty()).then(|| f.metrics.clone().into());
+                // `frequency` thins state channels; events (alerts) are never thinned.
+                let every = f
+                    .frequency_ms
+                    .filter(|&ms| ms > 0 && channel.is_state())
+                    .map(Duration::from_millis);
+                if sub.throttle.as_ref().map(|t| t.every) != every {
+                    sub.throttle = every.map(|every| {
+                        Box::new(Throttle {
+                            every,
+                            entities: HashMap::new(),
+                        })
+                    });
+                }
                 // The shard completes the reply: stream position and `recovered`.
                 let reply = Reply::Subscribed {
                     id: id.map(<[u8]>::to_vec),
@@ -1495,15 +1591,15 @@ mod tests {
             Event::encode("fleet_a".into(), p, seq, 1, b"\"e\"", f.t0)
         };
         assert!(matches!(
-            s.verdict(&ev(Channel::Alerts, 1, "v1", Some("high"))),
+            s.verdict(&Arc::new(ev(Channel::Alerts, 1, "v1", Some("high"))), f.t0),
             Verdict::Shared
         ));
         assert!(matches!(
-            s.verdict(&ev(Channel::Alerts, 2, "v1", Some("low"))),
+            s.verdict(&Arc::new(ev(Channel::Alerts, 2, "v1", Some("low"))), f.t0),
             Verdict::Skip
         ));
         assert!(matches!(
-            s.verdict(&ev(Channel::Telemetry, 1, "v1", None)),
+            s.verdict(&Arc::new(ev(Channel::Telemetry, 1, "v1", None)), f.t0),
             Verdict::Skip
         ));
         // A snapshot sent v1 at seq 5: in-flight v1 events up to 5 are skipped, v2 is not.
@@ -1514,20 +1610,114 @@ mod tests {
         fence.seqs.insert("v1".into(), 5);
         s.set_fence(Channel::VehicleLocations, fence);
         assert!(matches!(
-            s.verdict(&ev(Channel::VehicleLocations, 4, "v1", None)),
+            s.verdict(
+                &Arc::new(ev(Channel::VehicleLocations, 4, "v1", None)),
+                f.t0
+            ),
             Verdict::Skip
         ));
         assert!(matches!(
-            s.verdict(&ev(Channel::VehicleLocations, 5, "v1", None)),
+            s.verdict(
+                &Arc::new(ev(Channel::VehicleLocations, 5, "v1", None)),
+                f.t0
+            ),
             Verdict::Skip
         ));
         assert!(matches!(
-            s.verdict(&ev(Channel::VehicleLocations, 6, "v2", None)),
+            s.verdict(
+                &Arc::new(ev(Channel::VehicleLocations, 6, "v2", None)),
+                f.t0
+            ),
             Verdict::Shared
         ));
         // Past the fence's max it is dropped; later events of v1 flow.
         assert!(matches!(
-            s.verdict(&ev(Channel::VehicleLocations, 7, "v1", None)),
+            s.verdict(
+                &Arc::new(ev(Channel::VehicleLocations, 7, "v1", None)),
+                f.t0
+            ),
+            Verdict::Shared
+        ));
+    }
+
+    #[test]
+    fn frequency_holds_the_newest_update_per_entity_and_never_thins_alerts() {
+        let mut f = Fixture::new();
+        let mut s = f.session(Scope::None);
+        f.send(
+            &mut s,
+            0,
+            &format!(r#"{{"type":"auth","payload":{{"api_key":"{VIEWER}"}}}}"#),
+        );
+        f.send(&mut s, 0, r#"{"type":"subscribe","payload":{"channel":"telemetry","filters":{"frequency":"1s"}}}"#);
+        f.send(
+            &mut s,
+            0,
+            r#"{"type":"subscribe","payload":{"channel":"alerts","filters":{"frequency":"1s"}}}"#,
+        );
+        let t0 = f.t0;
+        let ev = |channel, seq, vehicle: &str| {
+            let p = Publication {
+                channel,
+                id: None,
+                payload: b"{}".to_vec(),
+                keys: EntityKeys {
+                    vehicle: Some(vehicle.into()),
+                    trip: None,
+                    driver: None,
+                },
+                severity: None,
+                category: None,
+                status: None,
+                canon: Default::default(),
+                timestamp: "t".into(),
+                ts_ms: 0,
+                ack: false,
+                publisher: "broker".into(),
+                bind_check: Default::default(),
+            };
+            Arc::new(Event::encode("fleet_a".into(), p, seq, 1, b"\"e\"", t0))
+        };
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let t = Channel::Telemetry;
+        assert!(matches!(s.verdict(&ev(t, 1, "v1"), at(0)), Verdict::Shared));
+        assert!(matches!(
+            s.verdict(&ev(t, 2, "v2"), at(10)),
+            Verdict::Shared
+        ));
+        // Within v1's interval: held until it ends, a newer value replaces the held one.
+        assert!(matches!(s.verdict(&ev(t, 3, "v1"), at(100)), Verdict::Held(d) if d == at(1000)));
+        assert!(matches!(s.verdict(&ev(t, 4, "v1"), at(200)), Verdict::Held(d) if d == at(1000)));
+        // Alerts are events: never thinned.
+        for seq in 1..=3 {
+            assert!(matches!(
+                s.verdict(&ev(Channel::Alerts, seq, "v1"), at(300)),
+                Verdict::Shared
+            ));
+        }
+        while s.poll_action().is_some() {}
+        assert_eq!(s.next_deadline(f.at(300)), Some(at(1000)));
+        s.handle_tick(f.at(999));
+        assert!(s.poll_action().is_none());
+        s.handle_tick(f.at(1000));
+        let delivered: Vec<u64> = std::iter::from_fn(|| s.poll_action())
+            .filter_map(|a| match a {
+                Action::Deliver { event, .. } => Some(event.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(delivered, vec![4], "only the newest held value, once");
+        // v1's next interval started at the flush: held until 2000.
+        assert!(matches!(s.verdict(&ev(t, 5, "v1"), at(1500)), Verdict::Held(d) if d == at(2000)));
+        // v2 has been quiet for a whole interval: its next update goes out at once.
+        assert!(matches!(
+            s.verdict(&ev(t, 6, "v2"), at(1500)),
+            Verdict::Shared
+        ));
+        // "real-time" lifts the throttle.
+        f.send(&mut s, 1600, r#"{"type":"subscribe","payload":{"channel":"telemetry","filters":{"frequency":"real-time"}}}"#);
+        assert!(matches!(
+            s.verdict(&ev(t, 7, "v1"), at(1700)),
             Verdict::Shared
         ));
     }

@@ -2413,6 +2413,7 @@ proptest! {
                     }
                     Action::SnapshotRequest { selection, .. } => check_in_scope(&scope, &selection)?,
                     Action::Authenticated => authed = true,
+                    Action::Deliver { .. } => {}
                 }
             }
             prop_assert!(closed || !auth_failed, "auth_error without a close");

@@ -5,10 +5,10 @@
 //! original bytes are kept so that payloads and ids are forwarded byte for byte.
 
 use crate::event::{Alert, Canon, Event, Location, Metric};
-use crate::session::Reply;
-use crate::wire::frame;
 use crate::json::{self, array_elements};
 use crate::model::{Channel, EntityKeys};
+use crate::session::Reply;
+use crate::wire::frame;
 use simd_json::BorrowedValue as Value;
 use simd_json::prelude::*;
 use std::borrow::Cow;
@@ -447,11 +447,20 @@ pub(crate) fn decode_filters(f: &Value<'_>) -> Result<Filters, ProtoError> {
     list(f.get("trip_id"), "trip_id", entity_id, &mut out.trips)?;
     list(f.get("trip_ids"), "trip_ids", entity_id, &mut out.trips)?;
     list(f.get("driver_id"), "driver_id", entity_id, &mut out.drivers)?;
-    list(f.get("driver_ids"), "driver_ids", entity_id, &mut out.drivers)?;
+    list(
+        f.get("driver_ids"),
+        "driver_ids",
+        entity_id,
+        &mut out.drivers,
+    )?;
     list(
         f.get("severity"),
         "severity",
-        |v| v.as_str().and_then(crate::model::severity_word).map(Into::into),
+        |v| {
+            v.as_str()
+                .and_then(crate::model::severity_word)
+                .map(Into::into)
+        },
         &mut out.severities,
     )?;
     out.frequency_ms = match f.get("frequency") {
@@ -671,9 +680,7 @@ fn decode_publish(
 /// The canonical parts of a native payload (`p` parsed, `body` its raw text): read once,
 /// when the publish is accepted, for the other dialects' encoders.
 fn canon_of(channel: Channel, p: &Value<'_>, body: &[u8]) -> Canon {
-    let text = |k: &str| -> Option<Box<str>> {
-        p.get(k).and_then(|v| v.as_str()).map(Into::into)
-    };
+    let text = |k: &str| -> Option<Box<str>> { p.get(k).and_then(|v| v.as_str()).map(Into::into) };
     let raw = |k: &str| -> Option<Box<str>> {
         json::member(body, k)
             .and_then(|r| std::str::from_utf8(r).ok())
@@ -701,11 +708,12 @@ fn canon_of(channel: Channel, p: &Value<'_>, body: &[u8]) -> Canon {
             }
         }
         Channel::Telemetry => {
-            c.metrics = match json::member(body, "telemetry").or_else(|| json::member(body, "metrics")) {
-                Some(t) if t.first() == Some(&b'{') => metrics_of(t, &[]),
-                // Flat: every member but the ids is a metric.
-                _ => metrics_of(body, &NOT_METRICS),
-            };
+            c.metrics =
+                match json::member(body, "telemetry").or_else(|| json::member(body, "metrics")) {
+                    Some(t) if t.first() == Some(&b'{') => metrics_of(t, &[]),
+                    // Flat: every member but the ids is a metric.
+                    _ => metrics_of(body, &NOT_METRICS),
+                };
         }
         Channel::Alerts | Channel::MaintenanceAlerts => {
             c.alert = Some(Alert {
@@ -897,11 +905,9 @@ impl super::Codec for Native {
                 json::write_u64(o, limits.heartbeat_interval_ms);
                 o.extend_from_slice(b"}}");
             }),
-            Reply::AuthError { id, code, message } => {
-                self::reply("auth_error", raw(id), ts, |o| {
-                    write_code_message(o, *code, message)
-                })
-            }
+            Reply::AuthError { id, code, message } => self::reply("auth_error", raw(id), ts, |o| {
+                write_code_message(o, *code, message)
+            }),
             Reply::Error { id, error } => self::error(raw(id), ts, error),
             Reply::Pong { id } => self::reply("pong", raw(id), ts, |o| {
                 o.extend_from_slice(b"{\"server_time\":");

@@ -28,19 +28,6 @@ use std::ops::Range;
 
 pub struct Valtronics;
 
-/// Units of metrics published as bare numbers (a metric published as `{value, unit}`
-/// keeps its own unit; any other gets `""`).
-pub const DEFAULT_UNITS: [(&str, &str); 8] = [
-    ("temperature", "°C"),
-    ("humidity", "%"),
-    ("fuel_level", "%"),
-    ("engine_rpm", "rpm"),
-    ("speed", "km/h"),
-    ("battery_voltage", "V"),
-    ("engine_temp", "°C"),
-    ("odometer", "km"),
-];
-
 /// The channel a Valtronics channel name means for `role`.
 pub fn channel_for(name: &str, role: Option<Role>) -> Option<Channel> {
     Some(match name {
@@ -175,7 +162,14 @@ impl Codec for Valtronics {
                 seq,
             } => {
                 o.extend_from_slice(b"{\"type\":\"ack\",\"status\":");
-                json::write_str(&mut o, if seq.is_some() { "accepted" } else { "duplicate" });
+                json::write_str(
+                    &mut o,
+                    if seq.is_some() {
+                        "accepted"
+                    } else {
+                        "duplicate"
+                    },
+                );
                 o.extend_from_slice(b",\"channel\":");
                 json::write_str(&mut o, channel_name(*channel));
                 id(&mut o, rid);
@@ -221,13 +215,6 @@ fn write_entity(o: &mut Vec<u8>, id: &str) {
     }
 }
 
-fn default_unit(metric: &str) -> &'static str {
-    DEFAULT_UNITS
-        .iter()
-        .find(|(m, _)| *m == metric)
-        .map_or("", |(_, u)| u)
-}
-
 fn encode(ev: &Event, only: Option<&[Box<str>]>) -> Option<Vec<u8>> {
     let wanted = |name: &str| only.is_none_or(|l| l.iter().any(|m| &**m == name));
     let mut o = Vec::with_capacity(ev.frame.len() + 64);
@@ -258,10 +245,8 @@ fn encode(ev: &Event, only: Option<&[Box<str>]>) -> Option<Vec<u8>> {
                 o.extend_from_slice(b"{\"value\":");
                 o.extend_from_slice(m.value.as_bytes());
                 o.extend_from_slice(b",\"unit\":");
-                json::write_str(
-                    &mut o,
-                    m.unit.as_deref().unwrap_or_else(|| default_unit(&m.name)),
-                );
+                // The publisher's unit, or `telemetry.units`' (filled in by the store).
+                json::write_str(&mut o, m.unit.as_deref().unwrap_or(""));
                 o.extend_from_slice(b",\"timestamp\":");
                 json::write_str(&mut o, &ev.timestamp);
                 o.push(b'}');
@@ -503,7 +488,9 @@ fn decode_publish(
                 )
             })?;
             let title = text("title")?;
-            let kind = text("alert_type")?.or_else(|| title.clone()).unwrap_or("alert".into());
+            let kind = text("alert_type")?
+                .or_else(|| title.clone())
+                .unwrap_or("alert".into());
             canon.alert = Some(Alert {
                 id: std::str::from_utf8(id).ok().map(Into::into),
                 title: title.clone().map(Into::into),

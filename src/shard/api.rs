@@ -8,9 +8,9 @@
 use super::conn::PendingBody;
 use super::{Published, Shard, now};
 use crate::auth::{Credential, Principal};
+use crate::dialect::native;
 use crate::event::Event;
 use crate::hub::TenantHub;
-use crate::dialect::native;
 use crate::json;
 use crate::metrics::Limit;
 use crate::model::{Channel, Role};

@@ -759,6 +759,7 @@ impl Shard {
                     id,
                 } => self.snapshot_reply(slot, channel, &selection, id.as_deref(), now),
                 Action::Publish(p) => self.publish(slot, p, now),
+                Action::Deliver { event, metrics } => self.deliver_held(slot, event, metrics),
                 Action::Breach(limit) => {
                     self.stats().breach(limit);
                     if limit == Limit::MessageRate {
@@ -822,9 +823,10 @@ impl Shard {
         }
         // A fence from an earlier subscribe must not filter this snapshot or replay.
         session.set_fence(channel, Default::default());
+        let mono = Instant::now();
         for ev in replay.unwrap_or_default() {
-            match session.verdict(&ev) {
-                Verdict::Skip => {}
+            match session.verdict(&ev, mono) {
+                Verdict::Skip | Verdict::Held(_) => {}
                 Verdict::Shared => conn.out.push_shared(ev),
                 Verdict::Projected(m) => {
                     if let Some(f) = ev.projected_frame(d, &m) {
@@ -835,8 +837,8 @@ impl Shard {
         }
         let items: Vec<snapshot::Item> = events
             .into_iter()
-            .filter_map(|ev| match session.verdict(&ev) {
-                Verdict::Skip => None,
+            .filter_map(|ev| match session.verdict(&ev, mono) {
+                Verdict::Skip | Verdict::Held(_) => None,
                 Verdict::Shared => ev.frame_in(d).is_some().then_some((ev, None)),
                 Verdict::Projected(m) => {
                     let f = ev.projected_frame(d, &m)?;
@@ -846,6 +848,8 @@ impl Shard {
             .collect();
         session.set_fence(channel, fence);
         self.mark_dirty(slot);
+        // A `frequency` starts its intervals with the snapshot.
+        self.schedule_next(slot, now());
         // The reply and a `since` replay count against the bounds like events do.
         if self.enforce_hard_bound(slot) {
             return;
@@ -930,12 +934,46 @@ impl Shard {
             return self.send_reply(slot, &Reply::Error { id, error: e }, now);
         }
         let id = id.map(<[u8]>::to_vec);
-        self.send_reply(slot, &Reply::Snapshot { id, channel, events }, now);
+        self.send_reply(
+            slot,
+            &Reply::Snapshot {
+                id,
+                channel,
+                events,
+            },
+            now,
+        );
+    }
+
+    /// Queues an update a subscription's `frequency` held back (its interval has passed).
+    fn deliver_held(&mut self, slot: usize, ev: Arc<Event>, metrics: Option<Arc<[Box<str>]>>) {
+        let Some(conn) = self.conns.get_mut(slot).filter(|c| c.is_open()) else {
+            return;
+        };
+        let d = conn.out.dialect();
+        match metrics {
+            None if ev.frame_in(d).is_some() => {
+                let soft = self.shared.config.limits.soft_outbound_bytes;
+                let conflated = conn.out.push_event(ev, soft);
+                self.stats().drop(StatDrop::Conflated, conflated as u64);
+            }
+            None => return,
+            Some(m) => match ev.projected_frame(d, &m) {
+                Some(f) => conn.out.push_owned(f),
+                None => return,
+            },
+        }
+        self.mark_dirty(slot);
+        self.enforce_hard_bound(slot);
     }
 
     /// Encodes a reply in the connection's dialect and queues it ([`Shard::send_owned`]).
     fn send_reply(&mut self, slot: usize, reply: &Reply, now: Now) {
-        let Some(codec) = self.conns.get(slot).and_then(|c| c.session.as_ref()).map(Session::codec)
+        let Some(codec) = self
+            .conns
+            .get(slot)
+            .and_then(|c| c.session.as_ref())
+            .map(Session::codec)
         else {
             return;
         };
@@ -971,7 +1009,7 @@ impl Shard {
 
     fn store(&self) -> Store<'_> {
         let c = &self.shared.config;
-        Store::new(&self.shared.hubs, &c.limits, &c.history)
+        Store::new(&self.shared.hubs, &c.limits, &c.history).with_units(&c.telemetry.units)
     }
 
     /// A fresh event id, unique in this run of the node: `"evt_<epoch>_<shard>_<n>"`.
@@ -1176,6 +1214,7 @@ impl Shard {
         // then shared by every subscriber that asked for the same (SPEC §1).
         let mut projections: HashMap<(DialectId, Arc<[Box<str>]>), Option<Arc<[u8]>>> =
             HashMap::new();
+        let mut held = Vec::new();
         self.index
             .for_each(&ev.tenant, ev.channel, &ev.keys, |slot| {
                 let Some(conn) = conns.get_mut(slot) else {
@@ -1209,8 +1248,9 @@ impl Shard {
                     written += (before - conn.out.bytes()) as u64;
                 }
                 let d = conn.out.dialect();
-                match session.verdict(ev) {
+                match session.verdict(ev, marked_at) {
                     Verdict::Skip => return,
+                    Verdict::Held(until) => return held.push((slot, until)),
                     Verdict::Shared => {
                         if ev.frame_in(d).is_none() {
                             return;
@@ -1220,9 +1260,7 @@ impl Shard {
                     Verdict::Projected(m) => {
                         let frame = projections
                             .entry((d, m))
-                            .or_insert_with_key(|(d, m)| {
-                                ev.projected_frame(*d, m).map(Arc::from)
-                            });
+                            .or_insert_with_key(|(d, m)| ev.projected_frame(*d, m).map(Arc::from));
                         let Some(frame) = frame else {
                             return;
                         };
@@ -1244,6 +1282,9 @@ impl Shard {
         stats.deliveries[c].fetch_add(delivered, Ordering::Relaxed);
         stats.delivered_bytes[c].fetch_add(delivered * ev.frame.len() as u64, Ordering::Relaxed);
         stats.drop(StatDrop::Conflated, conflated);
+        for (slot, until) in held {
+            self.schedule(slot, until);
+        }
         for slot in slow {
             stats.breach(Limit::SlowConsumer);
             let conn = &mut self.conns[slot];

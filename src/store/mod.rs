@@ -21,6 +21,7 @@ use crate::hub::{ChannelHub, Hubs, TenantHub};
 use crate::limit::Limit;
 use crate::model::{Channel, Severity};
 use crate::session::{Fence, Now, Selection};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +79,8 @@ pub struct Store<'a> {
     pub hubs: &'a Hubs,
     pub limits: &'a Limits,
     pub history: &'a HistoryConfig,
+    /// Units of metrics published as bare numbers (`telemetry.units`).
+    pub units: Option<&'a HashMap<String, String>>,
 }
 
 impl<'a> Store<'a> {
@@ -86,7 +89,14 @@ impl<'a> Store<'a> {
             hubs,
             limits,
             history,
+            units: None,
         }
+    }
+
+    /// Gives metrics published as bare numbers their unit from this table.
+    pub fn with_units(mut self, units: &'a HashMap<String, String>) -> Store<'a> {
+        self.units = Some(units);
+        self
     }
 
     /// Accepts one validated publication for `hub` at `now`. `fresh_id` is the event id
@@ -101,6 +111,12 @@ impl<'a> Store<'a> {
         counted: &mut Counted,
         route: impl FnOnce(&Arc<Event>, u64),
     ) -> Published {
+        let mut p = p;
+        if let Some(units) = self.units {
+            for m in p.canon.metrics.iter_mut().filter(|m| m.unit.is_none()) {
+                m.unit = units.get(&*m.name).map(|u| u.as_str().into());
+            }
+        }
         let channel = p.channel;
         if p.bind_check != Default::default() {
             let bindings = hub.bindings.lock();
@@ -531,5 +547,54 @@ mod tests {
             f.accept(driver, 5_000).0,
             Published::Accepted { .. }
         ));
+    }
+
+    #[test]
+    fn bare_metrics_get_the_configured_unit_and_status_changes_name_the_old_status() {
+        use crate::event::Metric;
+        let f = Fixture::new();
+        let units = crate::config::TelemetryConfig::default().units;
+        let hub = f.hubs.tenant("fleet_a");
+        let seen = std::cell::RefCell::new(Vec::new());
+        let accept = |p: Publication, ms: u64| {
+            let mut counted = Counted::default();
+            f.store().with_units(&units).accept(
+                &hub,
+                p,
+                b"\"fresh\"",
+                f.at(ms),
+                &mut counted,
+                |ev, _| seen.borrow_mut().push(ev.clone()),
+            )
+        };
+        let mut t = publication(Channel::Telemetry, "v1", None, 0);
+        let metric = |name: &str, unit: Option<&str>| Metric {
+            name: name.into(),
+            value: "1".into(),
+            unit: unit.map(Into::into),
+        };
+        t.canon.metrics = vec![
+            metric("temperature", None),
+            metric("fuel_level", Some("l")),
+            metric("flux", None),
+        ];
+        assert!(matches!(accept(t, 0), Published::Accepted { .. }));
+        let units_seen: Vec<Option<Box<str>>> = seen.borrow()[0]
+            .canon
+            .metrics
+            .iter()
+            .map(|m| m.unit.clone())
+            .collect();
+        assert_eq!(units_seen, vec![Some("°C".into()), Some("l".into()), None]);
+        for (ms, status) in [(1, "online"), (2, "offline")] {
+            let mut s = publication(Channel::DeviceStatus, "v1", None, ms as i64);
+            s.status = Some(status.into());
+            assert!(matches!(accept(s, ms), Published::Accepted { .. }));
+        }
+        let olds: Vec<Option<Box<str>>> = seen.borrow()[1..]
+            .iter()
+            .map(|e| e.prev_status.clone())
+            .collect();
+        assert_eq!(olds, vec![None, Some("online".into())]);
     }
 }
