@@ -102,9 +102,14 @@ fn print_dev_banner(cfg: &Config, addr: SocketAddr) {
         "JWT secret (fleetcast token --secret ...): {}",
         cfg.auth.jwt_hs256_secret.as_deref().unwrap_or("")
     );
-    println!(
-        "Dashboard URL: ws://{addr}/v1/streaming/websocket?api_key={viewer}&fleet_id=fleet_001"
-    );
+    println!("Connect a client (the viewer key; any key above works the same way):");
+    for codec in fleetcast::dialect::CODECS {
+        println!(
+            "  {:<11} {}",
+            codec.name(),
+            codec.dev_hint(&addr.to_string(), viewer, "fleet_001")
+        );
+    }
     println!("Health:        http://{addr}/healthz");
 }
 

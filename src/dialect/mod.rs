@@ -98,4 +98,8 @@ pub trait Codec: Sync {
     fn heartbeat(&self) -> Heartbeat {
         Heartbeat::WsPing
     }
+
+    /// Dev mode's ready-to-paste line for this dialect: where a client of `host` (e.g.
+    /// `127.0.0.1:8000`) connects and how it presents the API `key` of fleet `fleet`.
+    fn dev_hint(&self, host: &str, key: &str, fleet: &str) -> String;
 }

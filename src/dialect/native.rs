@@ -866,6 +866,10 @@ impl super::Codec for Native {
         "native"
     }
 
+    fn dev_hint(&self, host: &str, key: &str, fleet: &str) -> String {
+        format!("ws://{host}/v1/streaming/websocket?api_key={key}&fleet_id={fleet}")
+    }
+
     fn decode(
         &self,
         parser: &mut Parser,

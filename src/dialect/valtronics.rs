@@ -61,6 +61,13 @@ impl Codec for Valtronics {
         "valtronics"
     }
 
+    fn dev_hint(&self, host: &str, key: &str, _fleet: &str) -> String {
+        format!(
+            "ws://{host}/ws  (also /ws/telemetry, /ws/alerts, /ws/devices, /ws/system), \
+             then send {{\"type\":\"auth\",\"token\":\"{key}\"}}"
+        )
+    }
+
     fn decode(
         &self,
         parser: &mut Parser,

@@ -341,17 +341,20 @@ fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
 fn dev_mode_prints_working_keys() {
     let mut p = Proc::serve(&[]);
     let mut keys = std::collections::HashMap::new();
-    let mut dashboard = None;
+    let (mut dashboard, mut valtronics) = (None, None);
     for line in &p.banner {
         let words: Vec<&str> = line.split_whitespace().collect();
         if let [role @ ("device" | "viewer" | "service" | "admin"), key] = words[..] {
             keys.insert(role.to_string(), key.to_string());
         }
-        if let Some(url) = line.strip_prefix("Dashboard URL:") {
-            dashboard = Some(url.trim().to_string());
+        match words[..] {
+            ["native", url, ..] => dashboard = Some(url.to_string()),
+            ["valtronics", url, ..] => valtronics = Some((url.to_string(), line.clone())),
+            _ => {}
         }
     }
-    let dashboard = dashboard.expect("a Dashboard URL line");
+    let dashboard = dashboard.expect("a native dialect line");
+    let (valtronics_url, valtronics_line) = valtronics.expect("a valtronics dialect line");
     assert_eq!(keys.len(), 4, "one key per role: {keys:?}");
     assert!(
         dashboard.starts_with(&format!("ws://{}/", p.addr)),
@@ -377,9 +380,20 @@ fn dev_mode_prints_working_keys() {
         "truck-1"
     );
 
+    // The Valtronics line: its URL, then the auth message it shows, pasted as printed.
+    let auth = valtronics_line
+        .split_once("then send ")
+        .map(|(_, m)| m.trim().to_string())
+        .expect("the auth message to send");
+    assert!(auth.contains(&keys["viewer"]), "{valtronics_line}");
+    let mut v = Client::connect(&valtronics_url);
+    v.send(serde_json::from_str(&auth).expect("the printed auth message is JSON"));
+    let ok = v.expect("auth_response");
+    assert_eq!(ok["success"], true, "{ok}");
+
     p.sigterm();
     assert_eq!(viewer.expect_close(), Some(1001));
-    drop((viewer, device));
+    drop((viewer, device, v));
     let status = p.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "exit status {status}");
 }
