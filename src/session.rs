@@ -432,6 +432,11 @@ impl Session {
     ) -> Session {
         self.codec = codec;
         self.preset = preset;
+        // A credential in the handshake: the dialect's auth reply still comes first (its
+        // clients wait for it), before anything the endpoint subscribes.
+        if self.state == State::Active {
+            self.send_auth_success(now, None, limits);
+        }
         if self.state == State::Active
             && let Some(channel) = self.preset.take()
         {
@@ -1104,18 +1109,19 @@ impl Session {
         let mut bind_check = crate::event::BindCheck::default();
         if principal.role == Role::Device {
             // Every id the store or routing uses must be within the device's scope.
-            if !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v)) {
-                return Err(ProtoError::forbidden(
-                    "vehicle_id",
-                    "device may only publish for its own vehicle",
-                ));
-            }
+            // A dialect whose id is `device_id` hears its own field name.
             if p.device_id
                 .as_deref()
                 .is_some_and(|d| !principal.may_act_for_vehicle(d))
             {
                 return Err(ProtoError::forbidden(
                     "device_id",
+                    "device may only publish for its own vehicle",
+                ));
+            }
+            if !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v)) {
+                return Err(ProtoError::forbidden(
+                    "vehicle_id",
                     "device may only publish for its own vehicle",
                 ));
             }

@@ -9,6 +9,7 @@ mod auth;
 mod batch;
 mod config;
 mod derived;
+mod dialects;
 mod echo;
 mod fanout;
 mod hostile;
