@@ -687,9 +687,9 @@ impl Session {
         {
             return Verdict::Skip;
         }
-        if let Some(t) = sub.throttle.as_mut()
-            && let Some(key) = ev.keys.state_key(ev.channel)
-        {
+        if let Some(t) = sub.throttle.as_mut() {
+            // Per entity; the figures of `system` and `fleet_metrics` are one stream.
+            let key = ev.keys.state_key(ev.channel).unwrap_or("");
             match t.entities.get_mut(key) {
                 Some((last, held)) if now < *last + t.every => {
                     let due = *last + t.every;
@@ -1016,10 +1016,11 @@ impl Session {
                 sub.categories = f.categories.clone();
                 sub.status_types = f.status_types.clone();
                 sub.metrics = (!f.metrics.is_empty()).then(|| f.metrics.clone().into());
-                // `frequency` thins state channels; events (alerts) are never thinned.
+                // `frequency` thins state channels and the periodic figures (system,
+                // fleet_metrics); events (alerts) are never thinned.
                 let every = f
                     .frequency_ms
-                    .filter(|&ms| ms > 0 && channel.is_state())
+                    .filter(|&ms| ms > 0 && !channel.is_event())
                     .map(Duration::from_millis);
                 if sub.throttle.as_ref().map(|t| t.every) != every {
                     sub.throttle = every.map(|every| {

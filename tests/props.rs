@@ -2585,6 +2585,7 @@ fn regression_scoped_path_ids_keep_plus_and_ampersand() {
 // =====================================================================================
 
 use fleetcast::dialect::{CODECS, DialectId, NATIVE, VALTRONICS};
+use fleetcast::session::Reply;
 
 /// The publishing dialects this section generates messages for (a dialect that publishes
 /// gets its generator here; every dialect in `CODECS` is checked as a subscriber).
@@ -2602,13 +2603,7 @@ const NAMES_NEEDING_ESCAPES: bool = false;
 fn names_without_escapes(j: J) -> J {
     let plain = |k: String| -> String {
         k.chars()
-            .map(|c| {
-                if c == '"' || c == '\\' || (c as u32) < 0x20 {
-                    '_'
-                } else {
-                    c
-                }
-            })
+            .map(|c| if c == '"' || c == '\\' || (c as u32) < 0x20 { '_' } else { c })
             .collect()
     };
     match j {
@@ -2717,11 +2712,7 @@ fn arb_telemetry_object() -> BoxedStrategy<J> {
 fn arb_metadata() -> BoxedStrategy<Option<(String, J)>> {
     let obj = prop::collection::vec((arb_key(), arb_json()), 0..5).prop_map(|m| {
         let mut seen = BTreeSet::new();
-        J::Obj(
-            m.into_iter()
-                .filter(|(k, _)| seen.insert(k.clone()))
-                .collect(),
-        )
+        J::Obj(m.into_iter().filter(|(k, _)| seen.insert(k.clone())).collect())
     });
     opt("metadata", prop_oneof![6 => obj, 1 => arb_leaf()])
 }
@@ -2758,15 +2749,40 @@ fn arb_field_text() -> BoxedStrategy<J> {
     .boxed()
 }
 
+/// An event's own time: RFC 3339 in its variants (offsets, fractions, lower case), and
+/// now and then something else (refused).
+fn arb_event_timestamp() -> BoxedStrategy<Option<(String, J)>> {
+    let rfc3339 = (
+        2020u32..2026,
+        1u32..13,
+        1u32..29,
+        0u32..24,
+        0u32..60,
+        0u32..60,
+        prop_oneof![Just(String::new()), "\\.[0-9]{1,9}"],
+        prop_oneof![
+            Just("Z".to_string()),
+            Just("z".to_string()),
+            "[+-](0[0-9]|1[0-3]):[0-5][0-9]"
+        ],
+        any::<bool>(),
+    )
+        .prop_map(|(y, mo, d, h, mi, s, frac, zone, lower)| {
+            let t = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{frac}{zone}");
+            J::Str(if lower { t.to_lowercase() } else { t })
+        });
+    opt(
+        "timestamp",
+        prop_oneof![8 => rfc3339, 1 => arb_timestamp().prop_map(|t| t.map_or(J::Null, |(_, v)| v))],
+    )
+}
+
 /// The members every publish of either dialect may carry next to its own.
 fn envelope() -> impl Strategy<Value = Vec<(String, J)>> {
     (
         arb_message_id(),
-        arb_timestamp(),
-        opt(
-            "ack",
-            prop_oneof![4 => any::<bool>().prop_map(J::Bool), 1 => arb_leaf()],
-        ),
+        arb_event_timestamp(),
+        opt("ack", prop_oneof![4 => any::<bool>().prop_map(J::Bool), 1 => arb_leaf()]),
     )
         .prop_map(|(id, ts, ack)| members_of(vec![id, ts, ack]))
 }
@@ -2782,14 +2798,8 @@ fn arb_valtronics_publish(ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
     let alert = (
         Just("alert"),
         (
-            prop::option::weighted(
-                0.95,
-                arb_alert_id().prop_map(|v| ("alert_id".to_string(), v)),
-            ),
-            prop::option::weighted(
-                0.95,
-                arb_severity().prop_map(|v| ("severity".to_string(), v)),
-            ),
+            prop::option::weighted(0.95, arb_alert_id().prop_map(|v| ("alert_id".to_string(), v))),
+            prop::option::weighted(0.95, arb_severity().prop_map(|v| ("severity".to_string(), v))),
             opt("title", arb_field_text()),
             opt("message", arb_field_text()),
             opt("alert_type", arb_field_text()),
@@ -2857,11 +2867,11 @@ fn arb_native_dialect_payload(ids: BoxedStrategy<J>) -> BoxedStrategy<(Channel, 
         select(&[Channel::Alerts, Channel::MaintenanceAlerts][..]),
         (
             entity(),
-            opt("alert_id", arb_alert_id()),
-            opt("severity", arb_severity()),
+            prop::option::weighted(0.9, arb_alert_id().prop_map(|v| ("alert_id".to_string(), v))),
+            prop::option::weighted(0.9, arb_severity().prop_map(|v| ("severity".to_string(), v))),
             prop_oneof![
-                3 => arb_field_text().prop_map(|v| Some(("category".to_string(), v))),
-                1 => arb_field_text().prop_map(|v| Some(("alert_type".to_string(), v))),
+                6 => arb_field_text().prop_map(|v| Some(("category".to_string(), v))),
+                3 => arb_field_text().prop_map(|v| Some(("alert_type".to_string(), v))),
                 1 => Just(None),
             ],
             opt("title", arb_field_text()),
@@ -2929,27 +2939,63 @@ fn arb_native_dialect_publish(ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
     prop_oneof![4 => own.prop_shuffle_members(), 1 => arb_publish()].boxed()
 }
 
-/// A message of dialect `d`: mostly a publish, sometimes a batch of them or a ping.
-fn arb_dialect_message(d: DialectId, ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
-    let publish = if d == VALTRONICS {
-        arb_valtronics_publish(ids)
-    } else {
-        arb_native_dialect_publish(ids)
-    };
-    let batch = (
-        prop::collection::vec(publish.clone(), 0..5),
+/// A Valtronics `subscribe`/`unsubscribe`, filters at the top level or under `filters`
+/// (for the `subscribed` replies, which name the devices).
+fn arb_valtronics_subscribe(ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
+    let devices = prop_oneof![
+        ids.clone(),
+        prop::collection::vec(ids, 0..4).prop_map(J::Arr),
+    ];
+    let filters = (
+        opt("metrics", prop::collection::vec(arb_metric_name().prop_map(J::Str), 0..3).prop_map(J::Arr)),
+        opt("severity", prop::collection::vec(arb_severity(), 0..3).prop_map(J::Arr)),
+        opt("device_id", devices.clone()),
+        opt("alert_type", arb_field_text()),
+        opt("frequency", select(&["real-time", "1s", "500ms", "soon"][..]).prop_map(J::s)),
+    )
+        .prop_map(|(a, b, c, d, e)| J::Obj(members_of(vec![a, b, c, d, e])));
+    (
+        select(&["subscribe", "unsubscribe"][..]),
+        prop_oneof![
+            8 => select(&["telemetry", "alerts", "devices", "system"][..]).prop_map(J::s),
+            1 => arb_leaf(),
+        ],
+        opt("device_id", devices),
+        opt("filters", filters),
         arb_message_id(),
     )
-        .prop_map(|(items, id)| {
+        .prop_map(|(ty, channel, device, filters, id)| {
+            J::Obj(members_of(vec![
+                Some(("type".into(), J::s(ty))),
+                Some(("channel".into(), channel)),
+                device,
+                filters,
+                id,
+            ]))
+        })
+        .prop_shuffle_members()
+}
+
+/// A message of dialect `d`: mostly a publish, sometimes a batch of them, a subscribe or
+/// a ping.
+fn arb_dialect_message(d: DialectId, ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
+    let (publish, subscribe) = if d == VALTRONICS {
+        (arb_valtronics_publish(ids.clone()), arb_valtronics_subscribe(ids))
+    } else {
+        (arb_native_dialect_publish(ids), arb_subscribe())
+    };
+    let batch = (prop::collection::vec(publish.clone(), 0..5), arb_message_id()).prop_map(
+        |(items, id)| {
             J::Obj(members_of(vec![
                 Some(("type".into(), J::s("batch"))),
                 id,
                 Some(("messages".into(), J::Arr(items))),
             ]))
-        });
+        },
+    );
     let ping = arb_message_id()
         .prop_map(|id| J::Obj(members_of(vec![Some(("type".into(), J::s("ping"))), id])));
-    prop_oneof![8 => publish, 2 => batch, 1 => ping].boxed()
+    prop_oneof![8 => publish, 2 => batch, 1 => subscribe, 1 => ping].boxed()
 }
 
 #[derive(Debug, Clone)]
@@ -2974,14 +3020,7 @@ fn arb_dialect_case() -> impl Strategy<Value = DialectCase> {
         any::<bool>(),
         prop::option::weighted(
             0.3,
-            select(
-                &[
-                    Channel::Telemetry,
-                    Channel::Alerts,
-                    Channel::DeviceStatus,
-                    Channel::System,
-                ][..],
-            ),
+            select(&[Channel::Telemetry, Channel::Alerts, Channel::DeviceStatus, Channel::System][..]),
         ),
         prop::option::of(arb_string()),
         prop::collection::vec(arb_metric_name(), 0..3),
@@ -2994,29 +3033,20 @@ fn arb_dialect_case() -> impl Strategy<Value = DialectCase> {
                 arb_entity_id()
             };
             let messages = prop::collection::vec(
-                (
-                    arb_dialect_message(dialect, ids).prop_map(names_without_escapes),
-                    arb_style(),
-                ),
+                (arb_dialect_message(dialect, ids).prop_map(names_without_escapes), arb_style()),
                 1..6,
             );
-            (
-                messages,
-                Just((dialect, key, preauth, preset, prev_status, metrics)),
+            (messages, Just((dialect, key, preauth, preset, prev_status, metrics))).prop_map(
+                |(messages, (dialect, key, preauth, preset, prev_status, metrics))| DialectCase {
+                    dialect,
+                    key,
+                    preauth,
+                    preset,
+                    messages,
+                    prev_status,
+                    metrics,
+                },
             )
-                .prop_map(
-                    |(messages, (dialect, key, preauth, preset, prev_status, metrics))| {
-                        DialectCase {
-                            dialect,
-                            key,
-                            preauth,
-                            preset,
-                            messages,
-                            prev_status,
-                            metrics,
-                        }
-                    },
-                )
         })
 }
 
@@ -3025,12 +3055,13 @@ fn auth_message(d: DialectId, key: &str) -> String {
     if d == VALTRONICS {
         serde_json::json!({"type": "auth", "token": key, "id": "auth-1"}).to_string()
     } else {
-        serde_json::json!({"type": "auth", "id": "auth-1", "payload": {"api_key": key}}).to_string()
+        serde_json::json!({"type": "auth", "id": "auth-1", "payload": {"api_key": key}})
+            .to_string()
     }
 }
 
 /// A reply in every dialect: nothing, one JSON object in a text frame, or a control frame.
-fn check_reply_in_every_dialect(r: &fleetcast::session::Reply) -> Result<(), TestCaseError> {
+fn check_reply_in_every_dialect(r: &Reply) -> Result<(), TestCaseError> {
     for codec in CODECS {
         let Some(f) = codec.encode_reply(r, "2024-03-15T14:30:00.000Z") else {
             continue;
@@ -3226,13 +3257,133 @@ proptest! {
                         if let Some(v) = &p.keys.vehicle {
                             prop_assert!(named.contains(&**v), "entity {:?} not among {:?}", v, named);
                         }
+                        let (id, channel) = (p.id.clone(), p.channel);
                         let mut ev = Event::encode("fleet_a".into(), p, published, 1, b"\"e-1\"", h.t0);
                         ev.prev_status = case.prev_status.as_deref().map(Into::into);
                         check_every_dialect(&ev, case.dialect, &metrics)?;
+                        // What the shard answers about it: the ack (accepted or a
+                        // duplicate), and a snapshot holding it.
+                        for seq in [Some(published), None] {
+                            check_reply_in_every_dialect(&Reply::Ack { id: id.clone(), channel, seq })?;
+                        }
+                        let events = vec![std::sync::Arc::new(ev)];
+                        check_reply_in_every_dialect(&Reply::Snapshot { id, channel, events })?;
                     }
                     _ => {}
                 }
             }
         }
+    }
+}
+
+/// Runs `messages` through a session of dialect `d` authenticated as a service; returns the
+/// event of every publish it accepted.
+fn dialect_events(d: DialectId, messages: &[&str]) -> Vec<Event> {
+    let mut h = Harness::new();
+    let principal = h
+        .auth
+        .authenticate(Credential::ApiKey(SERVICE_KEY), 0)
+        .unwrap();
+    let mut s = Session::new("c0-1-1".into(), Scope::None, Some(principal), h.t0, &h.limits)
+        .with_dialect(fleetcast::dialect::codec(d), None, &h.limits, h.at(0));
+    let mut out = Vec::new();
+    for m in messages {
+        let now = h.at(1);
+        let mut ctx = Ctx {
+            limits: &h.limits,
+            auth: &h.auth,
+            parser: &mut h.parser,
+            admission: &fleetcast::session::AdmitAll,
+        };
+        s.handle_message(now, Message::Text(m.as_bytes()), &mut ctx);
+        while let Some(a) = s.poll_action() {
+            if let Action::Publish(p) = a {
+                out.push(Event::encode("fleet_a".into(), p, 1, 1, b"\"e-1\"", h.t0));
+            }
+        }
+    }
+    out
+}
+
+/// The JSON text of an event in dialect `d` (`None`: no frame, or not JSON).
+fn frame_json(ev: &Event, d: DialectId) -> Option<J> {
+    let f = ev.frame_in(d)?;
+    let (_, body) = server_frame(f).ok()?;
+    parse_j(body)
+}
+
+/// Found by `dialect_events_reencode_everywhere` with [`NAMES_NEEDING_ESCAPES`] on: the
+/// Valtronics codec writes metric names with `json::write_key`, which does not escape.
+/// A metric named with a quote, a backslash or a control character makes the Valtronics
+/// frame invalid JSON, and so does the native payload that a Valtronics
+/// `telemetry_update` synthesizes (native subscribers get invalid JSON too).
+#[test]
+#[ignore = "src bug: Valtronics metric names are written unescaped (json::write_key)"]
+fn valtronics_metric_names_are_escaped() {
+    let natively = dialect_events(
+        NATIVE,
+        &[r#"{"type":"telemetry_update","payload":{"vehicle_id":"v1","telemetry":{"quo\"te":1,"new\nline":2,"back\\slash":3}}}"#],
+    );
+    let from_valtronics = dialect_events(
+        VALTRONICS,
+        &[r#"{"type":"telemetry_update","device_id":7,"telemetry":{"quo\"te":1,"new\nline":{"value":2,"unit":"V"}}}"#],
+    );
+    assert_eq!((natively.len(), from_valtronics.len()), (1, 1));
+    for ev in natively.iter().chain(&from_valtronics) {
+        for d in [NATIVE, VALTRONICS] {
+            let f = ev.frame_in(d).expect("a frame");
+            assert!(
+                frame_json(ev, d).is_some(),
+                "{d:?}: {}",
+                String::from_utf8_lossy(f)
+            );
+        }
+    }
+    let names = |v: Option<J>| match v.as_ref().and_then(|v| v.get("telemetry")) {
+        Some(J::Obj(m)) => m.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        other => panic!("telemetry {other:?}"),
+    };
+    assert_eq!(
+        names(frame_json(&natively[0], VALTRONICS)),
+        ["quo\"te", "new\nline", "back\\slash"]
+    );
+}
+
+/// Found while writing `dialect_events_reencode_everywhere`: the canonical parts other
+/// dialects are encoded from are read with `json::member`, which compares member names
+/// as written, so a name written with an escape (`"teleme\u0074ry"`, `"alert\u005fid"`,
+/// `"meta\u0064ata"`, `"valu\u0065"`) is not found although simd-json, validation and
+/// routing see it: the same message means different things to Valtronics subscribers
+/// depending on how it was encoded (no telemetry frame, `alert_id: null`, metadata lost,
+/// or a Valtronics `telemetry_update` refused with "no metric in telemetry").
+#[test]
+#[ignore = "src bug: canon_of and metrics_of read member names unescaped (json::member)"]
+fn canonical_parts_read_escaped_member_names() {
+    let pairs = [
+        (
+            NATIVE,
+            r#"{"type":"telemetry_update","payload":{"vehicle_id":"v1","telemetry":{"fuel_level":5}}}"#,
+            r#"{"type":"telemetry_update","payload":{"vehicle_id":"v1","teleme\u0074ry":{"fuel_level":5}}}"#,
+        ),
+        (
+            NATIVE,
+            r#"{"type":"safety_alert","payload":{"vehicle_id":"v1","alert_id":"a1","severity":"low","category":"x","metadata":{"k":1}}}"#,
+            r#"{"type":"safety_alert","payload":{"vehicle_id":"v1","alert\u005fid":"a1","severity":"low","category":"x","meta\u0064ata":{"k":1}}}"#,
+        ),
+        (
+            VALTRONICS,
+            r#"{"type":"telemetry_update","device_id":7,"telemetry":{"t":{"value":1,"unit":"C"}}}"#,
+            r#"{"type":"telemetry_update","device_id":7,"telemetry":{"t":{"valu\u0065":1,"unit":"C"}}}"#,
+        ),
+    ];
+    for (d, plain, escaped) in pairs {
+        let a = dialect_events(d, &[plain]);
+        let b = dialect_events(d, &[escaped]);
+        assert_eq!((a.len(), b.len()), (1, 1), "{escaped}");
+        assert_eq!(
+            frame_json(&a[0], VALTRONICS),
+            frame_json(&b[0], VALTRONICS),
+            "{escaped}"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! shared by every subscriber of that dialect.
 //!
 //! Adding a dialect: one file here implementing [`Codec`], its entry in [`CODECS`], and its
-//! paths in the endpoint table (`crate::wire::handshake::Endpoint::classify`).
+//! paths in [`ENDPOINTS`] (which `crate::wire::handshake::Endpoint::classify` reads).
 
 pub mod native;
 pub mod valtronics;

@@ -233,12 +233,8 @@ fn encode(ev: &Event, only: Option<&[Box<str>]>) -> Option<Vec<u8>> {
         }
     };
     match ev.channel {
-        Channel::Telemetry | Channel::VehicleLocations if !ev.canon.metrics.is_empty() => {
-            // A location update carrying telemetry reaches telemetry subscribers only if
-            // it was published on the telemetry channel.
-            if ev.channel != Channel::Telemetry {
-                return None;
-            }
+        // Valtronics has no location channel: a location update is not shown.
+        Channel::Telemetry if !ev.canon.metrics.is_empty() => {
             o.extend_from_slice(b"{\"type\":\"telemetry_update\",\"channel\":\"telemetry\"");
             write_device(&mut o);
             o.extend_from_slice(b",\"telemetry\":{");
