@@ -2593,9 +2593,10 @@ const PUBLISHING: [DialectId; 2] = [NATIVE, VALTRONICS];
 
 /// Whether generated member names may hold characters that JSON must escape (`"`, `\`,
 /// controls). Off while the Valtronics codec writes metric names with `json::write_key`,
-/// which does not escape: such a name makes its frames (and the native payload it
-/// synthesizes from a Valtronics `telemetry_update`) invalid JSON; see
-/// `valtronics_metric_names_are_escaped` below. Turn on once that is fixed.
+/// which does not escape: such a name makes its `telemetry_update` and
+/// `system_status_update` frames (and the native payload it synthesizes from a Valtronics
+/// `telemetry_update`) invalid JSON; see `valtronics_metric_names_are_escaped` below.
+/// Turn on once that is fixed.
 const NAMES_NEEDING_ESCAPES: bool = false;
 
 /// `j` with every member name, at any depth, freed of characters JSON must escape (unless
@@ -2603,7 +2604,13 @@ const NAMES_NEEDING_ESCAPES: bool = false;
 fn names_without_escapes(j: J) -> J {
     let plain = |k: String| -> String {
         k.chars()
-            .map(|c| if c == '"' || c == '\\' || (c as u32) < 0x20 { '_' } else { c })
+            .map(|c| {
+                if c == '"' || c == '\\' || (c as u32) < 0x20 {
+                    '_'
+                } else {
+                    c
+                }
+            })
             .collect()
     };
     match j {
@@ -2712,7 +2719,11 @@ fn arb_telemetry_object() -> BoxedStrategy<J> {
 fn arb_metadata() -> BoxedStrategy<Option<(String, J)>> {
     let obj = prop::collection::vec((arb_key(), arb_json()), 0..5).prop_map(|m| {
         let mut seen = BTreeSet::new();
-        J::Obj(m.into_iter().filter(|(k, _)| seen.insert(k.clone())).collect())
+        J::Obj(
+            m.into_iter()
+                .filter(|(k, _)| seen.insert(k.clone()))
+                .collect(),
+        )
     });
     opt("metadata", prop_oneof![6 => obj, 1 => arb_leaf()])
 }
@@ -2782,7 +2793,10 @@ fn envelope() -> impl Strategy<Value = Vec<(String, J)>> {
     (
         arb_message_id(),
         arb_event_timestamp(),
-        opt("ack", prop_oneof![4 => any::<bool>().prop_map(J::Bool), 1 => arb_leaf()]),
+        opt(
+            "ack",
+            prop_oneof![4 => any::<bool>().prop_map(J::Bool), 1 => arb_leaf()],
+        ),
     )
         .prop_map(|(id, ts, ack)| members_of(vec![id, ts, ack]))
 }
@@ -2798,8 +2812,14 @@ fn arb_valtronics_publish(ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
     let alert = (
         Just("alert"),
         (
-            prop::option::weighted(0.95, arb_alert_id().prop_map(|v| ("alert_id".to_string(), v))),
-            prop::option::weighted(0.95, arb_severity().prop_map(|v| ("severity".to_string(), v))),
+            prop::option::weighted(
+                0.95,
+                arb_alert_id().prop_map(|v| ("alert_id".to_string(), v)),
+            ),
+            prop::option::weighted(
+                0.95,
+                arb_severity().prop_map(|v| ("severity".to_string(), v)),
+            ),
             opt("title", arb_field_text()),
             opt("message", arb_field_text()),
             opt("alert_type", arb_field_text()),
@@ -2867,8 +2887,14 @@ fn arb_native_dialect_payload(ids: BoxedStrategy<J>) -> BoxedStrategy<(Channel, 
         select(&[Channel::Alerts, Channel::MaintenanceAlerts][..]),
         (
             entity(),
-            prop::option::weighted(0.9, arb_alert_id().prop_map(|v| ("alert_id".to_string(), v))),
-            prop::option::weighted(0.9, arb_severity().prop_map(|v| ("severity".to_string(), v))),
+            prop::option::weighted(
+                0.9,
+                arb_alert_id().prop_map(|v| ("alert_id".to_string(), v)),
+            ),
+            prop::option::weighted(
+                0.9,
+                arb_severity().prop_map(|v| ("severity".to_string(), v)),
+            ),
             prop_oneof![
                 6 => arb_field_text().prop_map(|v| Some(("category".to_string(), v))),
                 3 => arb_field_text().prop_map(|v| Some(("alert_type".to_string(), v))),
@@ -2947,11 +2973,20 @@ fn arb_valtronics_subscribe(ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
         prop::collection::vec(ids, 0..4).prop_map(J::Arr),
     ];
     let filters = (
-        opt("metrics", prop::collection::vec(arb_metric_name().prop_map(J::Str), 0..3).prop_map(J::Arr)),
-        opt("severity", prop::collection::vec(arb_severity(), 0..3).prop_map(J::Arr)),
+        opt(
+            "metrics",
+            prop::collection::vec(arb_metric_name().prop_map(J::Str), 0..3).prop_map(J::Arr),
+        ),
+        opt(
+            "severity",
+            prop::collection::vec(arb_severity(), 0..3).prop_map(J::Arr),
+        ),
         opt("device_id", devices.clone()),
         opt("alert_type", arb_field_text()),
-        opt("frequency", select(&["real-time", "1s", "500ms", "soon"][..]).prop_map(J::s)),
+        opt(
+            "frequency",
+            select(&["real-time", "1s", "500ms", "soon"][..]).prop_map(J::s),
+        ),
     )
         .prop_map(|(a, b, c, d, e)| J::Obj(members_of(vec![a, b, c, d, e])));
     (
@@ -2980,19 +3015,24 @@ fn arb_valtronics_subscribe(ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
 /// a ping.
 fn arb_dialect_message(d: DialectId, ids: BoxedStrategy<J>) -> BoxedStrategy<J> {
     let (publish, subscribe) = if d == VALTRONICS {
-        (arb_valtronics_publish(ids.clone()), arb_valtronics_subscribe(ids))
+        (
+            arb_valtronics_publish(ids.clone()),
+            arb_valtronics_subscribe(ids),
+        )
     } else {
         (arb_native_dialect_publish(ids), arb_subscribe())
     };
-    let batch = (prop::collection::vec(publish.clone(), 0..5), arb_message_id()).prop_map(
-        |(items, id)| {
+    let batch = (
+        prop::collection::vec(publish.clone(), 0..5),
+        arb_message_id(),
+    )
+        .prop_map(|(items, id)| {
             J::Obj(members_of(vec![
                 Some(("type".into(), J::s("batch"))),
                 id,
                 Some(("messages".into(), J::Arr(items))),
             ]))
-        },
-    );
+        });
     let ping = arb_message_id()
         .prop_map(|id| J::Obj(members_of(vec![Some(("type".into(), J::s("ping"))), id])));
     prop_oneof![8 => publish, 2 => batch, 1 => subscribe, 1 => ping].boxed()
@@ -3020,7 +3060,14 @@ fn arb_dialect_case() -> impl Strategy<Value = DialectCase> {
         any::<bool>(),
         prop::option::weighted(
             0.3,
-            select(&[Channel::Telemetry, Channel::Alerts, Channel::DeviceStatus, Channel::System][..]),
+            select(
+                &[
+                    Channel::Telemetry,
+                    Channel::Alerts,
+                    Channel::DeviceStatus,
+                    Channel::System,
+                ][..],
+            ),
         ),
         prop::option::of(arb_string()),
         prop::collection::vec(arb_metric_name(), 0..3),
@@ -3033,20 +3080,29 @@ fn arb_dialect_case() -> impl Strategy<Value = DialectCase> {
                 arb_entity_id()
             };
             let messages = prop::collection::vec(
-                (arb_dialect_message(dialect, ids).prop_map(names_without_escapes), arb_style()),
+                (
+                    arb_dialect_message(dialect, ids).prop_map(names_without_escapes),
+                    arb_style(),
+                ),
                 1..6,
             );
-            (messages, Just((dialect, key, preauth, preset, prev_status, metrics))).prop_map(
-                |(messages, (dialect, key, preauth, preset, prev_status, metrics))| DialectCase {
-                    dialect,
-                    key,
-                    preauth,
-                    preset,
-                    messages,
-                    prev_status,
-                    metrics,
-                },
+            (
+                messages,
+                Just((dialect, key, preauth, preset, prev_status, metrics)),
             )
+                .prop_map(
+                    |(messages, (dialect, key, preauth, preset, prev_status, metrics))| {
+                        DialectCase {
+                            dialect,
+                            key,
+                            preauth,
+                            preset,
+                            messages,
+                            prev_status,
+                            metrics,
+                        }
+                    },
+                )
         })
 }
 
@@ -3055,8 +3111,7 @@ fn auth_message(d: DialectId, key: &str) -> String {
     if d == VALTRONICS {
         serde_json::json!({"type": "auth", "token": key, "id": "auth-1"}).to_string()
     } else {
-        serde_json::json!({"type": "auth", "id": "auth-1", "payload": {"api_key": key}})
-            .to_string()
+        serde_json::json!({"type": "auth", "id": "auth-1", "payload": {"api_key": key}}).to_string()
     }
 }
 
@@ -3211,7 +3266,7 @@ fn entities_named(j: &J, out: &mut BTreeSet<String>) {
 }
 
 proptest! {
-    #![proptest_config(config(300))]
+    #![proptest_config(config(500))]
 
     /// An event accepted from any publishing dialect re-encodes to every dialect without
     /// panic: each frame (whole, or projected to a `metrics` filter) is absent or one final
@@ -3284,8 +3339,14 @@ fn dialect_events(d: DialectId, messages: &[&str]) -> Vec<Event> {
         .auth
         .authenticate(Credential::ApiKey(SERVICE_KEY), 0)
         .unwrap();
-    let mut s = Session::new("c0-1-1".into(), Scope::None, Some(principal), h.t0, &h.limits)
-        .with_dialect(fleetcast::dialect::codec(d), None, &h.limits, h.at(0));
+    let mut s = Session::new(
+        "c0-1-1".into(),
+        Scope::None,
+        Some(principal),
+        h.t0,
+        &h.limits,
+    )
+    .with_dialect(fleetcast::dialect::codec(d), None, &h.limits, h.at(0));
     let mut out = Vec::new();
     for m in messages {
         let now = h.at(1);
@@ -3315,27 +3376,35 @@ fn frame_json(ev: &Event, d: DialectId) -> Option<J> {
 /// Found by `dialect_events_reencode_everywhere` with [`NAMES_NEEDING_ESCAPES`] on: the
 /// Valtronics codec writes metric names with `json::write_key`, which does not escape.
 /// A metric named with a quote, a backslash or a control character makes the Valtronics
-/// frame invalid JSON, and so does the native payload that a Valtronics
-/// `telemetry_update` synthesizes (native subscribers get invalid JSON too).
+/// `telemetry_update` and `system_status_update` (fleet metrics) frames invalid JSON, and
+/// so does the native payload that a Valtronics `telemetry_update` synthesizes (native
+/// subscribers get invalid JSON too).
 #[test]
 #[ignore = "src bug: Valtronics metric names are written unescaped (json::write_key)"]
 fn valtronics_metric_names_are_escaped() {
     let natively = dialect_events(
         NATIVE,
-        &[r#"{"type":"telemetry_update","payload":{"vehicle_id":"v1","telemetry":{"quo\"te":1,"new\nline":2,"back\\slash":3}}}"#],
+        &[
+            r#"{"type":"telemetry_update","payload":{"vehicle_id":"v1","telemetry":{"quo\"te":1,"new\nline":2,"back\\slash":3}}}"#,
+            r#"{"type":"fleet_metrics","payload":{"metrics":{"quo\"te":0}}}"#,
+        ],
     );
     let from_valtronics = dialect_events(
         VALTRONICS,
-        &[r#"{"type":"telemetry_update","device_id":7,"telemetry":{"quo\"te":1,"new\nline":{"value":2,"unit":"V"}}}"#],
+        &[
+            r#"{"type":"telemetry_update","device_id":7,"telemetry":{"quo\"te":1,"new\nline":{"value":2,"unit":"V"}}}"#,
+        ],
     );
-    assert_eq!((natively.len(), from_valtronics.len()), (1, 1));
+    assert_eq!((natively.len(), from_valtronics.len()), (2, 1));
     for ev in natively.iter().chain(&from_valtronics) {
         for d in [NATIVE, VALTRONICS] {
             let f = ev.frame_in(d).expect("a frame");
+            let text = f.iter().position(|&b| b == b'{').map_or(f, |i| &f[i..]);
             assert!(
                 frame_json(ev, d).is_some(),
-                "{d:?}: {}",
-                String::from_utf8_lossy(f)
+                "{} frame is not JSON: {}",
+                codec_name(d),
+                String::from_utf8_lossy(text)
             );
         }
     }
