@@ -45,11 +45,10 @@ pub fn write_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b.format(n).as_bytes());
 }
 
-/// Appends `"key":` (the key must not need escaping).
+/// Appends `"key":`, escaped as needed.
 pub fn write_key(out: &mut Vec<u8>, key: &str) {
-    out.push(b'"');
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(b"\":");
+    write_str(out, key);
+    out.push(b':');
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -239,7 +238,7 @@ pub fn unescape(raw: &[u8]) -> Cow<'_, str> {
 pub fn member<'a>(b: &'a [u8], key: &str) -> Option<&'a [u8]> {
     object_members(b)?
         .into_iter()
-        .find(|m| &b[m.key.clone()] == key.as_bytes())
+        .find(|m| key_is(&b[m.key.clone()], key))
         .map(|m| &b[m.value])
 }
 

@@ -2592,12 +2592,9 @@ use fleetcast::session::Reply;
 const PUBLISHING: [DialectId; 2] = [NATIVE, VALTRONICS];
 
 /// Whether generated member names may hold characters that JSON must escape (`"`, `\`,
-/// controls). Off while the Valtronics codec writes metric names with `json::write_key`,
-/// which does not escape: such a name makes its `telemetry_update` and
-/// `system_status_update` frames (and the native payload it synthesizes from a Valtronics
-/// `telemetry_update`) invalid JSON; see `valtronics_metric_names_are_escaped` below.
-/// Turn on once that is fixed.
-const NAMES_NEEDING_ESCAPES: bool = false;
+/// controls): they must, since clients choose metric names (this found `json::write_key`
+/// writing them unescaped; see `valtronics_metric_names_are_escaped` below).
+const NAMES_NEEDING_ESCAPES: bool = true;
 
 /// `j` with every member name, at any depth, freed of characters JSON must escape (unless
 /// [`NAMES_NEEDING_ESCAPES`]). Names are still written with random escapes.
@@ -3380,7 +3377,6 @@ fn frame_json(ev: &Event, d: DialectId) -> Option<J> {
 /// so does the native payload that a Valtronics `telemetry_update` synthesizes (native
 /// subscribers get invalid JSON too).
 #[test]
-#[ignore = "src bug: Valtronics metric names are written unescaped (json::write_key)"]
 fn valtronics_metric_names_are_escaped() {
     let natively = dialect_events(
         NATIVE,
@@ -3426,7 +3422,6 @@ fn valtronics_metric_names_are_escaped() {
 /// depending on how it was encoded (no telemetry frame, `alert_id: null`, metadata lost,
 /// or a Valtronics `telemetry_update` refused with "no metric in telemetry").
 #[test]
-#[ignore = "src bug: canon_of and metrics_of read member names unescaped (json::member)"]
 fn canonical_parts_read_escaped_member_names() {
     let pairs = [
         (

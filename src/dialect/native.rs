@@ -148,6 +148,14 @@ pub const MAX_DEPTH: usize = 32;
 /// the same size, so this is a second, cheap fence for the duplicate-name check.
 pub const MAX_MEMBERS: usize = 256;
 
+/// A dialect's decoder of one parsed message: the raw text, its parsed value, and where
+/// each top-level member's raw value sits.
+pub type DecodeFn = fn(
+    &[u8],
+    &Value<'_>,
+    &dyn Fn(&str) -> Option<Range<usize>>,
+) -> Result<Command, ProtoError>;
+
 impl Parser {
     /// Decodes one message. Returns the raw range of its `id` (for the reply) and the
     /// command or the reason it was refused.
@@ -160,11 +168,7 @@ impl Parser {
     pub fn decode_with(
         &mut self,
         raw: &[u8],
-        decode: fn(
-            &[u8],
-            &Value<'_>,
-            &dyn Fn(&str) -> Option<Range<usize>>,
-        ) -> Result<Command, ProtoError>,
+        decode: DecodeFn,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
         self.scratch.clear();
         self.scratch.extend_from_slice(raw);

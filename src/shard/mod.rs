@@ -144,6 +144,10 @@ fn now() -> Now {
     }
 }
 
+/// Frames projected for some subscribers, by dialect and metric list (`None`: that
+/// dialect does not show the event).
+type Projections = HashMap<(DialectId, Arc<[Box<str>]>), Option<Arc<[u8]>>>;
+
 impl Shard {
     pub fn new(
         id: usize,
@@ -1212,8 +1216,7 @@ impl Shard {
         let dirty = &mut self.dirty;
         // Frames projected to a `metrics` filter: built once per dialect and metric list,
         // then shared by every subscriber that asked for the same (SPEC §1).
-        let mut projections: HashMap<(DialectId, Arc<[Box<str>]>), Option<Arc<[u8]>>> =
-            HashMap::new();
+        let mut projections = Projections::new();
         let mut held = Vec::new();
         self.index
             .for_each(&ev.tenant, ev.channel, &ev.keys, |slot| {

@@ -177,14 +177,14 @@ impl Outbox {
         mut on_written: impl FnMut(&Event),
     ) -> io::Result<bool> {
         while !self.chunks.is_empty() {
-            let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n = 0;
-            for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                let b = c.bytes(self.dialect);
-                slices[n] = IoSlice::new(if i == 0 { &b[self.written..] } else { b });
-                n += 1;
-            }
-            let written = match w.write_vectored(&slices[..n]) {
+            // Most flushes carry one or a few frames: a plain write, or a small vector
+            // (filling all MAX_IOVECS slices each time costs more than the frames).
+            let result = match self.chunks.len() {
+                1 => w.write(&self.chunks[0].bytes(self.dialect)[self.written..]),
+                2..=16 => self.write_vectored::<16>(w),
+                _ => self.write_vectored::<MAX_IOVECS>(w),
+            };
+            let written = match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -202,6 +202,18 @@ impl Outbox {
         }
         self.pending = None;
         Ok(true)
+    }
+
+    /// Writes up to `N` queued frames in one call.
+    fn write_vectored<const N: usize>(&self, w: &mut impl Write) -> io::Result<usize> {
+        let mut slices: [IoSlice<'_>; N] = [IoSlice::new(&[]); N];
+        let mut n = 0;
+        for (i, c) in self.chunks.iter().take(N).enumerate() {
+            let b = c.bytes(self.dialect);
+            slices[n] = IoSlice::new(if i == 0 { &b[self.written..] } else { b });
+            n += 1;
+        }
+        w.write_vectored(&slices[..n])
     }
 
     fn consume(&mut self, mut n: usize, on_written: &mut impl FnMut(&Event)) {

@@ -80,7 +80,10 @@ impl Endpoint {
     }
 
     pub fn is_websocket(&self) -> bool {
-        matches!(self, Endpoint::Native(_) | Endpoint::Stream(..) | Endpoint::Echo)
+        matches!(
+            self,
+            Endpoint::Native(_) | Endpoint::Stream(..) | Endpoint::Echo
+        )
     }
 
     /// The method this endpoint answers.
