@@ -150,11 +150,8 @@ pub const MAX_MEMBERS: usize = 256;
 
 /// A dialect's decoder of one parsed message: the raw text, its parsed value, and where
 /// each top-level member's raw value sits.
-pub type DecodeFn = fn(
-    &[u8],
-    &Value<'_>,
-    &dyn Fn(&str) -> Option<Range<usize>>,
-) -> Result<Command, ProtoError>;
+pub type DecodeFn =
+    fn(&[u8], &Value<'_>, &dyn Fn(&str) -> Option<Range<usize>>) -> Result<Command, ProtoError>;
 
 impl Parser {
     /// Decodes one message. Returns the raw range of its `id` (for the reply) and the
