@@ -687,8 +687,14 @@ fn canon_of(channel: Channel, p: &Value<'_>, body: &[u8]) -> Canon {
             .and_then(|r| std::str::from_utf8(r).ok())
             .map(Into::into)
     };
+    // The parsed value says which members exist: their raw text is looked up (a scan of
+    // the payload) only when they do.
+    let has = |k: &str| p.get(k).is_some();
     let mut c = Canon {
-        metadata: raw("metadata").filter(|m| m.starts_with('{')),
+        metadata: p
+            .get("metadata")
+            .filter(|m| m.is_object())
+            .and_then(|_| raw("metadata")),
         ..Canon::default()
     };
     match channel {
@@ -704,7 +710,9 @@ fn canon_of(channel: Channel, p: &Value<'_>, body: &[u8]) -> Canon {
                     altitude_m: num("altitude"),
                 });
             }
-            if let Some(t) = json::member(body, "telemetry") {
+            if has("telemetry")
+                && let Some(t) = json::member(body, "telemetry")
+            {
                 c.metrics = metrics_of(t, &[]);
             }
         }
@@ -718,7 +726,10 @@ fn canon_of(channel: Channel, p: &Value<'_>, body: &[u8]) -> Canon {
         }
         Channel::Alerts | Channel::MaintenanceAlerts => {
             c.alert = Some(Alert {
-                id: raw("alert_id").filter(|r| json::valid_id(r.as_bytes())),
+                id: has("alert_id")
+                    .then(|| raw("alert_id"))
+                    .flatten()
+                    .filter(|r| json::valid_id(r.as_bytes())),
                 title: text("title"),
                 message: text("message").or_else(|| text("description")),
             });
