@@ -19,6 +19,7 @@
 use crate::auth::{AuthError, Authenticator, Credential, Principal};
 use crate::config::Limits;
 use crate::dialect::Codec;
+use crate::dialect::view::{TimeView, View};
 use crate::dialect::native::{
     self, AuthRequest, Command, Filters, Parser, ProtoError, PublishRequest, SubAction,
     SubscribeRequest,
@@ -277,10 +278,10 @@ pub enum Action {
         id: Option<Vec<u8>>,
     },
     Publish(Publication),
-    /// Deliver an update a subscription's `frequency` held back, projected to `metrics`.
+    /// Deliver an update a subscription's `frequency` held back, as `view` shows it.
     Deliver {
         event: Arc<Event>,
-        metrics: Option<Arc<[Box<str>]>>,
+        view: Option<Arc<View>>,
     },
     /// A limit was breached (counted in `/metrics`).
     Breach(Limit),
@@ -317,7 +318,8 @@ struct Subscription {
     severities: Vec<Box<str>>,
     categories: Vec<Box<str>>,
     status_types: Vec<Box<str>>,
-    metrics: Option<Arc<[Box<str>]>>,
+    /// How this subscription sees events, when not as the dialect's shared frame.
+    view: Option<Arc<View>>,
     fence: Option<Box<Fence>>,
 }
 
@@ -327,8 +329,8 @@ pub enum Verdict {
     Skip,
     /// The shared frame as is.
     Shared,
-    /// A frame projected to these telemetry metrics.
-    Projected(Arc<[Box<str>]>),
+    /// The frame as this view shows it (shared by the subscribers with an equal view).
+    Projected(Arc<View>),
     /// Held by the subscription's `frequency` until this time (a newer update of the same
     /// entity replaces it): the shard makes sure the connection's timer fires by then.
     Held(Instant),
@@ -369,6 +371,8 @@ pub struct Session {
     publish_bucket: Option<Arc<PublishBucket>>,
     /// The earliest time a throttled subscription has a held update due.
     flush_at: Option<Instant>,
+    /// How this connection's dialect writes timestamps (Telematics `date_format`).
+    time: Option<Arc<TimeView>>,
     actions: VecDeque<Action>,
 }
 
@@ -413,6 +417,7 @@ impl Session {
             request_rate: limits.requests_per_second,
             publish_bucket: None,
             flush_at: None,
+            time: None,
             actions: VecDeque::new(),
         };
         if s.principal.is_some() {
@@ -643,7 +648,7 @@ impl Session {
                         next = Some(next.map_or(now + every, |n| n.min(now + every)));
                         self.actions.push_back(Action::Deliver {
                             event,
-                            metrics: sub.metrics.clone(),
+                            view: sub.view.clone(),
                         });
                         true
                     }
@@ -709,8 +714,8 @@ impl Session {
                 }
             }
         }
-        match &sub.metrics {
-            Some(m) => Verdict::Projected(m.clone()),
+        match &sub.view {
+            Some(v) => Verdict::Projected(v.clone()),
             None => Verdict::Shared,
         }
     }
@@ -1015,7 +1020,11 @@ impl Session {
                 sub.severities = f.severities.clone();
                 sub.categories = f.categories.clone();
                 sub.status_types = f.status_types.clone();
-                sub.metrics = (!f.metrics.is_empty()).then(|| f.metrics.clone().into());
+                let view = View {
+                    metrics: (!f.metrics.is_empty()).then(|| f.metrics.clone().into()),
+                    time: self.time.clone(),
+                };
+                sub.view = (!view.is_plain()).then(|| Arc::new(view));
                 // `frequency` thins state channels and the periodic figures (system,
                 // fleet_metrics); events (alerts) are never thinned.
                 let every = f

@@ -11,6 +11,7 @@
 
 pub mod native;
 pub mod valtronics;
+pub mod view;
 
 use crate::event::Event;
 use crate::model::{Channel, Role};
@@ -88,7 +89,7 @@ pub trait Codec: Sync {
     fn encode_event(&self, ev: &Event) -> Option<Vec<u8>>;
 
     /// The JSON text of `ev` projected to the telemetry `metrics` (a subscription filter).
-    fn encode_projected(&self, ev: &Event, metrics: &[Box<str>]) -> Option<Vec<u8>>;
+    fn encode_projected(&self, ev: &Event, view: &view::View) -> Option<Vec<u8>>;
 
     /// The channel a subscription of `role` to `channel` means in this dialect.
     fn channel_for_role(&self, channel: Channel, _role: Role) -> Channel {

@@ -73,7 +73,7 @@ impl Codec for Valtronics {
         parser: &mut Parser,
         raw: &[u8],
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
-        parser.decode_with(raw, decode_value)
+        parser.decode_with(raw, &decode_value)
     }
 
     fn encode_reply(&self, reply: &Reply, ts: &str) -> Option<Vec<u8>> {
@@ -203,8 +203,8 @@ impl Codec for Valtronics {
         }
     }
 
-    fn encode_projected(&self, ev: &Event, metrics: &[Box<str>]) -> Option<Vec<u8>> {
-        encode(ev, Some(metrics))
+    fn encode_projected(&self, ev: &Event, view: &super::view::View) -> Option<Vec<u8>> {
+        encode(ev, view.metrics.as_deref())
     }
 }
 
