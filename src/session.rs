@@ -19,11 +19,11 @@
 use crate::auth::{AuthError, Authenticator, Credential, Principal};
 use crate::config::Limits;
 use crate::dialect::Codec;
-use crate::dialect::view::{TimeView, View};
 use crate::dialect::native::{
     self, AuthRequest, Command, Filters, Parser, ProtoError, PublishRequest, SubAction,
     SubscribeRequest,
 };
+use crate::dialect::view::{TimeView, View};
 use crate::event::{Event, Publication};
 use crate::json;
 use crate::metrics::Limit;
@@ -186,6 +186,10 @@ pub enum Reply {
         id: Option<Vec<u8>>,
         connection_id: Box<str>,
         principal: Principal,
+        /// The user the client named besides its credential (a Tracking driver's vehicle).
+        acting_as: Option<Box<str>>,
+        /// Fields of the auth request the dialect's reply repeats.
+        echo: Vec<(&'static str, Box<str>)>,
         limits: ReplyLimits,
     },
     AuthError {
@@ -373,7 +377,41 @@ pub struct Session {
     flush_at: Option<Instant>,
     /// How this connection's dialect writes timestamps (Telematics `date_format`).
     time: Option<Arc<TimeView>>,
+    /// The user the client authenticated as, when its dialect names one besides the
+    /// credential (a Tracking driver: its vehicle).
+    acting_as: Option<Box<str>>,
+    /// Fields the dialect's auth reply repeats.
+    echo: Vec<(&'static str, Box<str>)>,
     actions: VecDeque<Action>,
+}
+
+/// Whether credential `p` may act as the user a dialect names besides it (a Tracking
+/// `user_id` and `role`): a device for one of its vehicles (a driver's user_id is its
+/// vehicle); any other role for its own user, or a service or admin for any office user
+/// of its fleet.
+fn acting_for(p: &Principal, user: &str, role: Role) -> Result<(), ProtoError> {
+    let ok = match role {
+        Role::Device => {
+            p.role == Role::Device && (&*p.user_id == user || p.may_act_for_vehicle(user))
+        }
+        _ => {
+            p.role != Role::Device
+                && (&*p.user_id == user || matches!(p.role, Role::Service | Role::Admin))
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtoError::new(
+            401,
+            format!(
+                "credential of {} {:?} may not act as {} {user:?}",
+                p.role.name(),
+                p.user_id,
+                role.name()
+            ),
+        ))
+    }
 }
 
 impl Session {
@@ -418,6 +456,8 @@ impl Session {
             publish_bucket: None,
             flush_at: None,
             time: None,
+            acting_as: None,
+            echo: Vec::new(),
             actions: VecDeque::new(),
         };
         if s.principal.is_some() {
@@ -741,7 +781,9 @@ impl Session {
     }
 
     fn handle_text(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>, top_level: bool) {
-        let (id_range, cmd) = self.codec.decode(ctx.parser, raw);
+        let (id_range, cmd) = self
+            .codec
+            .decode(ctx.parser, raw, self.acting_as.as_deref());
         let id = id_range.map(|r| &raw[r]);
         let cmd = match cmd {
             Ok(c) => c,
@@ -837,6 +879,12 @@ impl Session {
                 };
             if tenant_ok {
                 Ok(p)
+            } else if a.fleet_must_exist
+                && a.fleet_id
+                    .as_deref()
+                    .is_some_and(|f| !ctx.auth.knows_tenant(f))
+            {
+                Err(ProtoError::new(404, "instance not found"))
             } else {
                 Err(ProtoError::new(
                     403,
@@ -844,6 +892,10 @@ impl Session {
                 ))
             }
         });
+        let principal = match (principal, &a.acting_as) {
+            (Ok(p), Some((user, role))) => acting_for(&p, user, *role).map(|()| p),
+            (other, _) => other,
+        };
         match (&self.state, principal) {
             (State::Active, Ok(p)) => {
                 let current = self.principal.as_ref().expect("active has a principal");
@@ -886,7 +938,21 @@ impl Session {
                 return Ok(());
             }
         }
+        if let Some((user, _)) = a.acting_as {
+            self.acting_as = Some(user.into());
+        }
+        if !a.echo.is_empty() {
+            self.echo = a.echo;
+        }
+        if let Some(t) = a.time {
+            self.time = Some(Arc::new(t));
+        }
         self.send_auth_success(now, id, ctx.limits);
+        for req in a.then_subscribe {
+            if let Err(e) = self.handle_subscribe(now, None, req, ctx.limits) {
+                self.send_error(now, id, &e);
+            }
+        }
         let preset = self.preset.take();
         for c in a.subscriptions.into_iter().chain(preset) {
             let req = SubscribeRequest {
@@ -908,6 +974,8 @@ impl Session {
             id: id.map(<[u8]>::to_vec),
             connection_id: self.conn_id.clone(),
             principal: p.clone(),
+            acting_as: self.acting_as.clone(),
+            echo: self.echo.clone(),
             limits: ReplyLimits {
                 max_message_bytes: limits.max_message_bytes,
                 max_subscriptions: limits.max_subscriptions,
@@ -1049,7 +1117,11 @@ impl Session {
                 self.actions.push_back(Action::Subscribe {
                     channel,
                     added,
-                    snapshot: requested,
+                    snapshot: if self.codec.snapshot_on_subscribe() {
+                        requested
+                    } else {
+                        Selection::default()
+                    },
                     since: req.since,
                     reply,
                 });

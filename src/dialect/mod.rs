@@ -75,10 +75,13 @@ pub trait Codec: Sync {
 
     /// Decodes one client message (a complete text message): the raw range of its id (for
     /// the error that may answer it) and the command, or why it was refused.
+    /// `acting_as`: the user the connection authenticated as, when its dialect names one
+    /// (a Tracking driver publishes for its own vehicle without naming it).
     fn decode(
         &self,
         parser: &mut Parser,
         raw: &[u8],
+        acting_as: Option<&str>,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>);
 
     /// A complete frame for `reply` (`None`: this dialect sends nothing for it). `ts` is
@@ -98,6 +101,12 @@ pub trait Codec: Sync {
 
     fn heartbeat(&self) -> Heartbeat {
         Heartbeat::WsPing
+    }
+
+    /// Whether a subscription to a state channel starts with the last known value of each
+    /// entity (a snapshot). Telematics data is live only, as its API says.
+    fn snapshot_on_subscribe(&self) -> bool {
+        true
     }
 
     /// Dev mode's ready-to-paste line for this dialect: where a client of `host` (e.g.

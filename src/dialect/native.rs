@@ -162,11 +162,7 @@ pub const MAX_MEMBERS: usize = 256;
 
 /// A dialect's decoder of one parsed message: the raw text, its parsed value, and where
 /// each top-level member's raw value sits.
-pub type DecodeFn<'d> = dyn Fn(
-        &[u8],
-        &Value<'_>,
-        &dyn Fn(&str) -> Option<Range<usize>>,
-    ) -> Result<Command, ProtoError>
+pub type DecodeFn<'d> = dyn Fn(&[u8], &Value<'_>, &dyn Fn(&str) -> Option<Range<usize>>) -> Result<Command, ProtoError>
     + 'd;
 
 impl Parser {
@@ -892,6 +888,7 @@ impl super::Codec for Native {
         &self,
         parser: &mut Parser,
         raw: &[u8],
+        _acting_as: Option<&str>,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
         parser.decode(raw)
     }
@@ -906,6 +903,7 @@ impl super::Codec for Native {
                 connection_id,
                 principal: p,
                 limits,
+                ..
             } => self::reply("auth_success", raw(id), ts, |o| {
                 o.extend_from_slice(b"{\"connection_id\":");
                 json::write_str(o, connection_id);

@@ -72,6 +72,7 @@ impl Codec for Valtronics {
         &self,
         parser: &mut Parser,
         raw: &[u8],
+        _acting_as: Option<&str>,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
         parser.decode_with(raw, &decode_value)
     }

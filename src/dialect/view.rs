@@ -101,7 +101,9 @@ impl TimeView {
         let zoned = ts.to_zoned_datetime(self.zone.clone());
         let text = match self.format {
             DateFormat::Iso => zoned.strftime("%Y-%m-%dT%H:%M:%S%.3f%:z").to_string(),
-            _ => zoned.strftime("%a, %b %-d, %Y, %-I:%M:%S %p %Z").to_string(),
+            _ => zoned
+                .strftime("%a, %b %-d, %Y, %-I:%M:%S %p %Z")
+                .to_string(),
         };
         crate::json::write_str(o, &text);
     }
@@ -121,7 +123,10 @@ mod tests {
     fn formats_follow_the_zone_and_daylight_saving() {
         // 2022-01-01T00:00:00Z and 2022-07-01T00:00:00Z.
         let (winter, summer) = (1_640_995_200_000, 1_656_633_600_000);
-        assert_eq!(shown(DateFormat::Unix, "America/New_York", winter + 999), "1640995200");
+        assert_eq!(
+            shown(DateFormat::Unix, "America/New_York", winter + 999),
+            "1640995200"
+        );
         assert_eq!(
             shown(DateFormat::Iso, "America/New_York", winter),
             "\"2021-12-31T19:00:00.000-05:00\""
