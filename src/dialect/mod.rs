@@ -10,6 +10,8 @@
 //! paths in [`ENDPOINTS`] (which `crate::wire::handshake::Endpoint::classify` reads).
 
 pub mod native;
+pub mod telematics;
+pub mod tracking;
 pub mod valtronics;
 pub mod view;
 
@@ -25,11 +27,18 @@ pub struct DialectId(pub u8);
 
 pub const NATIVE: DialectId = DialectId(0);
 pub const VALTRONICS: DialectId = DialectId(1);
+pub const TELEMATICS: DialectId = DialectId(2);
+pub const TRACKING: DialectId = DialectId(3);
 /// Number of dialects.
-pub const COUNT: usize = 2;
+pub const COUNT: usize = 4;
 
 /// Every dialect, by [`DialectId`].
-pub static CODECS: [&(dyn Codec + Sync); COUNT] = [&native::Native, &valtronics::Valtronics];
+pub static CODECS: [&(dyn Codec + Sync); COUNT] = [
+    &native::Native,
+    &valtronics::Valtronics,
+    &telematics::Telematics,
+    &tracking::Tracking,
+];
 
 pub fn codec(d: DialectId) -> &'static dyn Codec {
     CODECS[d.0 as usize]
@@ -46,6 +55,8 @@ pub const ENDPOINTS: &[(&str, DialectId, Option<Channel>)] = &[
     // `system` means the node for admins and their own fleet for everyone else
     // (`Codec::channel_for_role`).
     ("/ws/system", VALTRONICS, Some(Channel::System)),
+    ("/realtime/api/v1/ws/realtime", TELEMATICS, None),
+    ("/v1/track", TRACKING, None),
 ];
 
 /// The endpoint of a dialect's streaming path (a trailing `/` is ignored).
