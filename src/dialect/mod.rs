@@ -76,6 +76,9 @@ pub fn endpoint(path: &str) -> Option<crate::wire::handshake::Endpoint> {
 pub enum Heartbeat {
     /// A WebSocket ping frame; any frame from the client counts as an answer.
     WsPing,
+    /// A JSON message (Telematics `{type:"ping"}`), answered with the dialect's pong;
+    /// here too any frame from the client counts.
+    Json,
 }
 
 pub trait Codec: Sync {
