@@ -1016,6 +1016,33 @@ impl Session {
         req: SubscribeRequest,
         limits: &Limits,
     ) -> Result<(), ProtoError> {
+        // A channel the dialect shows as part of this one is (un)subscribed alongside.
+        let twin = match req.action {
+            SubAction::Request => None,
+            action => self
+                .codec
+                .companion(req.channel)
+                .map(|channel| SubscribeRequest {
+                    action,
+                    channel,
+                    filters: req.filters.clone(),
+                    since: None,
+                }),
+        };
+        self.handle_subscribe_one(now, id, req, limits)?;
+        match twin {
+            Some(t) => self.handle_subscribe_one(now, id, t, limits),
+            None => Ok(()),
+        }
+    }
+
+    fn handle_subscribe_one(
+        &mut self,
+        now: Now,
+        id: Option<&[u8]>,
+        req: SubscribeRequest,
+        limits: &Limits,
+    ) -> Result<(), ProtoError> {
         let role = self.principal.as_ref().expect("authenticated").role;
         let channel = self.codec.channel_for_role(req.channel, role);
         if req.action != SubAction::Unsubscribe && !role.may_subscribe(channel) {

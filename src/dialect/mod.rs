@@ -117,6 +117,12 @@ pub trait Codec: Sync {
         Heartbeat::WsPing
     }
 
+    /// A channel a subscription to `channel` also covers, silently (Valtronics shows
+    /// positions as telemetry, so its `telemetry` also subscribes `vehicle_locations`).
+    fn companion(&self, _channel: Channel) -> Option<Channel> {
+        None
+    }
+
     /// Whether a subscription to a state channel starts with the last known value of each
     /// entity (a snapshot). Telematics data is live only, as its API says.
     fn snapshot_on_subscribe(&self) -> bool {
