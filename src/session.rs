@@ -1217,18 +1217,21 @@ impl Session {
         let vehicle = p.keys.vehicle.as_deref();
         let mut bind_check = crate::event::BindCheck::default();
         if principal.role == Role::Device {
-            // Every id the store or routing uses must be within the device's scope.
+            // Every id the store or routing uses must be within the device's scope: its
+            // vehicles, or itself when its user id is the vehicle it acts as (a Tracking
+            // driver whose token names only its user).
+            let own = |v: &str| {
+                principal.may_act_for_vehicle(v)
+                    || (self.acting_as.as_deref() == Some(v) && &*principal.user_id == v)
+            };
             // A dialect whose id is `device_id` hears its own field name.
-            if p.device_id
-                .as_deref()
-                .is_some_and(|d| !principal.may_act_for_vehicle(d))
-            {
+            if p.device_id.as_deref().is_some_and(|d| !own(d)) {
                 return Err(ProtoError::forbidden(
                     "device_id",
                     "device may only publish for its own vehicle",
                 ));
             }
-            if !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v)) {
+            if !vehicle.is_some_and(own) {
                 return Err(ProtoError::forbidden(
                     "vehicle_id",
                     "device may only publish for its own vehicle",
