@@ -331,4 +331,80 @@ mod tests {
         }
         assert_eq!(decode("{nope").unwrap_err().code, 400);
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{Value as J, json};
+
+        fn arb_value() -> impl Strategy<Value = J> {
+            prop_oneof![
+                3 => prop::sample::select(vec![
+                    "unix", "iso", "localized", "metric", "imperial", "UTC",
+                    "America/New_York", "Europe/Berlin", "Mars/Base", "k", "a.b.c",
+                ]).prop_map(|s| json!(s)),
+                2 => "[a-zA-Z0-9/_\\-\"\\\\é.]{0,16}".prop_map(J::String),
+                1 => any::<i64>().prop_map(|n| json!(n)),
+                1 => any::<bool>().prop_map(J::Bool),
+                1 => Just(J::Null),
+                1 => Just(json!([1, "a"])),
+                1 => Just(json!({"x": 1})),
+            ]
+        }
+
+        fn arb_message() -> impl Strategy<Value = String> {
+            let names = prop::sample::select(vec![
+                "type",
+                "access_token",
+                "instance_id",
+                "client_id",
+                "device_token",
+                "units",
+                "timezone",
+                "date_format",
+                "timestamp",
+                "id",
+            ]);
+            let ty = prop::sample::select(vec!["authenticate", "pong", "ping", "subscribe"]);
+            (ty, prop::collection::vec((names, arb_value()), 0..9)).prop_map(|(ty, kv)| {
+                let mut m = serde_json::Map::new();
+                m.insert("type".into(), json!(ty));
+                for (k, v) in kv {
+                    m.insert(k.to_string(), v);
+                }
+                J::Object(m).to_string()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any message or bytes decode without panic; a refusal is a 400 that encodes
+            /// to one JSON error frame, and an accepted `authenticate` subscribes.
+            #[test]
+            fn decoding_anything(msg in prop_oneof![
+                arb_message(),
+                prop::collection::vec(any::<u8>(), 0..120)
+                    .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ]) {
+                match decode(&msg) {
+                    Err(e) => {
+                        prop_assert_eq!(e.code, 400);
+                        let f = Telematics
+                            .encode_reply(&Reply::Error { id: None, error: e }, "t")
+                            .unwrap();
+                        let hl = if f[1] & 0x7f == 126 { 4 } else { 2 };
+                        let v: J = serde_json::from_slice(&f[hl..]).expect("JSON");
+                        prop_assert_eq!(&v["type"], "error");
+                    }
+                    Ok(Command::Auth(a)) => {
+                        prop_assert!(a.fleet_id.is_some() && a.time.is_some());
+                        prop_assert_eq!(a.then_subscribe.len(), 1);
+                    }
+                    Ok(Command::Ack | Command::Ping) => {}
+                    Ok(other) => prop_assert!(false, "{:?}", other),
+                }
+            }
+        }
+    }
 }
