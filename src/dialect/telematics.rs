@@ -243,6 +243,12 @@ fn decode_auth(v: &Value<'_>) -> Result<AuthRequest, ProtoError> {
         )
     })?;
     let device = text("device_token")?;
+    if device.as_deref() == Some("") {
+        return Err(ProtoError::field(
+            "device_token",
+            "device_token must name a device (or be null for the whole instance)",
+        ));
+    }
     let mut filters = Filters::default();
     if let Some(d) = &device {
         filters.vehicles.push(d.as_str().into());

@@ -26,4 +26,5 @@ mod slow_consumer;
 mod smoke;
 mod snapshot;
 mod subscribe;
+mod telematics;
 mod tracking;
