@@ -109,6 +109,8 @@ pub struct NodeAdmission {
     limits: Limits,
     open: AtomicUsize,
     users: Mutex<HashMap<String, usize>>,
+    /// Authenticated connections per tenant.
+    tenants: Mutex<HashMap<Arc<str>, usize>>,
     user_rate: Mutex<Pruned<String, Window>>,
     ip_rate: Mutex<Pruned<IpAddr, Window>>,
     /// Per-user token buckets; an entry no session holds and that is full again is the
@@ -125,6 +127,7 @@ impl NodeAdmission {
             limits,
             open: AtomicUsize::new(0),
             users: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(HashMap::new()),
             user_rate: Mutex::new(Pruned::default()),
             ip_rate: Mutex::new(Pruned::default()),
             buckets: Mutex::new(Pruned::default()),
@@ -227,6 +230,11 @@ impl NodeAdmission {
         if n >= l.max_connections_per_user {
             return Err(Limit::ConnectionsPerUser);
         }
+        let mut tenants = self.tenants.lock();
+        let in_tenant = tenants.get(&p.tenant).copied().unwrap_or(0);
+        if in_tenant >= self.limits.max_connections_per_tenant {
+            return Err(Limit::ConnectionsPerTenant);
+        }
         if !try_count(
             &mut self.user_rate.lock(),
             key.clone(),
@@ -236,6 +244,7 @@ impl NodeAdmission {
             return Err(Limit::NewConnectionsPerUser);
         }
         users.insert(key, n + 1);
+        tenants.insert(p.tenant.clone(), in_tenant + 1);
         Ok(())
     }
 
@@ -247,6 +256,13 @@ impl NodeAdmission {
             *n -= 1;
             if *n == 0 {
                 users.remove(&key);
+            }
+        }
+        let mut tenants = self.tenants.lock();
+        if let Some(n) = tenants.get_mut(&p.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                tenants.remove(&p.tenant);
             }
         }
     }
@@ -308,5 +324,23 @@ mod tests {
         a.release_user(&u);
         assert_eq!(a.admit_user(&u, t0), Err(Limit::NewConnectionsPerUser));
         a.admit_user(&u, t0 + WINDOW).unwrap();
+    }
+
+    #[test]
+    fn tenant_cap_counts_every_user_of_the_tenant() {
+        let a = NodeAdmission::new(Limits {
+            max_connections_per_tenant: 2,
+            ..Limits::default()
+        });
+        let t0 = Instant::now();
+        let (u1, u2) = (principal("u1", Role::Viewer), principal("u2", Role::Device));
+        a.admit_user(&u1, t0).unwrap();
+        a.admit_user(&u2, t0).unwrap();
+        assert_eq!(a.admit_user(&u1, t0), Err(Limit::ConnectionsPerTenant));
+        let mut other = principal("u3", Role::Viewer);
+        other.tenant = "other".into();
+        a.admit_user(&other, t0).unwrap();
+        a.release_user(&u2);
+        a.admit_user(&u1, t0).unwrap();
     }
 }

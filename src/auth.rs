@@ -140,6 +140,14 @@ pub struct Authenticator {
     require_exp: bool,
 }
 
+impl Authenticator {
+    /// Whether `tenant` is a fleet this node knows: one an API key is configured for.
+    /// (A token may name any fleet; one that names `tenant` is checked before this.)
+    pub fn knows_tenant(&self, tenant: &str) -> bool {
+        self.api_keys.values().any(|p| &*p.tenant == tenant)
+    }
+}
+
 fn key_digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }

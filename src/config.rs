@@ -193,6 +193,8 @@ pub struct Limits {
     pub max_connections_per_user: usize,
     /// Open WebSocket connections per node.
     pub max_connections: usize,
+    /// Open authenticated connections per tenant (fleet, company, instance).
+    pub max_connections_per_tenant: usize,
     /// New connections per minute per user.
     pub new_connections_per_minute_per_user: u32,
     /// New connections per minute per client IP address.
@@ -283,6 +285,7 @@ impl Default for Limits {
             abuse_close_after_ms: 3_000,
             max_connections_per_user: 100,
             max_connections: 1_000,
+            max_connections_per_tenant: 100_000,
             new_connections_per_minute_per_user: 10,
             new_connections_per_minute_per_ip: 10,
             location_update_interval_ms: 1_000,
@@ -592,6 +595,11 @@ impl Config {
             1,
         );
         p.at_least("limits.max_connections", n(l.max_connections), 1);
+        p.at_least(
+            "limits.max_connections_per_tenant",
+            n(l.max_connections_per_tenant),
+            1,
+        );
         p.at_least(
             "limits.new_connections_per_minute_per_user",
             l.new_connections_per_minute_per_user.into(),

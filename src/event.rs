@@ -1,6 +1,7 @@
 //! A published event, encoded once and shared by every subscriber (SPEC §1 "encode once").
 
 use crate::dialect::native::{self, EventHead};
+use crate::dialect::view::View;
 use crate::dialect::{self, DialectId};
 use crate::model::{Channel, EntityKeys};
 use crate::wire::frame;
@@ -188,8 +189,20 @@ impl Event {
     /// A frame in dialect `d` for a subscriber that asked for only some telemetry metrics
     /// (the shard builds it once per event and distinct metric list).
     pub fn projected_frame(&self, d: DialectId, metrics: &[Box<str>]) -> Option<Vec<u8>> {
+        self.view_frame(
+            d,
+            &View {
+                metrics: Some(metrics.into()),
+                time: None,
+            },
+        )
+    }
+
+    /// A frame in dialect `d` as `view` shows it (the shard builds it once per event and
+    /// distinct view, and shares it).
+    pub fn view_frame(&self, d: DialectId, view: &View) -> Option<Vec<u8>> {
         dialect::codec(d)
-            .encode_projected(self, metrics)
+            .encode_projected(self, view)
             .map(|json| frame::text_frame(&json))
     }
 }

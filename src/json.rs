@@ -40,6 +40,21 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// A finite number in its shortest form that reads back to the same value (`36`, `7.85`);
+/// `null` for NaN and infinities, which JSON cannot hold.
+pub fn write_f64(out: &mut Vec<u8>, v: f64) {
+    use std::io::Write;
+    if v.is_finite() {
+        let _ = write!(out, "{v}");
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+pub fn write_i64(out: &mut Vec<u8>, n: i64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 pub fn write_u64(out: &mut Vec<u8>, n: u64) {
     let mut b = itoa::Buffer::new();
     out.extend_from_slice(b.format(n).as_bytes());

@@ -26,10 +26,12 @@ pub enum Limit {
     FutureTimestamp,
     PendingConnections,
     PendingConnectionsPerIp,
+    ConnectionsPerTenant,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 22] = [
+    pub const ALL: [Limit; 23] = [
+        Limit::ConnectionsPerTenant,
         Limit::RequestRate,
         Limit::PublishRate,
         Limit::FutureTimestamp,
@@ -67,6 +69,7 @@ impl Limit {
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::HandshakeSize => "handshake_size",
             Limit::ConnectionsPerUser => "connections_per_user",
+            Limit::ConnectionsPerTenant => "connections_per_tenant",
             Limit::ConnectionsPerNode => "connections_per_node",
             Limit::NewConnectionsPerUser => "new_connections_per_user",
             Limit::NewConnectionsPerIp => "new_connections_per_ip",
@@ -98,6 +101,7 @@ impl Limit {
     pub fn message(self) -> &'static str {
         match self {
             Limit::ConnectionsPerUser => "too many connections for this user",
+            Limit::ConnectionsPerTenant => "too many connections for this fleet (company)",
             Limit::ConnectionsPerNode => "too many connections on this node",
             Limit::NewConnectionsPerUser => "too many new connections for this user, retry later",
             Limit::NewConnectionsPerIp => "too many new connections from this address, retry later",

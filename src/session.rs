@@ -23,6 +23,7 @@ use crate::dialect::native::{
     self, AuthRequest, Command, Filters, Parser, ProtoError, PublishRequest, SubAction,
     SubscribeRequest,
 };
+use crate::dialect::view::{TimeView, View};
 use crate::event::{Event, Publication};
 use crate::json;
 use crate::metrics::Limit;
@@ -185,6 +186,10 @@ pub enum Reply {
         id: Option<Vec<u8>>,
         connection_id: Box<str>,
         principal: Principal,
+        /// The user the client named besides its credential (a Tracking driver's vehicle).
+        acting_as: Option<Box<str>>,
+        /// Fields of the auth request the dialect's reply repeats.
+        echo: Vec<(&'static str, Box<str>)>,
         limits: ReplyLimits,
     },
     AuthError {
@@ -277,10 +282,10 @@ pub enum Action {
         id: Option<Vec<u8>>,
     },
     Publish(Publication),
-    /// Deliver an update a subscription's `frequency` held back, projected to `metrics`.
+    /// Deliver an update a subscription's `frequency` held back, as `view` shows it.
     Deliver {
         event: Arc<Event>,
-        metrics: Option<Arc<[Box<str>]>>,
+        view: Option<Arc<View>>,
     },
     /// A limit was breached (counted in `/metrics`).
     Breach(Limit),
@@ -317,7 +322,8 @@ struct Subscription {
     severities: Vec<Box<str>>,
     categories: Vec<Box<str>>,
     status_types: Vec<Box<str>>,
-    metrics: Option<Arc<[Box<str>]>>,
+    /// How this subscription sees events, when not as the dialect's shared frame.
+    view: Option<Arc<View>>,
     fence: Option<Box<Fence>>,
 }
 
@@ -327,8 +333,8 @@ pub enum Verdict {
     Skip,
     /// The shared frame as is.
     Shared,
-    /// A frame projected to these telemetry metrics.
-    Projected(Arc<[Box<str>]>),
+    /// The frame as this view shows it (shared by the subscribers with an equal view).
+    Projected(Arc<View>),
     /// Held by the subscription's `frequency` until this time (a newer update of the same
     /// entity replaces it): the shard makes sure the connection's timer fires by then.
     Held(Instant),
@@ -369,7 +375,43 @@ pub struct Session {
     publish_bucket: Option<Arc<PublishBucket>>,
     /// The earliest time a throttled subscription has a held update due.
     flush_at: Option<Instant>,
+    /// How this connection's dialect writes timestamps (Telematics `date_format`).
+    time: Option<Arc<TimeView>>,
+    /// The user the client authenticated as, when its dialect names one besides the
+    /// credential (a Tracking driver: its vehicle).
+    acting_as: Option<Box<str>>,
+    /// Fields the dialect's auth reply repeats.
+    echo: Vec<(&'static str, Box<str>)>,
     actions: VecDeque<Action>,
+}
+
+/// Whether credential `p` may act as the user a dialect names besides it (a Tracking
+/// `user_id` and `role`): a device for one of its vehicles (a driver's user_id is its
+/// vehicle); any other role for its own user, or a service or admin for any office user
+/// of its fleet.
+fn acting_for(p: &Principal, user: &str, role: Role) -> Result<(), ProtoError> {
+    let ok = match role {
+        Role::Device => {
+            p.role == Role::Device && (&*p.user_id == user || p.may_act_for_vehicle(user))
+        }
+        _ => {
+            p.role != Role::Device
+                && (&*p.user_id == user || matches!(p.role, Role::Service | Role::Admin))
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtoError::new(
+            401,
+            format!(
+                "credential of {} {:?} may not act as {} {user:?}",
+                p.role.name(),
+                p.user_id,
+                role.name()
+            ),
+        ))
+    }
 }
 
 impl Session {
@@ -413,6 +455,9 @@ impl Session {
             request_rate: limits.requests_per_second,
             publish_bucket: None,
             flush_at: None,
+            time: None,
+            acting_as: None,
+            echo: Vec::new(),
             actions: VecDeque::new(),
         };
         if s.principal.is_some() {
@@ -643,7 +688,7 @@ impl Session {
                         next = Some(next.map_or(now + every, |n| n.min(now + every)));
                         self.actions.push_back(Action::Deliver {
                             event,
-                            metrics: sub.metrics.clone(),
+                            view: sub.view.clone(),
                         });
                         true
                     }
@@ -709,8 +754,8 @@ impl Session {
                 }
             }
         }
-        match &sub.metrics {
-            Some(m) => Verdict::Projected(m.clone()),
+        match &sub.view {
+            Some(v) => Verdict::Projected(v.clone()),
             None => Verdict::Shared,
         }
     }
@@ -736,7 +781,9 @@ impl Session {
     }
 
     fn handle_text(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>, top_level: bool) {
-        let (id_range, cmd) = self.codec.decode(ctx.parser, raw);
+        let (id_range, cmd) = self
+            .codec
+            .decode(ctx.parser, raw, self.acting_as.as_deref());
         let id = id_range.map(|r| &raw[r]);
         let cmd = match cmd {
             Ok(c) => c,
@@ -832,6 +879,12 @@ impl Session {
                 };
             if tenant_ok {
                 Ok(p)
+            } else if a.fleet_must_exist
+                && a.fleet_id
+                    .as_deref()
+                    .is_some_and(|f| !ctx.auth.knows_tenant(f))
+            {
+                Err(ProtoError::new(404, "instance not found"))
             } else {
                 Err(ProtoError::new(
                     403,
@@ -839,6 +892,10 @@ impl Session {
                 ))
             }
         });
+        let principal = match (principal, &a.acting_as) {
+            (Ok(p), Some((user, role))) => acting_for(&p, user, *role).map(|()| p),
+            (other, _) => other,
+        };
         match (&self.state, principal) {
             (State::Active, Ok(p)) => {
                 let current = self.principal.as_ref().expect("active has a principal");
@@ -881,7 +938,21 @@ impl Session {
                 return Ok(());
             }
         }
+        if let Some((user, _)) = a.acting_as {
+            self.acting_as = Some(user.into());
+        }
+        if !a.echo.is_empty() {
+            self.echo = a.echo;
+        }
+        if let Some(t) = a.time {
+            self.time = Some(Arc::new(t));
+        }
         self.send_auth_success(now, id, ctx.limits);
+        for req in a.then_subscribe {
+            if let Err(e) = self.handle_subscribe(now, None, req, ctx.limits) {
+                self.send_error(now, id, &e);
+            }
+        }
         let preset = self.preset.take();
         for c in a.subscriptions.into_iter().chain(preset) {
             let req = SubscribeRequest {
@@ -903,6 +974,8 @@ impl Session {
             id: id.map(<[u8]>::to_vec),
             connection_id: self.conn_id.clone(),
             principal: p.clone(),
+            acting_as: self.acting_as.clone(),
+            echo: self.echo.clone(),
             limits: ReplyLimits {
                 max_message_bytes: limits.max_message_bytes,
                 max_subscriptions: limits.max_subscriptions,
@@ -937,6 +1010,33 @@ impl Session {
     }
 
     fn handle_subscribe(
+        &mut self,
+        now: Now,
+        id: Option<&[u8]>,
+        req: SubscribeRequest,
+        limits: &Limits,
+    ) -> Result<(), ProtoError> {
+        // A channel the dialect shows as part of this one is (un)subscribed alongside.
+        let twin = match req.action {
+            SubAction::Request => None,
+            action => self
+                .codec
+                .companion(req.channel)
+                .map(|channel| SubscribeRequest {
+                    action,
+                    channel,
+                    filters: req.filters.clone(),
+                    since: None,
+                }),
+        };
+        self.handle_subscribe_one(now, id, req, limits)?;
+        match twin {
+            Some(t) => self.handle_subscribe_one(now, id, t, limits),
+            None => Ok(()),
+        }
+    }
+
+    fn handle_subscribe_one(
         &mut self,
         now: Now,
         id: Option<&[u8]>,
@@ -1015,7 +1115,11 @@ impl Session {
                 sub.severities = f.severities.clone();
                 sub.categories = f.categories.clone();
                 sub.status_types = f.status_types.clone();
-                sub.metrics = (!f.metrics.is_empty()).then(|| f.metrics.clone().into());
+                let view = View {
+                    metrics: (!f.metrics.is_empty()).then(|| f.metrics.clone().into()),
+                    time: self.time.clone(),
+                };
+                sub.view = (!view.is_plain()).then(|| Arc::new(view));
                 // `frequency` thins state channels and the periodic figures (system,
                 // fleet_metrics); events (alerts) are never thinned.
                 let every = f
@@ -1040,7 +1144,11 @@ impl Session {
                 self.actions.push_back(Action::Subscribe {
                     channel,
                     added,
-                    snapshot: requested,
+                    snapshot: if self.codec.snapshot_on_subscribe() {
+                        requested
+                    } else {
+                        Selection::default()
+                    },
                     since: req.since,
                     reply,
                 });
@@ -1109,18 +1217,21 @@ impl Session {
         let vehicle = p.keys.vehicle.as_deref();
         let mut bind_check = crate::event::BindCheck::default();
         if principal.role == Role::Device {
-            // Every id the store or routing uses must be within the device's scope.
+            // Every id the store or routing uses must be within the device's scope: its
+            // vehicles, or itself when its user id is the vehicle it acts as (a Tracking
+            // driver whose token names only its user).
+            let own = |v: &str| {
+                principal.may_act_for_vehicle(v)
+                    || (self.acting_as.as_deref() == Some(v) && &*principal.user_id == v)
+            };
             // A dialect whose id is `device_id` hears its own field name.
-            if p.device_id
-                .as_deref()
-                .is_some_and(|d| !principal.may_act_for_vehicle(d))
-            {
+            if p.device_id.as_deref().is_some_and(|d| !own(d)) {
                 return Err(ProtoError::forbidden(
                     "device_id",
                     "device may only publish for its own vehicle",
                 ));
             }
-            if !vehicle.is_some_and(|v| principal.may_act_for_vehicle(v)) {
+            if !vehicle.is_some_and(own) {
                 return Err(ProtoError::forbidden(
                     "vehicle_id",
                     "device may only publish for its own vehicle",

@@ -10,7 +10,10 @@
 //! paths in [`ENDPOINTS`] (which `crate::wire::handshake::Endpoint::classify` reads).
 
 pub mod native;
+pub mod telematics;
+pub mod tracking;
 pub mod valtronics;
+pub mod view;
 
 use crate::event::Event;
 use crate::model::{Channel, Role};
@@ -24,11 +27,18 @@ pub struct DialectId(pub u8);
 
 pub const NATIVE: DialectId = DialectId(0);
 pub const VALTRONICS: DialectId = DialectId(1);
+pub const TELEMATICS: DialectId = DialectId(2);
+pub const TRACKING: DialectId = DialectId(3);
 /// Number of dialects.
-pub const COUNT: usize = 2;
+pub const COUNT: usize = 4;
 
 /// Every dialect, by [`DialectId`].
-pub static CODECS: [&(dyn Codec + Sync); COUNT] = [&native::Native, &valtronics::Valtronics];
+pub static CODECS: [&(dyn Codec + Sync); COUNT] = [
+    &native::Native,
+    &valtronics::Valtronics,
+    &telematics::Telematics,
+    &tracking::Tracking,
+];
 
 pub fn codec(d: DialectId) -> &'static dyn Codec {
     CODECS[d.0 as usize]
@@ -45,6 +55,8 @@ pub const ENDPOINTS: &[(&str, DialectId, Option<Channel>)] = &[
     // `system` means the node for admins and their own fleet for everyone else
     // (`Codec::channel_for_role`).
     ("/ws/system", VALTRONICS, Some(Channel::System)),
+    ("/realtime/api/v1/ws/realtime", TELEMATICS, None),
+    ("/v1/track", TRACKING, None),
 ];
 
 /// The endpoint of a dialect's streaming path (a trailing `/` is ignored).
@@ -64,6 +76,9 @@ pub fn endpoint(path: &str) -> Option<crate::wire::handshake::Endpoint> {
 pub enum Heartbeat {
     /// A WebSocket ping frame; any frame from the client counts as an answer.
     WsPing,
+    /// A JSON message (Telematics `{type:"ping"}`), answered with the dialect's pong;
+    /// here too any frame from the client counts.
+    Json,
 }
 
 pub trait Codec: Sync {
@@ -74,10 +89,13 @@ pub trait Codec: Sync {
 
     /// Decodes one client message (a complete text message): the raw range of its id (for
     /// the error that may answer it) and the command, or why it was refused.
+    /// `acting_as`: the user the connection authenticated as, when its dialect names one
+    /// (a Tracking driver publishes for its own vehicle without naming it).
     fn decode(
         &self,
         parser: &mut Parser,
         raw: &[u8],
+        acting_as: Option<&str>,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>);
 
     /// A complete frame for `reply` (`None`: this dialect sends nothing for it). `ts` is
@@ -88,7 +106,7 @@ pub trait Codec: Sync {
     fn encode_event(&self, ev: &Event) -> Option<Vec<u8>>;
 
     /// The JSON text of `ev` projected to the telemetry `metrics` (a subscription filter).
-    fn encode_projected(&self, ev: &Event, metrics: &[Box<str>]) -> Option<Vec<u8>>;
+    fn encode_projected(&self, ev: &Event, view: &view::View) -> Option<Vec<u8>>;
 
     /// The channel a subscription of `role` to `channel` means in this dialect.
     fn channel_for_role(&self, channel: Channel, _role: Role) -> Channel {
@@ -97,6 +115,18 @@ pub trait Codec: Sync {
 
     fn heartbeat(&self) -> Heartbeat {
         Heartbeat::WsPing
+    }
+
+    /// A channel a subscription to `channel` also covers, silently (Valtronics shows
+    /// positions as telemetry, so its `telemetry` also subscribes `vehicle_locations`).
+    fn companion(&self, _channel: Channel) -> Option<Channel> {
+        None
+    }
+
+    /// Whether a subscription to a state channel starts with the last known value of each
+    /// entity (a snapshot). Telematics data is live only, as its API says.
+    fn snapshot_on_subscribe(&self) -> bool {
+        true
     }
 
     /// Dev mode's ready-to-paste line for this dialect: where a client of `host` (e.g.

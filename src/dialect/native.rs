@@ -6,7 +6,7 @@
 
 use crate::event::{Alert, Canon, Event, Location, Metric};
 use crate::json::{self, array_elements};
-use crate::model::{Channel, EntityKeys};
+use crate::model::{Channel, EntityKeys, Role};
 use crate::session::Reply;
 use crate::wire::frame;
 use simd_json::BorrowedValue as Value;
@@ -32,6 +32,18 @@ pub struct AuthRequest {
     pub token: Option<String>,
     pub fleet_id: Option<String>,
     pub subscriptions: Vec<Channel>,
+    /// `fleet_id` must name a fleet the broker knows: another fleet's is 403, an unknown
+    /// one 404 (Telematics `instance_id`).
+    pub fleet_must_exist: bool,
+    /// The identity the client claims besides its credential (Tracking `user_id` and
+    /// `role`): the credential must be that user, or allowed to act for it.
+    pub acting_as: Option<(String, Role)>,
+    /// Subscriptions made once authenticated (Telematics: the instance, or one device).
+    pub then_subscribe: Vec<SubscribeRequest>,
+    /// Fields the dialect's auth reply repeats (Telematics `units`, `timezone`).
+    pub echo: Vec<(&'static str, Box<str>)>,
+    /// How the connection's events write timestamps (Telematics `date_format`).
+    pub time: Option<super::view::TimeView>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,14 +162,14 @@ pub const MAX_MEMBERS: usize = 256;
 
 /// A dialect's decoder of one parsed message: the raw text, its parsed value, and where
 /// each top-level member's raw value sits.
-pub type DecodeFn =
-    fn(&[u8], &Value<'_>, &dyn Fn(&str) -> Option<Range<usize>>) -> Result<Command, ProtoError>;
+pub type DecodeFn<'d> = dyn Fn(&[u8], &Value<'_>, &dyn Fn(&str) -> Option<Range<usize>>) -> Result<Command, ProtoError>
+    + 'd;
 
 impl Parser {
     /// Decodes one message. Returns the raw range of its `id` (for the reply) and the
     /// command or the reason it was refused.
     pub fn decode(&mut self, raw: &[u8]) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
-        self.decode_with(raw, decode_value)
+        self.decode_with(raw, &decode_value)
     }
 
     /// Parses `raw` and applies the checks every JSON dialect shares (an object, no
@@ -165,7 +177,7 @@ impl Parser {
     pub fn decode_with(
         &mut self,
         raw: &[u8],
-        decode: DecodeFn,
+        decode: &DecodeFn,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
         self.scratch.clear();
         self.scratch.extend_from_slice(raw);
@@ -305,6 +317,7 @@ fn decode_auth(p: &Value<'_>) -> Result<AuthRequest, ProtoError> {
         token: opt_string(p, "token")?,
         fleet_id: opt_string(p, "fleet_id")?,
         subscriptions,
+        ..AuthRequest::default()
     })
 }
 
@@ -886,6 +899,7 @@ impl super::Codec for Native {
         &self,
         parser: &mut Parser,
         raw: &[u8],
+        _acting_as: Option<&str>,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
         parser.decode(raw)
     }
@@ -900,6 +914,7 @@ impl super::Codec for Native {
                 connection_id,
                 principal: p,
                 limits,
+                ..
             } => self::reply("auth_success", raw(id), ts, |o| {
                 o.extend_from_slice(b"{\"connection_id\":");
                 json::write_str(o, connection_id);
@@ -996,7 +1011,11 @@ impl super::Codec for Native {
         Some(ev.json().to_vec())
     }
 
-    fn encode_projected(&self, ev: &Event, metrics: &[Box<str>]) -> Option<Vec<u8>> {
+    fn encode_projected(&self, ev: &Event, view: &super::view::View) -> Option<Vec<u8>> {
+        // The native dialect shows the publisher's own timestamps: only `metrics` applies.
+        let Some(metrics) = view.metrics.as_deref() else {
+            return self.encode_event(ev);
+        };
         let json = ev.json();
         let (ps, pe) = ev.payload_range_in_json();
         let mut out = Vec::with_capacity(json.len());

@@ -17,7 +17,7 @@ use super::native::{
     SubscribeRequest,
 };
 use super::{Codec, DialectId, VALTRONICS};
-use crate::event::{Alert, Canon, Event};
+use crate::event::{Alert, Canon, Event, Location, Metric};
 use crate::json;
 use crate::model::{Channel, EntityKeys, Role};
 use crate::session::Reply;
@@ -72,8 +72,9 @@ impl Codec for Valtronics {
         &self,
         parser: &mut Parser,
         raw: &[u8],
+        _acting_as: Option<&str>,
     ) -> (Option<Range<usize>>, Result<Command, ProtoError>) {
-        parser.decode_with(raw, decode_value)
+        parser.decode_with(raw, &decode_value)
     }
 
     fn encode_reply(&self, reply: &Reply, ts: &str) -> Option<Vec<u8>> {
@@ -145,6 +146,10 @@ impl Codec for Valtronics {
                 channel,
                 filters,
             } => {
+                // Positions ride along with `telemetry` (`Codec::companion`): one answer.
+                if *channel == Channel::VehicleLocations {
+                    return None;
+                }
                 o.extend_from_slice(if matches!(reply, Reply::Subscribed { .. }) {
                     b"{\"type\":\"subscribed\",\"channel\":"
                 } else {
@@ -196,6 +201,10 @@ impl Codec for Valtronics {
         encode(ev, None)
     }
 
+    fn companion(&self, channel: Channel) -> Option<Channel> {
+        (channel == Channel::Telemetry).then_some(Channel::VehicleLocations)
+    }
+
     fn channel_for_role(&self, channel: Channel, role: Role) -> Channel {
         match channel {
             Channel::System => channel_for("system", Some(role)).unwrap_or(channel),
@@ -203,8 +212,8 @@ impl Codec for Valtronics {
         }
     }
 
-    fn encode_projected(&self, ev: &Event, metrics: &[Box<str>]) -> Option<Vec<u8>> {
-        encode(ev, Some(metrics))
+    fn encode_projected(&self, ev: &Event, view: &super::view::View) -> Option<Vec<u8>> {
+        encode(ev, view.metrics.as_deref())
     }
 }
 
@@ -222,6 +231,19 @@ fn write_entity(o: &mut Vec<u8>, id: &str) {
     }
 }
 
+/// `"name":{"value":..,"unit":..,"timestamp":..}`.
+fn write_metric(o: &mut Vec<u8>, m: &Metric, timestamp: &str) {
+    json::write_key(o, &m.name);
+    o.extend_from_slice(b"{\"value\":");
+    o.extend_from_slice(m.value.as_bytes());
+    o.extend_from_slice(b",\"unit\":");
+    // The publisher's unit, or `telemetry.units`' (filled in by the store).
+    json::write_str(o, m.unit.as_deref().unwrap_or(""));
+    o.extend_from_slice(b",\"timestamp\":");
+    json::write_str(o, timestamp);
+    o.push(b'}');
+}
+
 fn encode(ev: &Event, only: Option<&[Box<str>]>) -> Option<Vec<u8>> {
     let wanted = |name: &str| only.is_none_or(|l| l.iter().any(|m| &**m == name));
     let mut o = Vec::with_capacity(ev.frame.len() + 64);
@@ -233,7 +255,51 @@ fn encode(ev: &Event, only: Option<&[Box<str>]>) -> Option<Vec<u8>> {
         }
     };
     match ev.channel {
-        // Valtronics has no location channel: a location update is not shown.
+        // A position is telemetry to Valtronics: its coordinates, speed and heading as
+        // metrics, then any other telemetry it carried.
+        Channel::VehicleLocations => {
+            let loc = ev.canon.location?;
+            o.extend_from_slice(b"{\"type\":\"telemetry_update\",\"channel\":\"telemetry\"");
+            write_device(&mut o);
+            o.extend_from_slice(b",\"telemetry\":{");
+            let values = [
+                Some(loc.lat),
+                Some(loc.lon),
+                loc.speed_kmh,
+                loc.heading,
+                loc.accuracy_m,
+                loc.altitude_m,
+            ];
+            let mut first = true;
+            for ((name, unit), v) in LOCATION_METRICS.iter().zip(values) {
+                let Some(v) = v.filter(|_| wanted(name)) else {
+                    continue;
+                };
+                if !first {
+                    o.push(b',');
+                }
+                first = false;
+                json::write_key(&mut o, name);
+                o.extend_from_slice(b"{\"value\":");
+                json::write_f64(&mut o, v);
+                o.extend_from_slice(b",\"unit\":");
+                json::write_str(&mut o, unit);
+                o.extend_from_slice(b",\"timestamp\":");
+                json::write_str(&mut o, &ev.timestamp);
+                o.push(b'}');
+            }
+            let others = ev.canon.metrics.iter().filter(|m| {
+                wanted(&m.name) && !LOCATION_METRICS.iter().any(|(n, _)| *n == &*m.name)
+            });
+            for m in others {
+                if !first {
+                    o.push(b',');
+                }
+                first = false;
+                write_metric(&mut o, m, &ev.timestamp);
+            }
+            o.push(b'}');
+        }
         Channel::Telemetry if !ev.canon.metrics.is_empty() => {
             o.extend_from_slice(b"{\"type\":\"telemetry_update\",\"channel\":\"telemetry\"");
             write_device(&mut o);
@@ -244,15 +310,7 @@ fn encode(ev: &Event, only: Option<&[Box<str>]>) -> Option<Vec<u8>> {
                     o.push(b',');
                 }
                 first = false;
-                json::write_key(&mut o, &m.name);
-                o.extend_from_slice(b"{\"value\":");
-                o.extend_from_slice(m.value.as_bytes());
-                o.extend_from_slice(b",\"unit\":");
-                // The publisher's unit, or `telemetry.units`' (filled in by the store).
-                json::write_str(&mut o, m.unit.as_deref().unwrap_or(""));
-                o.extend_from_slice(b",\"timestamp\":");
-                json::write_str(&mut o, &ev.timestamp);
-                o.push(b'}');
+                write_metric(&mut o, m, &ev.timestamp);
             }
             o.push(b'}');
         }
@@ -412,6 +470,77 @@ fn decode_value(
     }
 }
 
+/// The metrics Valtronics shows for a position, with their units, in this order.
+const LOCATION_METRICS: [(&str, &str); 6] = [
+    ("latitude", "°"),
+    ("longitude", "°"),
+    ("speed", "km/h"),
+    ("heading", "°"),
+    ("accuracy", "m"),
+    ("altitude", "m"),
+];
+
+/// A position among telemetry metrics: `latitude` and `longitude` (in range), with
+/// `speed` (km/h), `heading`, `accuracy` and `altitude` when given.
+fn location_of(metrics: &[Metric]) -> Result<Option<Location>, ProtoError> {
+    let num = |name: &'static str| -> Result<Option<f64>, ProtoError> {
+        match metrics.iter().find(|m| &*m.name == name) {
+            None => Ok(None),
+            Some(m) => m
+                .value
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .map(Some)
+                .ok_or_else(|| ProtoError::field(name, format!("{name} must be a number"))),
+        }
+    };
+    let (Some(lat), Some(lon)) = (num("latitude")?, num("longitude")?) else {
+        return Ok(None);
+    };
+    if !(-90.0..=90.0).contains(&lat) {
+        return Err(ProtoError::field(
+            "latitude",
+            "latitude must be within -90..90",
+        ));
+    }
+    if !(-180.0..=180.0).contains(&lon) {
+        return Err(ProtoError::field(
+            "longitude",
+            "longitude must be within -180..180",
+        ));
+    }
+    Ok(Some(Location {
+        lat,
+        lon,
+        speed_kmh: num("speed")?,
+        heading: num("heading")?,
+        accuracy_m: num("accuracy")?,
+        altitude_m: num("altitude")?,
+    }))
+}
+
+/// `,"location":{...}` of the native payload made from a Valtronics position.
+fn write_native_location(p: &mut Vec<u8>, loc: &Location) {
+    p.extend_from_slice(b",\"location\":{\"latitude\":");
+    json::write_f64(p, loc.lat);
+    p.extend_from_slice(b",\"longitude\":");
+    json::write_f64(p, loc.lon);
+    for (name, v) in [
+        ("speed", loc.speed_kmh),
+        ("heading", loc.heading),
+        ("accuracy", loc.accuracy_m),
+        ("altitude", loc.altitude_m),
+    ] {
+        if let Some(v) = v {
+            p.push(b',');
+            json::write_key(p, name);
+            json::write_f64(p, v);
+        }
+    }
+    p.push(b'}');
+}
+
 fn merge(into: &mut Filters, more: Filters) {
     into.vehicles.extend(more.vehicles);
     into.trips.extend(more.trips);
@@ -427,7 +556,7 @@ fn merge(into: &mut Filters, more: Filters) {
 /// them (native subscribers get the native shape of the same event).
 fn decode_publish(
     raw: &[u8],
-    channel: Channel,
+    mut channel: Channel,
     v: &Value<'_>,
     range_of: &dyn Fn(&str) -> Option<Range<usize>>,
 ) -> Result<Command, ProtoError> {
@@ -458,6 +587,12 @@ fn decode_publish(
             canon.metrics = native::metrics_of(t, &[]);
             if canon.metrics.is_empty() {
                 return Err(ProtoError::field("telemetry", "no metric in telemetry"));
+            }
+            // Telemetry with a position is a position (and reaches every dialect as one).
+            if let Some(loc) = location_of(&canon.metrics)? {
+                canon.location = Some(loc);
+                channel = Channel::VehicleLocations;
+                write_native_location(&mut p, &loc);
             }
             p.extend_from_slice(b",\"telemetry\":{");
             for (i, m) in canon.metrics.iter().enumerate() {

@@ -19,6 +19,7 @@ pub mod shared;
 pub mod snapshot;
 
 use crate::dialect::native::{self, Parser, ProtoError};
+use crate::dialect::view::View;
 use crate::dialect::{self, DialectId};
 use crate::event::{Event, Publication};
 use crate::hub::TenantHub;
@@ -144,9 +145,9 @@ fn now() -> Now {
     }
 }
 
-/// Frames projected for some subscribers, by dialect and metric list (`None`: that
+/// Frames projected for some subscribers, by dialect and view (`None`: that
 /// dialect does not show the event).
-type Projections = HashMap<(DialectId, Arc<[Box<str>]>), Option<Arc<[u8]>>>;
+type Projections = HashMap<(DialectId, Arc<View>), Option<Arc<[u8]>>>;
 
 impl Shard {
     pub fn new(
@@ -763,7 +764,7 @@ impl Shard {
                     id,
                 } => self.snapshot_reply(slot, channel, &selection, id.as_deref(), now),
                 Action::Publish(p) => self.publish(slot, p, now),
-                Action::Deliver { event, metrics } => self.deliver_held(slot, event, metrics),
+                Action::Deliver { event, view } => self.deliver_held(slot, event, view),
                 Action::Breach(limit) => {
                     self.stats().breach(limit);
                     if limit == Limit::MessageRate {
@@ -832,8 +833,8 @@ impl Shard {
             match session.verdict(&ev, mono) {
                 Verdict::Skip | Verdict::Held(_) => {}
                 Verdict::Shared => conn.out.push_shared(ev),
-                Verdict::Projected(m) => {
-                    if let Some(f) = ev.projected_frame(d, &m) {
+                Verdict::Projected(v) => {
+                    if let Some(f) = ev.view_frame(d, &v) {
                         conn.out.push_owned(f)
                     }
                 }
@@ -844,8 +845,8 @@ impl Shard {
             .filter_map(|ev| match session.verdict(&ev, mono) {
                 Verdict::Skip | Verdict::Held(_) => None,
                 Verdict::Shared => ev.frame_in(d).is_some().then_some((ev, None)),
-                Verdict::Projected(m) => {
-                    let f = ev.projected_frame(d, &m)?;
+                Verdict::Projected(v) => {
+                    let f = ev.view_frame(d, &v)?;
                     Some((ev, Some(f)))
                 }
             })
@@ -950,19 +951,19 @@ impl Shard {
     }
 
     /// Queues an update a subscription's `frequency` held back (its interval has passed).
-    fn deliver_held(&mut self, slot: usize, ev: Arc<Event>, metrics: Option<Arc<[Box<str>]>>) {
+    fn deliver_held(&mut self, slot: usize, ev: Arc<Event>, view: Option<Arc<View>>) {
         let Some(conn) = self.conns.get_mut(slot).filter(|c| c.is_open()) else {
             return;
         };
         let d = conn.out.dialect();
-        match metrics {
+        match view {
             None if ev.frame_in(d).is_some() => {
                 let soft = self.shared.config.limits.soft_outbound_bytes;
                 let conflated = conn.out.push_event(ev, soft);
                 self.stats().drop(StatDrop::Conflated, conflated as u64);
             }
             None => return,
-            Some(m) => match ev.projected_frame(d, &m) {
+            Some(v) => match ev.view_frame(d, &v) {
                 Some(f) => conn.out.push_owned(f),
                 None => return,
             },
@@ -1263,7 +1264,7 @@ impl Shard {
                     Verdict::Projected(m) => {
                         let frame = projections
                             .entry((d, m))
-                            .or_insert_with_key(|(d, m)| ev.projected_frame(*d, m).map(Arc::from));
+                            .or_insert_with_key(|(d, v)| ev.view_frame(*d, v).map(Arc::from));
                         let Some(frame) = frame else {
                             return;
                         };

@@ -1033,3 +1033,721 @@ fn valtronics_py_client_gets_filtered_telemetry_and_alerts() {
         "device 1 went offline: {status:?}"
     );
 }
+
+// ---------------------------------------------------------------- Telematics SDK
+
+const TELEMATICS: &str = "telematics-sdk-realtime-api.txt";
+/// Two instants, published as the positions' own `timestamp`: one in winter (EST, -05:00 in
+/// America/New_York, the seed clients' time zone) and one in summer (EDT, -04:00), with
+/// milliseconds; and how the seed clients' `date_format: 'iso'` must show them.
+const WINTER: &str = "2024-01-15T17:30:45.123Z";
+const WINTER_NY: &str = "2024-01-15T12:30:45.123-05:00";
+const SUMMER: &str = "2024-07-04T16:00:00.250Z";
+const SUMMER_NY: &str = "2024-07-04T12:00:00.250-04:00";
+/// The native speed (km/h) of the published positions: the seed's example 7.85 m/s x 3.6.
+const TM_KMH: f64 = 28.26;
+
+/// A native `location_update` of `vehicle` (on trip `trip_<vehicle>`) stamped `timestamp`.
+fn tm_position(vehicle: &str, lat: f64, timestamp: &str) -> Value {
+    json!({"type": "location_update", "timestamp": timestamp, "payload": {
+        "vehicle_id": vehicle, "trip_id": format!("trip_{vehicle}"),
+        "location": {"latitude": lat, "longitude": -74.006, "speed": TM_KMH,
+                     "heading": 180.0, "accuracy": 5.0}}})
+}
+
+/// What the JS harness does with the snippet's `device_token: 'optional_device_token'`.
+#[derive(Clone, Copy)]
+enum TmDevice {
+    /// Left as published.
+    AsPublished,
+    /// `null` (instance mode; the value the seed's Python client sends).
+    Null,
+    /// This vehicle id (single-device mode).
+    Vehicle(&'static str),
+}
+
+/// The seed's JavaScript snippet (tests/seeds/telematics.js) against `broker`, with
+/// `token` as its access_token and fleet_001 as its instance.
+fn tm_js(node: &Path, seed: &Path, broker: &DevBroker, token: &str, device: TmDevice) -> Harness {
+    let mut cmd = Command::new(node);
+    cmd.arg("telematics.js")
+        .env("SEED_FILE", seed)
+        .env("SEED_BASE_URL", broker.ws_base())
+        .env("SEED_TOKEN", token)
+        .env("SEED_INSTANCE", FLEET);
+    match device {
+        TmDevice::AsPublished => {}
+        TmDevice::Null => {
+            cmd.env("SEED_DEVICE_TOKEN", "null");
+        }
+        TmDevice::Vehicle(v) => {
+            cmd.env("SEED_DEVICE_TOKEN", v);
+        }
+    }
+    Harness::spawn("telematics.js", cmd)
+}
+
+/// The seed's Python `create_websocket_connection(token, "fleet_001")`
+/// (tests/seeds/telematics.py), run as its usage example does.
+fn tm_py(python: &Path, seed: &Path, broker: &DevBroker, token: &str) -> Harness {
+    let mut cmd = Command::new(python);
+    cmd.arg("telematics.py")
+        .env("SEED_FILE", seed)
+        .env("SEED_BASE_URL", broker.ws_base())
+        .env("SEED_TOKEN", token)
+        .env("SEED_INSTANCE", FLEET);
+    Harness::spawn("telematics.py", cmd)
+}
+
+/// The server messages the client received, in order.
+fn tm_messages(events: &[Value]) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| is_ev(e, "message"))
+        .map(|e| &e["msg"])
+        .collect()
+}
+
+fn tm_subscribed(h: &mut Harness) {
+    h.wait_until(
+        "authenticated, welcome, subscribed",
+        Duration::from_secs(10),
+        |ev| ev.iter().any(|e| is_msg(e, "subscribed")),
+    );
+}
+
+/// The first three server messages: `authenticated`, `welcome` (the instance and the
+/// preferences the seed code sent) and `subscribed` to `topic`, in this order, and nothing
+/// before them. Returns the welcome.
+fn tm_check_handshake(events: &[Value], topic: &str, client_id_prefix: &str) -> Value {
+    let msgs = tm_messages(events);
+    let types: Vec<&str> = msgs
+        .iter()
+        .take(3)
+        .map(|m| m["type"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        types,
+        ["authenticated", "welcome", "subscribed"],
+        "the first server messages: {msgs:?}"
+    );
+    let auth = msgs[0];
+    if !auth["instance_id"].is_null() {
+        assert_eq!(auth["instance_id"], FLEET, "{auth}");
+    }
+    let welcome = msgs[1].clone();
+    assert!(
+        welcome["connection_id"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{welcome}"
+    );
+    assert!(
+        welcome["server_time"]
+            .as_str()
+            .is_some_and(|s| s.len() >= 20 && s.as_bytes()[10] == b'T'),
+        "server_time as RFC 3339: {welcome}"
+    );
+    assert_eq!(
+        (
+            &welcome["instance_id"],
+            &welcome["units"],
+            &welcome["timezone"],
+            &welcome["date_format"]
+        ),
+        (
+            &json!(FLEET),
+            &json!("metric"),
+            &json!("America/New_York"),
+            &json!("iso")
+        ),
+        "{welcome}"
+    );
+    assert!(
+        welcome["client_id"]
+            .as_str()
+            .is_some_and(|c| c.starts_with(client_id_prefix)),
+        "the client_id the seed sent ({client_id_prefix}...): {welcome}"
+    );
+    assert_eq!(msgs[2]["topic"], topic, "{}", msgs[2]);
+    welcome
+}
+
+/// The device_updates the client received.
+fn tm_updates(events: &[Value]) -> Vec<&Value> {
+    tm_messages(events)
+        .into_iter()
+        .filter(|m| m["type"] == "device_update")
+        .collect()
+}
+
+fn tm_update_of<'a>(events: &'a [Value], vehicle: &str) -> &'a Value {
+    tm_updates(events)
+        .into_iter()
+        .find(|u| u["device_token"] == vehicle)
+        .unwrap_or_else(|| panic!("no device_update of {vehicle}"))
+}
+
+fn tm_has_update(events: &[Value], vehicle: &str) -> bool {
+    tm_updates(events)
+        .iter()
+        .any(|u| u["device_token"] == vehicle)
+}
+
+/// A device_update of `tm_position(vehicle, lat, ..)`: the vehicle and its trip, the
+/// position with Speed in m/s (km/h / 3.6), Accuracy in metres and `timestamp` as shown.
+fn tm_check_update(u: &Value, vehicle: &str, lat: f64, timestamp: &str) {
+    assert_eq!(u["device_token"], vehicle, "{u}");
+    assert_eq!(u["track_token"], format!("trip_{vehicle}"), "{u}");
+    let p = &u["position"];
+    let num = |k: &str| {
+        p[k].as_f64()
+            .unwrap_or_else(|| panic!("position.{k} is not a number: {u}"))
+    };
+    assert_eq!(num("Latitude"), lat, "{u}");
+    assert_eq!(num("Longitude"), -74.006, "{u}");
+    assert!(
+        (num("Speed") - TM_KMH / 3.6).abs() < 1e-9,
+        "Speed in m/s ({} km/h / 3.6 = 7.85): {u}",
+        TM_KMH
+    );
+    assert_eq!(num("Accuracy"), 5.0, "{u}");
+    assert_eq!(num("Heading"), 180.0, "{u}");
+    assert_eq!(p["Timestamp"], timestamp, "{u}");
+}
+
+/// The snippet's own console output: its log lines for the handshake and for each update
+/// it got (`console.log('Device update:', data.device_token, data.position)`), and no
+/// console.error (a server error or a connection error).
+fn tm_check_js_console(events: &[Value], welcome: &Value, topic: &str) {
+    let logs: Vec<&Value> = events.iter().filter(|e| is_ev(e, "console")).collect();
+    let logged = |args: Value| {
+        logs.iter()
+            .any(|e| e["level"] == "log" && e["args"] == args)
+    };
+    for args in [
+        json!(["Authentication successful"]),
+        json!(["WebSocket Manager ready"]),
+        json!(["Connection ID:", welcome["connection_id"]]),
+        json!(["Server time:", welcome["server_time"]]),
+        json!(["Instance ID:", FLEET]),
+        json!(["Automatically subscribed to:", topic]),
+    ] {
+        assert!(
+            logged(args.clone()),
+            "the snippet did not log {args}: {logs:?}"
+        );
+    }
+    for u in tm_updates(events) {
+        let args = json!(["Device update:", u["device_token"], u["position"]]);
+        assert!(
+            logs.iter().any(|e| norm(&e["args"]) == norm(&args)),
+            "the snippet did not log {args}"
+        );
+    }
+    let errors: Vec<&&Value> = logs.iter().filter(|e| e["level"] != "log").collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    assert_no_server_errors(events);
+}
+
+/// The Python function's prints: the handshake, one `Device update: <vehicle>, {...}` per
+/// update, and none of its error prints.
+fn tm_check_py_prints(events: &[Value], welcome: &Value, topic: &str) {
+    let prints: Vec<&str> = events
+        .iter()
+        .filter(|e| is_ev(e, "print"))
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    for line in [
+        "WebSocket connected".to_string(),
+        "Authentication successful".to_string(),
+        "WebSocket Manager ready".to_string(),
+        format!(
+            "Connection ID: {}",
+            welcome["connection_id"].as_str().unwrap()
+        ),
+        format!("Instance ID: {FLEET}"),
+        format!("Automatically subscribed to: {topic}"),
+    ] {
+        assert!(
+            prints.contains(&line.as_str()),
+            "no print {line:?}: {prints:?}"
+        );
+    }
+    for u in tm_updates(events) {
+        let vehicle = u["device_token"].as_str().unwrap();
+        let ts = u["position"]["Timestamp"].as_str().unwrap();
+        assert!(
+            prints.iter().any(|p| {
+                p.starts_with(&format!("Device update: {vehicle}, {{'Latitude': "))
+                    && p.contains(&format!("'Timestamp': '{ts}'"))
+            }),
+            "no print of the update of {vehicle}: {prints:?}"
+        );
+    }
+    for bad in [
+        "WebSocket error",
+        "WebSocket connection error",
+        "Failed to parse JSON message",
+        "Error processing message",
+    ] {
+        assert!(
+            !prints.iter().any(|p| p.starts_with(bad)),
+            "the seed printed {bad:?}: {prints:?}"
+        );
+    }
+    assert_no_server_errors(events);
+}
+
+/// Both extractions: the snippet (`telematics.js --extract`) from its `new WebSocket` to
+/// its onclose handler, and `create_websocket_connection` re-indented with its callbacks
+/// at body level and its `return ws` last (the extractor checks that it compiles).
+#[test]
+fn telematics_seed_code_extracts_and_compiles() {
+    const TEST: &str = "telematics_seed_code_extracts_and_compiles";
+    let Some((node, python, seed)) = ready(TEST, || {
+        Ok((node(false)?, python(false)?, seed_file(TELEMATICS)?))
+    }) else {
+        return;
+    };
+    let dir = harness_dir();
+    let js = runs(
+        Command::new(&node)
+            .arg(dir.join("telematics.js"))
+            .arg("--extract")
+            .arg(&seed),
+    )
+    .unwrap_or_else(|e| panic!("extract the snippet: {e}"));
+    assert!(
+        js.starts_with("const ws = new WebSocket('wss://portal-apis.telematicssdk.com/realtime/api/v1/ws/realtime');")
+            && js.ends_with("};"),
+        "{js}"
+    );
+    for handler in [
+        "ws.onopen = ",
+        "ws.onmessage = ",
+        "ws.onerror = ",
+        "ws.onclose = ",
+    ] {
+        assert_eq!(js.matches(handler).count(), 1, "{handler} in {js}");
+    }
+    for placeholder in [
+        "'your_jwt_token'",
+        "'your_instance_id'",
+        "'optional_device_token'",
+    ] {
+        assert_eq!(js.matches(placeholder).count(), 1, "{placeholder} in {js}");
+    }
+    println!("js snippet: {} lines", js.lines().count());
+
+    let py = runs(
+        Command::new(&python)
+            .arg(dir.join("telematics.py"))
+            .arg("--extract")
+            .arg(&seed),
+    )
+    .unwrap_or_else(|e| panic!("extract create_websocket_connection: {e}"));
+    let lines: Vec<&str> = py.lines().collect();
+    assert!(lines.contains(&"import websocket"), "{py}");
+    assert!(
+        lines.contains(&"def create_websocket_connection(jwt_token, instance_id):"),
+        "{py}"
+    );
+    for cb in [
+        "def on_open(ws):",
+        "def on_message(ws, message):",
+        "def on_error(ws, error):",
+        "def on_close(ws, close_status_code, close_msg):",
+    ] {
+        assert!(
+            lines.contains(&format!("    {cb}").as_str()),
+            "{cb} at body level in\n{py}"
+        );
+    }
+    assert!(lines.contains(&"    ws = websocket.WebSocketApp("), "{py}");
+    assert_eq!(lines.last(), Some(&"    return ws"), "{py}");
+    // The pong is sent from the ping branch, not after the if chain.
+    assert!(
+        lines.contains(&"                ws.send(json.dumps(pong_message))"),
+        "{py}"
+    );
+    println!("python create_websocket_connection: {} lines", lines.len());
+}
+
+/// The seed's JavaScript snippet in single-device mode (`device_token` set to
+/// vehicle_001, a JWT as access_token): authenticated, welcome, subscribed to
+/// `device/vehicle_001`, then that vehicle's positions only, in m/s and metres with the
+/// Timestamp in ISO 8601 in America/New_York; positions of other vehicles and events that
+/// are not positions do not reach it.
+#[test]
+fn telematics_js_snippet_single_device_mode_gets_only_its_vehicle() {
+    const TEST: &str = "telematics_js_snippet_single_device_mode_gets_only_its_vehicle";
+    let Some((node, seed)) = ready(TEST, || Ok((node(true)?, seed_file(TELEMATICS)?))) else {
+        return;
+    };
+    let broker = DevBroker::start();
+    let token = broker.token("viewer", "telematics-js");
+    let mut h = tm_js(
+        &node,
+        &seed,
+        &broker,
+        &token,
+        TmDevice::Vehicle("vehicle_001"),
+    );
+    tm_subscribed(&mut h);
+    broker.publish_all(
+        broker.key("device"),
+        &[
+            tm_position("vehicle_002", 40.73, SUMMER),
+            tm_position("vehicle_001", 40.7128, WINTER),
+        ],
+    );
+    broker.publish_all(
+        broker.key("service"),
+        &[json!({"type": "safety_alert", "payload": alert_payload("alert_1", "vehicle_001", "high")})],
+    );
+    h.wait_until(
+        "the device_update of vehicle_001",
+        Duration::from_secs(5),
+        |ev| tm_has_update(ev, "vehicle_001"),
+    );
+    h.settle(Duration::from_millis(500));
+    let events = h.finish();
+
+    let welcome = tm_check_handshake(&events, "device/vehicle_001", "your_client_id");
+    let updates = tm_updates(&events);
+    assert_eq!(updates.len(), 1, "only vehicle_001's position: {updates:?}");
+    tm_check_update(updates[0], "vehicle_001", 40.7128, WINTER_NY);
+    let others: Vec<&Value> = tm_messages(&events)
+        .into_iter()
+        .skip(3)
+        .filter(|m| m["type"] != "device_update")
+        .collect();
+    assert!(others.is_empty(), "nothing but device_updates: {others:?}");
+    tm_check_js_console(&events, &welcome, "device/vehicle_001");
+    let sent: Vec<&Value> = events
+        .iter()
+        .filter(|e| is_ev(e, "sent"))
+        .map(|e| &e["msg"])
+        .collect();
+    assert_eq!(sent.len(), 1, "only the authenticate: {sent:?}");
+    assert_eq!(
+        (
+            &sent[0]["type"],
+            &sent[0]["device_token"],
+            &sent[0]["access_token"]
+        ),
+        (&json!("authenticate"), &json!("vehicle_001"), &json!(token)),
+        "{}",
+        sent[0]
+    );
+}
+
+/// The snippet in instance mode (`device_token: null`, the value the seed's Python client
+/// sends; an API key as access_token): subscribed to `instance`, every vehicle's position,
+/// a winter one at -05:00 and a summer one at -04:00.
+#[test]
+fn telematics_js_snippet_instance_mode_gets_every_vehicle() {
+    const TEST: &str = "telematics_js_snippet_instance_mode_gets_every_vehicle";
+    let Some((node, seed)) = ready(TEST, || Ok((node(true)?, seed_file(TELEMATICS)?))) else {
+        return;
+    };
+    let broker = DevBroker::start();
+    let mut h = tm_js(&node, &seed, &broker, broker.key("viewer"), TmDevice::Null);
+    tm_subscribed(&mut h);
+    broker.publish_all(
+        broker.key("device"),
+        &[
+            tm_position("vehicle_001", 40.7128, WINTER),
+            tm_position("vehicle_002", 40.73, SUMMER),
+        ],
+    );
+    h.wait_until(
+        "both vehicles' device_updates",
+        Duration::from_secs(5),
+        |ev| tm_has_update(ev, "vehicle_001") && tm_has_update(ev, "vehicle_002"),
+    );
+    h.settle(Duration::from_millis(300));
+    let events = h.finish();
+
+    let welcome = tm_check_handshake(&events, "instance", "your_client_id");
+    assert_eq!(tm_updates(&events).len(), 2, "{:?}", tm_updates(&events));
+    tm_check_update(
+        tm_update_of(&events, "vehicle_001"),
+        "vehicle_001",
+        40.7128,
+        WINTER_NY,
+    );
+    tm_check_update(
+        tm_update_of(&events, "vehicle_002"),
+        "vehicle_002",
+        40.73,
+        SUMMER_NY,
+    );
+    tm_check_js_console(&events, &welcome, "instance");
+}
+
+/// The snippet exactly as published but for URL, token and instance: its
+/// `device_token: 'optional_device_token'` puts it in single-device mode for a device of
+/// that name, which is all it gets.
+#[test]
+fn telematics_js_snippet_as_published_follows_its_placeholder_device() {
+    const TEST: &str = "telematics_js_snippet_as_published_follows_its_placeholder_device";
+    let Some((node, seed)) = ready(TEST, || Ok((node(true)?, seed_file(TELEMATICS)?))) else {
+        return;
+    };
+    let broker = DevBroker::start();
+    let token = broker.token("viewer", "telematics-js");
+    let mut h = tm_js(&node, &seed, &broker, &token, TmDevice::AsPublished);
+    tm_subscribed(&mut h);
+    broker.publish_all(
+        broker.key("device"),
+        &[
+            tm_position("vehicle_001", 40.7128, WINTER),
+            tm_position("optional_device_token", 40.75, SUMMER),
+        ],
+    );
+    h.wait_until(
+        "the placeholder device's update",
+        Duration::from_secs(5),
+        |ev| tm_has_update(ev, "optional_device_token"),
+    );
+    h.settle(Duration::from_millis(500));
+    let events = h.finish();
+
+    let welcome = tm_check_handshake(&events, "device/optional_device_token", "your_client_id");
+    let updates = tm_updates(&events);
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    tm_check_update(updates[0], "optional_device_token", 40.75, SUMMER_NY);
+    tm_check_js_console(&events, &welcome, "device/optional_device_token");
+    let subs = events
+        .iter()
+        .find(|e| is_ev(e, "substituted"))
+        .expect("substitutions reported");
+    assert_eq!(
+        subs["substitutions"].as_array().map(Vec::len),
+        Some(2),
+        "token and instance only: {subs}"
+    );
+}
+
+/// The seed's Python `create_websocket_connection(jwt_token, instance_id)` with
+/// websocket-client, `run_forever` in a thread as its usage example does: instance mode
+/// (`device_token: None`), ISO timestamps in America/New_York across daylight saving.
+#[test]
+fn telematics_py_client_gets_instance_updates_in_new_york_time() {
+    const TEST: &str = "telematics_py_client_gets_instance_updates_in_new_york_time";
+    let Some((python, seed)) = ready(TEST, || Ok((python(true)?, seed_file(TELEMATICS)?))) else {
+        return;
+    };
+    let broker = DevBroker::start();
+    let token = broker.token("viewer", "telematics-py");
+    let mut h = tm_py(&python, &seed, &broker, &token);
+    tm_subscribed(&mut h);
+    broker.publish_all(
+        broker.key("device"),
+        &[
+            tm_position("vehicle_001", 40.7128, WINTER),
+            tm_position("vehicle_002", 40.73, SUMMER),
+        ],
+    );
+    broker.publish_all(
+        broker.key("service"),
+        &[json!({"type": "telemetry_update", "payload": {"vehicle_id": "vehicle_001", "telemetry": {"fuel_level": 70.0}}})],
+    );
+    h.wait_until(
+        "both vehicles' device_updates",
+        Duration::from_secs(5),
+        |ev| tm_has_update(ev, "vehicle_001") && tm_has_update(ev, "vehicle_002"),
+    );
+    h.settle(Duration::from_millis(300));
+    let events = h.finish();
+
+    let welcome = tm_check_handshake(&events, "instance", "python_client_");
+    let updates = tm_updates(&events);
+    assert_eq!(updates.len(), 2, "positions only: {updates:?}");
+    tm_check_update(
+        tm_update_of(&events, "vehicle_001"),
+        "vehicle_001",
+        40.7128,
+        WINTER_NY,
+    );
+    tm_check_update(
+        tm_update_of(&events, "vehicle_002"),
+        "vehicle_002",
+        40.73,
+        SUMMER_NY,
+    );
+    tm_check_py_prints(&events, &welcome, "instance");
+    let auth = events
+        .iter()
+        .find(|e| is_ev(e, "sent"))
+        .map(|e| &e["msg"])
+        .expect("the authenticate sent");
+    assert_eq!(
+        (
+            &auth["type"],
+            &auth["device_token"],
+            &auth["access_token"],
+            &auth["instance_id"]
+        ),
+        (
+            &json!("authenticate"),
+            &Value::Null,
+            &json!(token),
+            &json!(FLEET)
+        ),
+        "{auth}"
+    );
+    assert!(
+        events.iter().any(|e| is_ev(e, "ws_connect")
+            && e["url"] == "wss://portal-apis.telematicssdk.com/realtime/api/v1/ws/realtime"),
+        "the function's own URL, mapped to the broker"
+    );
+}
+
+impl DevBroker {
+    /// `fleetcast serve --config` (the real binary, not development mode) with `limits`
+    /// (TOML lines of `[limits]`), tenant fleet_001 and the same four roles and JWT secret
+    /// development mode has. Killed when dropped.
+    fn start_configured(limits: &str) -> DevBroker {
+        let secret = "seed-test-jwt-secret-0123456789abcdef";
+        let mut toml = format!("[limits]\n{limits}\n\n[auth]\njwt_hs256_secret = \"{secret}\"\n");
+        let mut keys = HashMap::new();
+        for role in ["device", "viewer", "service", "admin"] {
+            let key = format!("seed-{role}-key-0123456789");
+            let any = if role == "device" { "[\"*\"]" } else { "[]" };
+            toml += &format!(
+                "\n[[auth.api_keys]]\nkey = \"{key}\"\nuser_id = \"seed-{role}\"\n\
+                 tenant = \"{FLEET}\"\nrole = \"{role}\"\nvehicles = {any}\n\
+                 drivers = {any}\ntrips = {any}\n"
+            );
+            keys.insert(role.to_string(), key);
+        }
+        let path = std::env::temp_dir().join(format!(
+            "fleetcast-seeds-{}-{:?}.toml",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, &toml).expect("write the broker config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fleetcast");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut b = DevBroker {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            keys,
+            jwt_secret: secret.to_string(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = std::fs::remove_file(&path);
+                panic!("fleetcast serve --config: no listening line within 10 s\n{toml}");
+            };
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                b.addr = addr.parse().unwrap_or_else(|e| panic!("{line:?}: {e}"));
+                break;
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        b
+    }
+}
+
+/// The pongs a harness sent, each right after a ping it received (the seed code answers
+/// the server's heartbeat from its onmessage).
+fn tm_pongs_after_pings(h: &Harness) -> usize {
+    let mut pinged = false;
+    let mut n = 0;
+    for e in &h.events {
+        if is_msg(e, "ping") {
+            pinged = true;
+        } else if is_ev(e, "sent") && e["msg"]["type"] == "pong" {
+            assert!(pinged, "{}: a pong without a ping: {e}", h.name);
+            pinged = false;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The server's JSON heartbeat against both seed clients, on the real binary with a
+/// config (development mode pings every 30 s): `{type:"ping"}` every 250 ms, each answered
+/// by the seed's own `{type:"pong", timestamp}`; the connections outlive many times two
+/// intervals (a silent one would be closed after 500 ms) and still get positions.
+#[test]
+fn telematics_seed_clients_answer_the_heartbeat() {
+    const TEST: &str = "telematics_seed_clients_answer_the_heartbeat";
+    let Some((node, python, seed)) = ready(TEST, || {
+        Ok((node(true)?, python(true)?, seed_file(TELEMATICS)?))
+    }) else {
+        return;
+    };
+    let broker = DevBroker::start_configured("heartbeat_interval_ms = 250");
+    let token = broker.token("viewer", "telematics-heartbeat");
+    let mut js = tm_js(&node, &seed, &broker, &token, TmDevice::Null);
+    let mut py = tm_py(&python, &seed, &broker, &token);
+    tm_subscribed(&mut js);
+    tm_subscribed(&mut py);
+    let started = Instant::now();
+    for h in [&mut js, &mut py] {
+        h.wait_until("six pongs", Duration::from_secs(5), |ev| {
+            ev.iter()
+                .filter(|e| is_ev(e, "sent") && e["msg"]["type"] == "pong")
+                .count()
+                >= 6
+        });
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "six pings in {:?}, at 250 ms intervals",
+        started.elapsed()
+    );
+    broker.publish_all(
+        broker.key("device"),
+        &[tm_position("vehicle_001", 40.7128, WINTER)],
+    );
+    for h in [&mut js, &mut py] {
+        h.wait_until(
+            "a device_update after the heartbeats",
+            Duration::from_secs(5),
+            |ev| tm_has_update(ev, "vehicle_001"),
+        );
+        assert!(
+            !h.events.iter().any(|e| is_ev(e, "ws_close")),
+            "{}: closed while answering pings",
+            h.name
+        );
+        assert!(tm_pongs_after_pings(h) >= 6, "{}", h.name);
+    }
+    for h in [js, py] {
+        let events = h.finish();
+        tm_check_handshake(&events, "instance", "");
+        tm_check_update(
+            tm_update_of(&events, "vehicle_001"),
+            "vehicle_001",
+            40.7128,
+            WINTER_NY,
+        );
+        assert_no_server_errors(&events);
+        let pings = events.iter().filter(|e| is_msg(e, "ping")).count();
+        assert!(pings >= 6, "{pings} pings");
+    }
+}
