@@ -282,6 +282,12 @@ pub struct Limits {
     pub max_pending_connections: usize,
     /// The same per client address (IPv6 grouped by /64).
     pub max_pending_connections_per_ip: usize,
+    /// Failed `user/auth` logins per minute per login (iTrack); past it every attempt
+    /// for that login, right password included, is refused (429) until the oldest
+    /// failure is a minute old.
+    pub login_failures_per_minute_per_login: u32,
+    /// The same per client address (IPv6 grouped by /64), whatever the login.
+    pub login_failures_per_minute_per_ip: u32,
     /// Per-role overrides of the per-connection and per-user limits above.
     pub roles: RoleOverrides,
 }
@@ -359,6 +365,8 @@ impl Default for Limits {
             max_future_skew_ms: 5 * 60 * 1000,
             max_pending_connections: 1024,
             max_pending_connections_per_ip: 64,
+            login_failures_per_minute_per_login: 5,
+            login_failures_per_minute_per_ip: 20,
             roles: RoleOverrides::default(),
         }
     }
@@ -702,6 +710,16 @@ impl Config {
             n(l.max_pending_connections_per_ip),
             1,
         );
+        p.at_least(
+            "limits.login_failures_per_minute_per_login",
+            l.login_failures_per_minute_per_login.into(),
+            1,
+        );
+        p.at_least(
+            "limits.login_failures_per_minute_per_ip",
+            l.login_failures_per_minute_per_ip.into(),
+            1,
+        );
         let r = &l.roles;
         for (role, o) in [
             ("device", &r.device),
@@ -747,11 +765,13 @@ impl Config {
             p.ensure(!u.login.is_empty() && !u.tenant.is_empty(), || {
                 format!("itrack.users[{n}]: login and tenant must not be empty")
             });
-            p.ensure(u.password_hash.starts_with("$argon2"), || {
+            let unusable = crate::sessions::check_password_hash(&u.password_hash).err();
+            p.ensure(unusable.is_none(), || {
                 format!(
                     "itrack.users[{n}] ({}): password_hash must be an argon2 hash (run \
-                     `fleetcast hash-password`), never a password",
-                    u.login
+                     `fleetcast hash-password`), never a password: {}",
+                    u.login,
+                    unusable.unwrap_or_default()
                 )
             });
             if let Some(first) = seen.insert(u.login.as_str(), n) {

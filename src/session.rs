@@ -1068,6 +1068,15 @@ impl Session {
             trips: f.trips.clone(),
             drivers: f.drivers.clone(),
         };
+        // A viewer that follows only its listed vehicles (an iTrack login user).
+        if req.action != SubAction::Unsubscribe
+            && let Some(why) = self.principal.as_ref().and_then(|p| {
+                let others = !requested.trips.is_empty() || !requested.drivers.is_empty();
+                p.refusal_to_follow(requested.all, &requested.vehicles, others)
+            })
+        {
+            return Err(ProtoError::new(403, why));
+        }
         let heavy = req.action == SubAction::Request
             || (req.action == SubAction::Subscribe && req.since.is_some());
         if heavy && !self.requests.try_take(now.mono, self.request_rate, 1) {

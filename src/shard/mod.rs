@@ -566,13 +566,14 @@ impl Shard {
             Endpoint::Echo if !shared.config.testing.echo_endpoint => Endpoint::NotFound,
             e => e,
         };
-        if endpoint != Endpoint::NotFound && req.method != endpoint.method() {
+        if endpoint != Endpoint::NotFound && !endpoint.allows(&req.method) {
             return self.http_error(slot, 405, "method not allowed");
         }
         let scope = match endpoint {
             Endpoint::Publish | Endpoint::FleetVehicles(_) | Endpoint::FleetEvents(_) => {
                 return self.api_request(slot, head, &req, &endpoint);
             }
+            Endpoint::User(call) => return self.user_request(slot, head, &req, call),
             Endpoint::Healthz => return self.http_reply(slot, 200, "text/plain", b"ok\n"),
             Endpoint::Readyz => {
                 let (status, body) = shared.readiness();
