@@ -1,15 +1,17 @@
-//! Node-wide admission control: connection caps per node and per user, and new-connection
-//! rates per user and per client address (SPEC §8).
+//! Node-wide admission control: connection caps per node and per user, new-connection
+//! rates per user and per client address (SPEC §8), and failed logins (`user/auth`) per
+//! login and per client address.
 //!
-//! Touched once per connection (at upgrade, authentication and close), never per message,
-//! so plain mutexes are fine here.
+//! Touched once per connection (at upgrade, authentication and close) or login, never per
+//! message, so plain mutexes are fine here.
 
 use crate::auth::Principal;
 use crate::config::Limits;
 use crate::metrics::Limit;
 use crate::session::{self, Now, PublishBucket};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -92,6 +94,67 @@ fn try_count<K: std::hash::Hash + Eq>(
     true
 }
 
+/// The times of the recent failures of one login or address, oldest first: at most the
+/// limit's worth, none older than [`WINDOW`] once trimmed.
+#[derive(Debug, Default)]
+struct Failures(VecDeque<Instant>);
+
+impl Failures {
+    fn trim(&mut self, now: Instant) {
+        while self
+            .0
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= WINDOW)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    fn is_stale(&self, now: Instant) -> bool {
+        self.0
+            .back()
+            .is_none_or(|&t| now.saturating_duration_since(t) >= WINDOW)
+    }
+}
+
+/// `Some(wait)` when `key` has `per_minute` failures within the last minute: the wait until
+/// the oldest of them is a minute old.
+fn blocked<K: std::hash::Hash + Eq>(
+    map: &mut Pruned<K, Failures>,
+    key: &K,
+    now: Instant,
+    per_minute: u32,
+) -> Option<Duration> {
+    let f = map.map.get_mut(key)?;
+    f.trim(now);
+    if f.0.len() < per_minute as usize {
+        return None;
+    }
+    let oldest = *f.0.front()?;
+    Some(WINDOW.saturating_sub(now.saturating_duration_since(oldest)))
+}
+
+fn record_failure<K: std::hash::Hash + Eq>(
+    map: &mut Pruned<K, Failures>,
+    key: K,
+    now: Instant,
+    per_minute: u32,
+) {
+    map.prune_if_due(|_, f| !f.is_stale(now));
+    let f = map.map.entry(key).or_default();
+    f.trim(now);
+    f.0.push_back(now);
+    while f.0.len() > per_minute as usize {
+        f.0.pop_front();
+    }
+}
+
+/// Logins are counted by digest: any string may be tried as a login, and a long one
+/// must not cost memory.
+fn login_key(login: &str) -> [u8; 32] {
+    Sha256::digest(login.as_bytes()).into()
+}
+
 fn user_key(p: &Principal) -> String {
     format!("{}\u{0}{}", p.tenant, p.user_id)
 }
@@ -119,6 +182,9 @@ pub struct NodeAdmission {
     /// Connections accepted and not yet upgraded or answered, per node and per address.
     pending: AtomicUsize,
     pending_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Failed logins in the last minute, per login (digest) and per client address.
+    login_failures: Mutex<Pruned<[u8; 32], Failures>>,
+    login_failures_ip: Mutex<Pruned<IpAddr, Failures>>,
 }
 
 impl NodeAdmission {
@@ -133,7 +199,57 @@ impl NodeAdmission {
             buckets: Mutex::new(Pruned::default()),
             pending: AtomicUsize::new(0),
             pending_ip: Mutex::new(HashMap::new()),
+            login_failures: Mutex::new(Pruned::default()),
+            login_failures_ip: Mutex::new(Pruned::default()),
         }
+    }
+
+    /// Before a password is verified: refused (with the limit and how long until an
+    /// attempt may succeed) when `login`, or the address, failed its limit's worth of
+    /// times within the last minute. The password is then not looked at: a right one is
+    /// refused too, so guessing gains nothing past the limit.
+    pub fn check_login(
+        &self,
+        login: &str,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<(), (Limit, Duration)> {
+        let l = &self.limits;
+        if let Some(wait) = blocked(
+            &mut self.login_failures.lock(),
+            &login_key(login),
+            now,
+            l.login_failures_per_minute_per_login,
+        ) {
+            return Err((Limit::LoginRatePerLogin, wait));
+        }
+        if let Some(wait) = blocked(
+            &mut self.login_failures_ip.lock(),
+            &client_key(ip),
+            now,
+            l.login_failures_per_minute_per_ip,
+        ) {
+            return Err((Limit::LoginRatePerIp, wait));
+        }
+        Ok(())
+    }
+
+    /// A login failed (unknown login or wrong password): counted against the login and
+    /// the address. Successes are not counted and clear nothing.
+    pub fn login_failed(&self, login: &str, ip: IpAddr, now: Instant) {
+        let l = &self.limits;
+        record_failure(
+            &mut self.login_failures.lock(),
+            login_key(login),
+            now,
+            l.login_failures_per_minute_per_login,
+        );
+        record_failure(
+            &mut self.login_failures_ip.lock(),
+            client_key(ip),
+            now,
+            l.login_failures_per_minute_per_ip,
+        );
     }
 
     fn bucket(&self, p: &Principal, kind: BucketKind, now: Instant) -> Arc<PublishBucket> {
@@ -324,6 +440,52 @@ mod tests {
         a.release_user(&u);
         assert_eq!(a.admit_user(&u, t0), Err(Limit::NewConnectionsPerUser));
         a.admit_user(&u, t0 + WINDOW).unwrap();
+    }
+
+    #[test]
+    fn failed_logins_are_limited_per_login_and_per_address() {
+        let a = NodeAdmission::new(Limits {
+            login_failures_per_minute_per_login: 2,
+            login_failures_per_minute_per_ip: 3,
+            ..Limits::default()
+        });
+        let t0 = Instant::now();
+        let (ip, other_ip): (IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        a.check_login("ann", ip, t0).unwrap();
+        a.login_failed("ann", ip, t0);
+        a.login_failed("ann", other_ip, t0 + Duration::from_secs(10));
+        // Two failures of "ann" within the minute, from any address: refused until the
+        // first is a minute old.
+        assert_eq!(
+            a.check_login(
+                "ann",
+                "10.0.0.3".parse().unwrap(),
+                t0 + Duration::from_secs(20)
+            ),
+            Err((Limit::LoginRatePerLogin, Duration::from_secs(40)))
+        );
+        assert!(a.check_login("ann", ip, t0 + WINDOW).is_ok());
+        // The address: three failures within a minute, over any logins.
+        let t1 = t0 + WINDOW;
+        for name in ["bo", "cy", "dee"] {
+            a.login_failed(name, ip, t1);
+        }
+        assert_eq!(
+            a.check_login("eve", ip, t1).map_err(|e| e.0),
+            Err(Limit::LoginRatePerIp)
+        );
+        assert!(a.check_login("eve", other_ip, t1).is_ok());
+        // IPv6 addresses of one /64 count together.
+        for n in 1..=3 {
+            let v6: IpAddr = format!("2001:db8::{n}").parse().unwrap();
+            a.login_failed(&format!("u{n}"), v6, t1);
+        }
+        assert_eq!(
+            a.check_login("z", "2001:db8::ffff".parse().unwrap(), t1)
+                .map_err(|e| e.0),
+            Err(Limit::LoginRatePerIp)
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! Credentials to principals (SPEC §2): API keys from the config and JWTs.
+//! Credentials to principals (SPEC §2): API keys from the config, JWTs, and the session
+//! hashes of iTrack login users (`user/auth`, see [`crate::sessions`]).
 //!
 //! Pure: the caller passes the current UNIX time; no clock is read here.
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, ItrackConfig};
 use crate::model::Role;
+use crate::sessions::{Logins, MemorySessions, SessionStore};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -26,6 +28,9 @@ pub struct Principal {
 /// names no vehicle may publish for none; `*` in its vehicle list means any vehicle of
 /// its tenant (likewise for drivers and trips). Drivers and trips listed here are allowed besides those the broker binds
 /// to the device's vehicles (the vehicle's current trip, from a service's `trip_event`).
+///
+/// For a `restricted` viewer (an iTrack login user) the vehicles are what it may follow:
+/// it subscribes only to those (all of its tenant's when `any_vehicle`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceScope {
     pub any_vehicle: bool,
@@ -34,6 +39,9 @@ pub struct DeviceScope {
     pub vehicles: Box<[Box<str>]>,
     pub drivers: Box<[Box<str>]>,
     pub trips: Box<[Box<str>]>,
+    /// A viewer that may follow only the vehicles listed here (unless `any_vehicle`);
+    /// other viewers follow their whole tenant.
+    pub restricted: bool,
 }
 
 impl DeviceScope {
@@ -45,6 +53,14 @@ impl DeviceScope {
             any_trip: true,
             ..Default::default()
         })
+    }
+
+    /// The scope of a login user following `trackers` (`*`: every vehicle of its tenant).
+    pub fn listed_trackers(trackers: &[String]) -> DeviceScope {
+        DeviceScope {
+            restricted: true,
+            ..DeviceScope::from_lists(trackers.to_vec(), Vec::new(), Vec::new())
+        }
     }
 
     fn from_lists(vehicles: Vec<String>, drivers: Vec<String>, trips: Vec<String>) -> Self {
@@ -62,6 +78,7 @@ impl DeviceScope {
             vehicles: boxed(vehicles),
             drivers: boxed(drivers),
             trips: boxed(trips),
+            restricted: false,
         }
     }
 }
@@ -79,6 +96,33 @@ impl Principal {
         self.scope.any_trip || self.scope.trips.iter().any(|t| &**t == trip)
     }
 
+    /// Why this principal may not follow (subscribe to, or request the state of) these
+    /// entities: a restricted viewer follows only its listed vehicles, so it must name
+    /// them, and only them (`all`: no entity named). `None`: it may. The reason names the
+    /// first vehicle refused and never says whether that vehicle exists.
+    pub fn refusal_to_follow(
+        &self,
+        all: bool,
+        vehicles: &[Box<str>],
+        trips_or_drivers: bool,
+    ) -> Option<String> {
+        let s = &self.scope;
+        if self.role == Role::Device || !s.restricted || s.any_vehicle {
+            return None;
+        }
+        if let Some(v) = vehicles.iter().find(|v| !s.vehicles.contains(v)) {
+            return Some(format!(
+                "access denied to tracker {v}: this user follows only its listed trackers"
+            ));
+        }
+        if all || trips_or_drivers {
+            return Some(
+                "access denied: this user follows only its listed trackers; name them".into(),
+            );
+        }
+        None
+    }
+
     /// Same identity (used to answer a repeated `auth` idempotently).
     pub fn same_identity(&self, other: &Principal) -> bool {
         self.user_id == other.user_id && self.tenant == other.tenant && self.role == other.role
@@ -92,12 +136,20 @@ pub enum Credential<'a> {
     Token(&'a str),
     /// `Authorization: Bearer x`: a JWT if it looks like one, else an API key.
     Bearer(&'a str),
+    /// A session hash from `user/auth` (iTrack).
+    SessionHash(&'a str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("unknown API key")]
     UnknownApiKey,
+    /// A session hash that is unknown, expired or ended (iTrack "Wrong user hash").
+    #[error("wrong user hash")]
+    WrongHash,
+    /// `user/auth` with an unknown login or a wrong password (one answer for both).
+    #[error("wrong login or password")]
+    WrongLogin,
     #[error("invalid token: {0}")]
     InvalidToken(String),
     #[error("token expired")]
@@ -138,13 +190,18 @@ pub struct Authenticator {
     es256: Option<DecodingKey>,
     issuer: Option<String>,
     require_exp: bool,
+    /// iTrack login users, their session hashes, and how long a hash lives.
+    logins: Logins,
+    sessions: Arc<dyn SessionStore>,
+    session_ttl_ms: u64,
 }
 
 impl Authenticator {
-    /// Whether `tenant` is a fleet this node knows: one an API key is configured for.
-    /// (A token may name any fleet; one that names `tenant` is checked before this.)
+    /// Whether `tenant` is a fleet this node knows: one an API key or a login user is
+    /// configured for. (A token may name any fleet; one that names `tenant` is checked
+    /// before this.)
     pub fn knows_tenant(&self, tenant: &str) -> bool {
-        self.api_keys.values().any(|p| &*p.tenant == tenant)
+        self.api_keys.values().any(|p| &*p.tenant == tenant) || self.logins.knows_tenant(tenant)
     }
 }
 
@@ -228,7 +285,40 @@ impl Authenticator {
             es256: keys.es256,
             issuer: cfg.jwt_issuer.clone(),
             require_exp: cfg.require_exp,
+            logins: Logins::default(),
+            sessions: Arc::new(MemorySessions::new()),
+            session_ttl_ms: ItrackConfig::default().session_ttl_ms,
         })
+    }
+
+    /// The same authenticator with the `[itrack]` login users, keeping their session
+    /// hashes in `store`. Parses every user's password hash, and makes the dummy hash
+    /// unknown logins are verified against (one argon2 hash when users are configured).
+    pub fn with_logins(
+        mut self,
+        cfg: &ItrackConfig,
+        store: Arc<dyn SessionStore>,
+    ) -> anyhow::Result<Authenticator> {
+        self.logins = Logins::new(&cfg.users)?;
+        self.sessions = store;
+        self.session_ttl_ms = cfg.session_ttl_ms;
+        Ok(self)
+    }
+
+    /// `user/auth`: a new session hash when `password` is `login`'s. Runs one argon2
+    /// verification (tens of ms with the default parameters) whether or not the login
+    /// exists, so neither the answer nor its time tells which logins exist. Rate limits
+    /// are the caller's (`NodeAdmission::check_login`).
+    pub fn login(&self, login: &str, password: &str, now_ms: u64) -> Result<String, AuthError> {
+        match self.logins.verify(login, password) {
+            Some(_) => Ok(self.sessions.create(login, now_ms, self.session_ttl_ms)),
+            None => Err(AuthError::WrongLogin),
+        }
+    }
+
+    /// `user/logout`: ends a session hash; `false` when it was not live.
+    pub fn logout(&self, hash: &str, now_ms: u64) -> bool {
+        self.sessions.revoke(hash, now_ms)
     }
 
     pub fn authenticate(
@@ -241,7 +331,30 @@ impl Authenticator {
             Credential::Token(t) => self.jwt(t, now_unix),
             Credential::Bearer(b) if b.matches('.').count() == 2 => self.jwt(b, now_unix),
             Credential::Bearer(b) => self.api_key(b),
+            Credential::SessionHash(h) => self.session(h, now_unix),
         }
+    }
+
+    /// The principal of a live session hash: its user, a viewer of the user's tenant that
+    /// follows only the user's trackers, expiring with the session.
+    ///
+    /// Checked with the start of the current second (`now_unix` is whole seconds), so a
+    /// hash is accepted until the second in which it expires ends, and `expires_at` is
+    /// that second rounded up: a connection is closed at the same instant a new
+    /// authentication starts being refused.
+    fn session(&self, hash: &str, now_unix: u64) -> Result<Principal, AuthError> {
+        let s = self
+            .sessions
+            .get(hash, now_unix.saturating_mul(1000))
+            .ok_or(AuthError::WrongHash)?;
+        // A login no longer configured has no session, whatever the store says.
+        let mut p = self
+            .logins
+            .principal(&s.login)
+            .cloned()
+            .ok_or(AuthError::WrongHash)?;
+        p.expires_at = Some(s.expires_at_ms.div_ceil(1000));
+        Ok(p)
     }
 
     fn api_key(&self, key: &str) -> Result<Principal, AuthError> {
@@ -540,5 +653,113 @@ mod asymmetric_tests {
             a.authenticate(Credential::Token(&hs), 1000),
             Err(AuthError::NoKeyForAlgorithm(Algorithm::HS256))
         );
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+    use crate::config::LoginUser;
+    use crate::sessions::cheap_hash;
+
+    fn user(login: &str, trackers: &[&str]) -> LoginUser {
+        LoginUser {
+            login: login.into(),
+            password_hash: cheap_hash(&format!("pw-{login}")),
+            tenant: "fleet_9".into(),
+            trackers: trackers.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    fn authenticator() -> Authenticator {
+        let cfg = ItrackConfig {
+            users: vec![user("ops", &["15564", "77"]), user("boss", &["*"])],
+            session_ttl_ms: 1_500,
+            ..Default::default()
+        };
+        Authenticator::new(&AuthConfig::default())
+            .unwrap()
+            .with_logins(&cfg, Arc::new(MemorySessions::new()))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_session_hash_authenticates_as_its_user_until_it_expires() {
+        let a = authenticator();
+        let h = a.login("ops", "pw-ops", 10_000).unwrap();
+        let p = a.authenticate(Credential::SessionHash(&h), 10).unwrap();
+        assert_eq!(
+            (&*p.user_id, &*p.tenant, p.role),
+            ("ops", "fleet_9", Role::Viewer)
+        );
+        assert!(p.scope.restricted && !p.scope.any_vehicle);
+        assert_eq!(&*p.scope.vehicles, &["15564".into(), "77".into()]);
+        // Valid until 11.5 s: accepted in second 11, refused from second 12, and the
+        // connection's expiry is second 12.
+        assert_eq!(p.expires_at, Some(12));
+        assert!(a.authenticate(Credential::SessionHash(&h), 11).is_ok());
+        assert_eq!(
+            a.authenticate(Credential::SessionHash(&h), 12),
+            Err(AuthError::WrongHash)
+        );
+        assert!(a.knows_tenant("fleet_9"));
+    }
+
+    #[test]
+    fn wrong_passwords_unknown_logins_unknown_and_ended_hashes() {
+        let a = authenticator();
+        assert_eq!(a.login("ops", "pw-boss", 0), Err(AuthError::WrongLogin));
+        assert_eq!(a.login("ghost", "pw-ops", 0), Err(AuthError::WrongLogin));
+        assert_eq!(
+            a.authenticate(Credential::SessionHash(&"0".repeat(32)), 0),
+            Err(AuthError::WrongHash)
+        );
+        let h = a.login("boss", "pw-boss", 0).unwrap();
+        let boss = a.authenticate(Credential::SessionHash(&h), 0).unwrap();
+        assert!(boss.scope.restricted && boss.scope.any_vehicle);
+        assert!(a.logout(&h, 1));
+        assert_eq!(
+            a.authenticate(Credential::SessionHash(&h), 0),
+            Err(AuthError::WrongHash)
+        );
+        assert!(!a.logout(&h, 1), "a second logout finds nothing");
+        // Another credential type never reads the session store.
+        assert_eq!(
+            a.authenticate(Credential::ApiKey(&h), 0),
+            Err(AuthError::UnknownApiKey)
+        );
+    }
+
+    #[test]
+    fn a_restricted_viewer_follows_only_its_trackers() {
+        let a = authenticator();
+        let h = a.login("ops", "pw-ops", 0).unwrap();
+        let p = a.authenticate(Credential::SessionHash(&h), 0).unwrap();
+        let v = |ids: &[&str]| ids.iter().map(|&i| i.into()).collect::<Vec<Box<str>>>();
+        assert_eq!(
+            p.refusal_to_follow(false, &v(&["15564", "77"]), false),
+            None
+        );
+        let why = p
+            .refusal_to_follow(false, &v(&["77", "99"]), false)
+            .unwrap();
+        assert!(why.contains("tracker 99") && !why.contains("77"), "{why}");
+        assert!(
+            p.refusal_to_follow(true, &[], false).is_some(),
+            "all vehicles"
+        );
+        assert!(p.refusal_to_follow(false, &[], true).is_some(), "by trip");
+        let boss = a.login("boss", "pw-boss", 0).unwrap();
+        let boss = a.authenticate(Credential::SessionHash(&boss), 0).unwrap();
+        assert_eq!(boss.refusal_to_follow(true, &[], true), None);
+        // API-key viewers follow their whole tenant.
+        let key_viewer = Principal {
+            user_id: "v".into(),
+            tenant: "fleet_9".into(),
+            role: Role::Viewer,
+            scope: Arc::new(DeviceScope::default()),
+            expires_at: None,
+        };
+        assert_eq!(key_viewer.refusal_to_follow(true, &v(&["99"]), true), None);
     }
 }

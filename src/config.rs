@@ -20,6 +20,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub history: HistoryConfig,
     pub telemetry: TelemetryConfig,
+    pub itrack: ItrackConfig,
     pub testing: TestingConfig,
     /// Lines of the `[[auth.api_keys]]` entries when parsed from text (`Config::parse`).
     #[serde(skip)]
@@ -40,6 +41,68 @@ pub struct HistoryConfig {
     pub dedup_max_ids: usize,
     /// Interval of the derived `fleet_metrics` and of `system` status events.
     pub metrics_interval_ms: u64,
+}
+
+/// The iTrack dialect: login users, their session hashes, and how tracker states are
+/// judged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ItrackConfig {
+    /// Users that log in with `user/auth` (login and password) and follow trackers.
+    pub users: Vec<LoginUser>,
+    /// How long a session hash from `user/auth` stays valid.
+    pub session_ttl_ms: u64,
+    /// Last update older than this: `connection_status` `idle`.
+    pub idle_after_ms: u64,
+    /// Last update older than this: `connection_status` `offline`.
+    pub offline_after_ms: u64,
+    /// At rest longer than this: `movement_status` `parked` (else `stopped`).
+    pub parked_after_ms: u64,
+    /// Faster than this (km/h): `movement_status` `moving`.
+    pub moving_kmh: u32,
+}
+
+impl Default for ItrackConfig {
+    fn default() -> Self {
+        let rules = crate::dialect::view::StateRules::default();
+        ItrackConfig {
+            users: Vec::new(),
+            session_ttl_ms: 86_400_000,
+            idle_after_ms: rules.idle_after_ms,
+            offline_after_ms: rules.offline_after_ms,
+            parked_after_ms: rules.parked_after_ms,
+            moving_kmh: rules.moving_kmh,
+        }
+    }
+}
+
+impl ItrackConfig {
+    pub fn state_rules(&self) -> crate::dialect::view::StateRules {
+        crate::dialect::view::StateRules {
+            idle_after_ms: self.idle_after_ms,
+            offline_after_ms: self.offline_after_ms,
+            parked_after_ms: self.parked_after_ms,
+            moving_kmh: self.moving_kmh,
+        }
+    }
+}
+
+/// A user that logs in with a password (`[[itrack.users]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginUser {
+    pub login: String,
+    /// An argon2 PHC string (`fleetcast hash-password` prints one); never the password.
+    pub password_hash: String,
+    pub tenant: String,
+    /// The trackers (vehicles) the user may follow; `["*"]` (the default): all of the
+    /// tenant's.
+    #[serde(default = "all_trackers")]
+    pub trackers: Vec<String>,
+}
+
+fn all_trackers() -> Vec<String> {
+    vec!["*".into()]
 }
 
 /// How telemetry is described to dialects that show units (Valtronics).
@@ -219,6 +282,12 @@ pub struct Limits {
     pub max_pending_connections: usize,
     /// The same per client address (IPv6 grouped by /64).
     pub max_pending_connections_per_ip: usize,
+    /// Failed `user/auth` logins per minute per login (iTrack); past it every attempt
+    /// for that login, right password included, is refused (429) until the oldest
+    /// failure is a minute old.
+    pub login_failures_per_minute_per_login: u32,
+    /// The same per client address (IPv6 grouped by /64), whatever the login.
+    pub login_failures_per_minute_per_ip: u32,
     /// Per-role overrides of the per-connection and per-user limits above.
     pub roles: RoleOverrides,
 }
@@ -296,6 +365,8 @@ impl Default for Limits {
             max_future_skew_ms: 5 * 60 * 1000,
             max_pending_connections: 1024,
             max_pending_connections_per_ip: 64,
+            login_failures_per_minute_per_login: 5,
+            login_failures_per_minute_per_ip: 20,
             roles: RoleOverrides::default(),
         }
     }
@@ -528,6 +599,7 @@ impl Config {
         self.check_server(&mut p);
         self.check_limits(&mut p);
         self.check_history(&mut p);
+        self.check_itrack(&mut p);
         for (metric, unit) in &self.telemetry.units {
             p.ensure(!metric.is_empty() && unit.len() <= 32, || {
                 format!(
@@ -638,6 +710,16 @@ impl Config {
             n(l.max_pending_connections_per_ip),
             1,
         );
+        p.at_least(
+            "limits.login_failures_per_minute_per_login",
+            l.login_failures_per_minute_per_login.into(),
+            1,
+        );
+        p.at_least(
+            "limits.login_failures_per_minute_per_ip",
+            l.login_failures_per_minute_per_ip.into(),
+            1,
+        );
         let r = &l.roles;
         for (role, o) in [
             ("device", &r.device),
@@ -664,6 +746,41 @@ impl Config {
                 if let Some(v) = value {
                     p.at_least(&format!("limits.roles.{role}.{key}"), v, 1);
                 }
+            }
+        }
+    }
+
+    fn check_itrack(&self, p: &mut Problems) {
+        let i = &self.itrack;
+        p.at_least("itrack.session_ttl_ms", i.session_ttl_ms, 1_000);
+        p.at_least("itrack.idle_after_ms", i.idle_after_ms, 1);
+        p.ensure(i.offline_after_ms > i.idle_after_ms, || {
+            format!(
+                "itrack.offline_after_ms ({}) must be above itrack.idle_after_ms ({})",
+                i.offline_after_ms, i.idle_after_ms
+            )
+        });
+        let mut seen = HashMap::new();
+        for (n, u) in i.users.iter().enumerate() {
+            p.ensure(!u.login.is_empty() && !u.tenant.is_empty(), || {
+                format!("itrack.users[{n}]: login and tenant must not be empty")
+            });
+            let unusable = crate::sessions::check_password_hash(&u.password_hash).err();
+            p.ensure(unusable.is_none(), || {
+                format!(
+                    "itrack.users[{n}] ({}): password_hash must be an argon2 hash (run \
+                     `fleetcast hash-password`), never a password: {}",
+                    u.login,
+                    unusable.unwrap_or_default()
+                )
+            });
+            if let Some(first) = seen.insert(u.login.as_str(), n) {
+                p.ensure(false, || {
+                    format!(
+                        "itrack.users[{n}]: login {:?} is also itrack.users[{first}]",
+                        u.login
+                    )
+                });
             }
         }
     }

@@ -99,6 +99,8 @@ pub struct Event {
     pub status: Option<Box<str>>,
     /// A status channel's previous status of this entity (from last known state).
     pub prev_status: Option<Box<str>>,
+    /// A position at rest: since when (UNIX ms) the vehicle has been at rest.
+    pub stopped_since_ms: Option<i64>,
     pub canon: Canon,
     pub timestamp: Box<str>,
     pub ts_ms: i64,
@@ -143,6 +145,7 @@ impl Event {
             category: p.category,
             status: p.status,
             prev_status: None,
+            stopped_since_ms: None,
             canon: p.canon,
             timestamp: p.timestamp.into_boxed_str(),
             ts_ms: p.ts_ms,
@@ -193,7 +196,7 @@ impl Event {
             d,
             &View {
                 metrics: Some(metrics.into()),
-                time: None,
+                ..View::default()
             },
         )
     }

@@ -3,7 +3,8 @@
 //! Layers, from the bottom:
 //! - pure core, no IO and no clock: [`wire`] (HTTP upgrade, RFC 6455 frames), [`dialect`]
 //!   (message codecs), [`session`] (one connection's protocol state), [`route`] (the
-//!   subscriber index), [`auth`], [`config`], [`json`], [`event`];
+//!   subscriber index), [`auth`] and [`sessions`] (iTrack logins), [`config`], [`json`],
+//!   [`event`];
 //! - [`hub`]: per-tenant state shared by shards (stream seq, last known state, interest);
 //! - [`shard`]: one thread per core driving sockets with mio;
 //! - [`node`]: starts and stops the shards.
@@ -23,6 +24,7 @@ pub mod model;
 pub mod node;
 pub mod route;
 pub mod session;
+pub mod sessions;
 pub mod shard;
 pub mod store;
 pub mod wire;

@@ -27,10 +27,14 @@ pub enum Limit {
     PendingConnections,
     PendingConnectionsPerIp,
     ConnectionsPerTenant,
+    /// Failed `user/auth` logins per minute for one login.
+    LoginRatePerLogin,
+    /// Failed `user/auth` logins per minute from one client address.
+    LoginRatePerIp,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 23] = [
+    pub const ALL: [Limit; 25] = [
         Limit::ConnectionsPerTenant,
         Limit::RequestRate,
         Limit::PublishRate,
@@ -54,6 +58,8 @@ impl Limit {
         Limit::NewConnectionsPerIp,
         Limit::SlowConsumer,
         Limit::ProtocolError,
+        Limit::LoginRatePerLogin,
+        Limit::LoginRatePerIp,
     ];
 
     /// The `kind` label.
@@ -82,6 +88,8 @@ impl Limit {
             Limit::FutureTimestamp => "future_timestamp",
             Limit::PendingConnections => "pending_connections",
             Limit::PendingConnectionsPerIp => "pending_connections_per_ip",
+            Limit::LoginRatePerLogin => "login_rate_per_login",
+            Limit::LoginRatePerIp => "login_rate_per_ip",
         }
     }
 
@@ -113,6 +121,8 @@ impl Limit {
             Limit::PendingConnectionsPerIp => {
                 "too many connections in their handshake from this address"
             }
+            Limit::LoginRatePerLogin => "too many failed logins for this login, retry later",
+            Limit::LoginRatePerIp => "too many failed logins from this address, retry later",
             _ => self.name(),
         }
     }

@@ -1,7 +1,7 @@
 //! The `fleetcast` binary: parses the command line, builds the config, runs a node.
 
 use clap::{Parser, Subcommand};
-use fleetcast::config::{ApiKeyConfig, Config};
+use fleetcast::config::{ApiKeyConfig, Config, LoginUser};
 use fleetcast::model::Role;
 use fleetcast::node::Node;
 use std::net::SocketAddr;
@@ -54,6 +54,15 @@ enum Command {
     },
     /// Validate a config file and explain what is wrong with it.
     CheckConfig { path: PathBuf },
+    /// Print the argon2 hash (PHC string) of a password, for `[[itrack.users]]
+    /// password_hash`. The password is read from standard input (one line; not echoed
+    /// on a terminal).
+    HashPassword {
+        /// The password itself, instead of standard input. It then stays in the shell's
+        /// history and is visible to other users in the process list: prefer stdin.
+        #[arg(long)]
+        password: Option<String>,
+    },
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -66,8 +75,14 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Development mode: one tenant and a key per role, printed for the user.
-fn dev_config(mut cfg: Config) -> Config {
+/// The login of development mode's iTrack user.
+const DEV_LOGIN: &str = "demo";
+/// A tracker id the development banner shows how to feed and follow.
+const DEV_TRACKER: &str = "15564";
+
+/// Development mode: one tenant, a key per role and an iTrack login user (whose password
+/// is returned, to be printed once), printed for the user.
+fn dev_config(mut cfg: Config) -> anyhow::Result<(Config, String)> {
     for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
         let any: Vec<String> = if role == Role::Device {
             vec!["*".into()]
@@ -87,10 +102,17 @@ fn dev_config(mut cfg: Config) -> Config {
         });
     }
     cfg.auth.jwt_hs256_secret = Some(random_hex(24));
-    cfg
+    let password = random_hex(8);
+    cfg.itrack.users.push(LoginUser {
+        login: DEV_LOGIN.into(),
+        password_hash: fleetcast::sessions::hash_password(&password)?,
+        tenant: "fleet_001".into(),
+        trackers: vec!["*".into()],
+    });
+    Ok((cfg, password))
 }
 
-fn print_dev_banner(cfg: &Config, addr: SocketAddr) {
+fn print_dev_banner(cfg: &Config, addr: SocketAddr, password: &str) {
     println!("fleetcast development mode: no config file given, tenant fleet_001 created.");
     println!("API keys (valid until this process exits):");
     for k in &cfg.auth.api_keys {
@@ -102,6 +124,14 @@ fn print_dev_banner(cfg: &Config, addr: SocketAddr) {
         "JWT secret (fleetcast token --secret ...): {}",
         cfg.auth.jwt_hs256_secret.as_deref().unwrap_or("")
     );
+    println!(
+        "iTrack login (user {DEV_LOGIN}, password {password}, tenant fleet_001, all trackers):"
+    );
+    println!(
+        "  curl -s -X POST http://{addr}/v2/user/auth -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"login\":\"{DEV_LOGIN}\",\"password\":\"{password}\"}}'"
+    );
+    println!("  (answers {{\"success\":true,\"hash\":\"...\"}}: subscribe with that hash)");
     println!("Connect a client (the viewer key; any key above works the same way):");
     for codec in fleetcast::dialect::CODECS {
         println!(
@@ -110,6 +140,14 @@ fn print_dev_banner(cfg: &Config, addr: SocketAddr) {
             codec.dev_hint(&addr.to_string(), viewer, "fleet_001")
         );
     }
+    let device = &cfg.auth.api_keys[0].key;
+    println!("Feed tracker {DEV_TRACKER} a position (the device key):");
+    println!(
+        "  curl -s -X POST http://{addr}/v1/publish -H 'Authorization: Bearer {device}' \\\n    \
+         -H 'Content-Type: application/json' -d '{{\"type\":\"location_update\",\"payload\":\
+         {{\"vehicle_id\":\"{DEV_TRACKER}\",\"location\":{{\"latitude\":52.52,\"longitude\":\
+         13.405,\"speed\":42,\"heading\":90}}}}}}'"
+    );
     println!("Health:        http://{addr}/healthz");
 }
 
@@ -119,9 +157,9 @@ fn serve(
     shards: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     let dev = config.is_none();
-    let mut cfg = match &config {
-        Some(p) => Config::read(p)?,
-        None => dev_config(Config::default()),
+    let (mut cfg, dev_password) = match &config {
+        Some(p) => (Config::read(p)?, String::new()),
+        None => dev_config(Config::default())?,
     };
     if let Some(l) = listen {
         cfg.server.listen = l;
@@ -152,7 +190,7 @@ fn serve(
     let node = Node::start(cfg)?;
     let addr = node.local_addr();
     if dev {
-        print_dev_banner(&shown, addr);
+        print_dev_banner(&shown, addr, &dev_password);
     }
     tracing::info!(%addr, shards = node.shard_count(), "fleetcast listening");
     println!("listening on {addr} with {} shards", node.shard_count());
@@ -191,6 +229,36 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line of standard input without its line ending. On a terminal it asks on stderr
+/// and turns echo off meanwhile (`stty`; if that fails the password is echoed).
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut echo_off = false;
+    if tty {
+        eprint!("password: ");
+        std::io::stderr().flush()?;
+        echo_off = stty("-echo");
+    }
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if echo_off {
+        stty("echo");
+        eprintln!();
+    }
+    read?;
+    let line = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(line.strip_suffix('\r').unwrap_or(line).to_string())
 }
 
 /// One line per message, each prefixed with where the config came from.
@@ -234,6 +302,14 @@ fn main() -> anyhow::Result<ExitCode> {
             );
         }
         Command::CheckConfig { path } => return Ok(check_config(&path)),
+        Command::HashPassword { password } => {
+            let password = match password {
+                Some(p) => p,
+                None => read_password()?,
+            };
+            anyhow::ensure!(!password.is_empty(), "the password is empty");
+            println!("{}", fleetcast::sessions::hash_password(&password)?);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -37,7 +37,11 @@ impl Node {
         // The same validation as `serve` and `check-config`; it also loads the JWT keys.
         let checked = config.validate()?;
         let n = config.shard_count();
-        let auth = Authenticator::with_keys(&config.auth, checked.keys)?;
+        // iTrack session hashes live in this node's memory (a cluster store may replace it).
+        let auth = Authenticator::with_keys(&config.auth, checked.keys)?.with_logins(
+            &config.itrack,
+            Arc::new(crate::sessions::MemorySessions::new()),
+        )?;
         let first = bind(config.server.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
         let addr = first.local_addr()?;

@@ -23,7 +23,7 @@ use crate::dialect::native::{
     self, AuthRequest, Command, Filters, Parser, ProtoError, PublishRequest, SubAction,
     SubscribeRequest,
 };
-use crate::dialect::view::{TimeView, View};
+use crate::dialect::view::{StateRules, TimeView, View};
 use crate::event::{Event, Publication};
 use crate::json;
 use crate::metrics::Limit;
@@ -382,6 +382,8 @@ pub struct Session {
     acting_as: Option<Box<str>>,
     /// Fields the dialect's auth reply repeats.
     echo: Vec<(&'static str, Box<str>)>,
+    /// The node's thresholds for tracker states (`[itrack]`), for dialects that show them.
+    state_rules: Option<Arc<StateRules>>,
     actions: VecDeque<Action>,
 }
 
@@ -458,6 +460,7 @@ impl Session {
             time: None,
             acting_as: None,
             echo: Vec::new(),
+            state_rules: None,
             actions: VecDeque::new(),
         };
         if s.principal.is_some() {
@@ -496,6 +499,12 @@ impl Session {
             }
         }
         self
+    }
+
+    /// The thresholds tracker states are judged by (`[itrack]`), for dialects that show
+    /// them (`Codec::shows_tracker_states`).
+    pub fn set_state_rules(&mut self, rules: Arc<StateRules>) {
+        self.state_rules = Some(rules);
     }
 
     pub fn codec(&self) -> &'static dyn Codec {
@@ -855,10 +864,11 @@ impl Session {
         a: AuthRequest,
         ctx: &mut Ctx<'_>,
     ) -> Result<(), ProtoError> {
-        let cred = match (&a.token, &a.api_key) {
-            (Some(t), _) => Some(Credential::Token(t)),
-            (None, Some(k)) => Some(Credential::ApiKey(k)),
-            (None, None) => None,
+        let cred = match (&a.token, &a.api_key, &a.session_hash) {
+            (Some(t), _, _) => Some(Credential::Token(t)),
+            (None, Some(k), _) => Some(Credential::ApiKey(k)),
+            (None, None, Some(h)) => Some(Credential::SessionHash(h)),
+            (None, None, None) => None,
         };
         let verified = match cred {
             Some(c) => ctx
@@ -1058,6 +1068,15 @@ impl Session {
             trips: f.trips.clone(),
             drivers: f.drivers.clone(),
         };
+        // A viewer that follows only its listed vehicles (an iTrack login user).
+        if req.action != SubAction::Unsubscribe
+            && let Some(why) = self.principal.as_ref().and_then(|p| {
+                let others = !requested.trips.is_empty() || !requested.drivers.is_empty();
+                p.refusal_to_follow(requested.all, &requested.vehicles, others)
+            })
+        {
+            return Err(ProtoError::new(403, why));
+        }
         let heavy = req.action == SubAction::Request
             || (req.action == SubAction::Subscribe && req.since.is_some());
         if heavy && !self.requests.try_take(now.mono, self.request_rate, 1) {
@@ -1118,6 +1137,11 @@ impl Session {
                 let view = View {
                     metrics: (!f.metrics.is_empty()).then(|| f.metrics.clone().into()),
                     time: self.time.clone(),
+                    states: self
+                        .codec
+                        .shows_tracker_states()
+                        .then(|| self.state_rules.clone())
+                        .flatten(),
                 };
                 sub.view = (!view.is_plain()).then(|| Arc::new(view));
                 // `frequency` thins state channels and the periodic figures (system,

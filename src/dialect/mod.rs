@@ -9,6 +9,7 @@
 //! Adding a dialect: one file here implementing [`Codec`], its entry in [`CODECS`], and its
 //! paths in [`ENDPOINTS`] (which `crate::wire::handshake::Endpoint::classify` reads).
 
+pub mod itrack;
 pub mod native;
 pub mod telematics;
 pub mod tracking;
@@ -29,8 +30,9 @@ pub const NATIVE: DialectId = DialectId(0);
 pub const VALTRONICS: DialectId = DialectId(1);
 pub const TELEMATICS: DialectId = DialectId(2);
 pub const TRACKING: DialectId = DialectId(3);
+pub const ITRACK: DialectId = DialectId(4);
 /// Number of dialects.
-pub const COUNT: usize = 4;
+pub const COUNT: usize = 5;
 
 /// Every dialect, by [`DialectId`].
 pub static CODECS: [&(dyn Codec + Sync); COUNT] = [
@@ -38,6 +40,7 @@ pub static CODECS: [&(dyn Codec + Sync); COUNT] = [
     &valtronics::Valtronics,
     &telematics::Telematics,
     &tracking::Tracking,
+    &itrack::Itrack,
 ];
 
 pub fn codec(d: DialectId) -> &'static dyn Codec {
@@ -57,6 +60,8 @@ pub const ENDPOINTS: &[(&str, DialectId, Option<Channel>)] = &[
     ("/ws/system", VALTRONICS, Some(Channel::System)),
     ("/realtime/api/v1/ws/realtime", TELEMATICS, None),
     ("/v1/track", TRACKING, None),
+    ("/event/subscription", ITRACK, None),
+    ("/v2/event/subscription", ITRACK, None),
 ];
 
 /// The endpoint of a dialect's streaming path (a trailing `/` is ignored).
@@ -115,6 +120,25 @@ pub trait Codec: Sync {
 
     fn heartbeat(&self) -> Heartbeat {
         Heartbeat::WsPing
+    }
+
+    /// Whether its events show tracker states judged at encoding time (iTrack): its
+    /// subscriptions' views carry the node's `[itrack]` thresholds.
+    fn shows_tracker_states(&self) -> bool {
+        false
+    }
+
+    /// Checks the upgrade request's query before anything else (an Atmosphere transport
+    /// other than `websocket`): the HTTP status and message of a refusal.
+    /// `query`: the request's query parameters, decoded, in order.
+    fn check_handshake(&self, _query: &[(String, String)]) -> Result<(), (u16, String)> {
+        Ok(())
+    }
+
+    /// Bytes sent right after the upgrade, before anything else (the Atmosphere
+    /// handshake frame of iTrack). `heartbeat_ms` is the server's heartbeat interval.
+    fn greeting(&self, _heartbeat_ms: u64) -> Option<Vec<u8>> {
+        None
     }
 
     /// A channel a subscription to `channel` also covers, silently (Valtronics shows

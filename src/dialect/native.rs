@@ -44,6 +44,8 @@ pub struct AuthRequest {
     pub echo: Vec<(&'static str, Box<str>)>,
     /// How the connection's events write timestamps (Telematics `date_format`).
     pub time: Option<super::view::TimeView>,
+    /// A session hash from `user/auth` (iTrack), instead of a key or token.
+    pub session_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

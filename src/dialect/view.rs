@@ -14,12 +14,69 @@ pub struct View {
     pub metrics: Option<Arc<[Box<str>]>>,
     /// How timestamps are written (Telematics `date_format` and `timezone`).
     pub time: Option<Arc<TimeView>>,
+    /// The thresholds tracker states are judged by (iTrack `connection_status`,
+    /// `movement_status`): a frame with them depends on when it is encoded.
+    pub states: Option<Arc<StateRules>>,
+}
+
+/// When a tracker counts as idle or offline, and moving, stopped or parked (`[itrack]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StateRules {
+    /// Last update older than this: `idle` (else `active`).
+    pub idle_after_ms: u64,
+    /// Last update older than this: `offline`.
+    pub offline_after_ms: u64,
+    /// At rest longer than this: `parked` (else `stopped`).
+    pub parked_after_ms: u64,
+    /// Faster than this (km/h): `moving`.
+    pub moving_kmh: u32,
+}
+
+impl Default for StateRules {
+    fn default() -> Self {
+        StateRules {
+            idle_after_ms: 120_000,
+            offline_after_ms: 600_000,
+            parked_after_ms: 300_000,
+            moving_kmh: 3,
+        }
+    }
+}
+
+impl StateRules {
+    /// `active`, `idle` or `offline`, from the age of the last update at `now_ms`.
+    pub fn connection_status(&self, last_update_ms: i64, now_ms: i64) -> &'static str {
+        let age = now_ms.saturating_sub(last_update_ms).max(0) as u64;
+        if age >= self.offline_after_ms {
+            "offline"
+        } else if age >= self.idle_after_ms {
+            "idle"
+        } else {
+            "active"
+        }
+    }
+
+    /// `moving`, `stopped` or `parked`, from the speed and how long it has been at rest.
+    pub fn movement_status(
+        &self,
+        speed_kmh: f64,
+        stopped_since_ms: i64,
+        now_ms: i64,
+    ) -> &'static str {
+        if speed_kmh > self.moving_kmh as f64 {
+            "moving"
+        } else if now_ms.saturating_sub(stopped_since_ms) >= self.parked_after_ms as i64 {
+            "parked"
+        } else {
+            "stopped"
+        }
+    }
 }
 
 impl View {
     /// True when the view changes nothing: the dialect's shared frame is what it sees.
     pub fn is_plain(&self) -> bool {
-        self.metrics.is_none() && self.time.is_none()
+        self.metrics.is_none() && self.time.is_none() && self.states.is_none()
     }
 
     /// True when `metric` is shown.

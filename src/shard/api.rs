@@ -1,11 +1,12 @@
-//! The HTTP API on the broker's port (SPEC §4): `POST /v1/publish`, and the polling
-//! fallbacks `GET /v1/fleets/{id}/vehicles` and `GET /v1/fleets/{id}/events`.
+//! The HTTP API on the broker's port (SPEC §4): `POST /v1/publish`, the polling
+//! fallbacks `GET /v1/fleets/{id}/vehicles` and `GET /v1/fleets/{id}/events`, and the
+//! iTrack session calls `user/auth` and `user/logout` (`crate::sessions`).
 //!
 //! A publish goes through the same session code as a WebSocket message (validation,
 //! roles, tenant checks, errors) and the same `accept_publication` (dedup, per-vehicle
 //! rate, encode once, fan-out).
 
-use super::conn::PendingBody;
+use super::conn::{BodyFor, PendingBody};
 use super::{Published, Shard, now};
 use crate::auth::{Credential, Principal};
 use crate::dialect::native;
@@ -15,6 +16,7 @@ use crate::json;
 use crate::metrics::Limit;
 use crate::model::{Channel, Role};
 use crate::session::{Action, AdmitAll, Ctx, Now, Selection, Session};
+use crate::sessions::{CallParams, UserApiError, UserCall};
 use crate::wire::handshake::{Endpoint, Request, Scope};
 use simd_json::prelude::*;
 use std::ops::Range;
@@ -173,14 +175,14 @@ impl Shard {
             self.conns[slot].http_body = Some(Box::new(PendingBody {
                 head,
                 len,
-                principal,
+                then: BodyFor::Publish(principal),
             }));
             return;
         }
         self.api_publish_body(slot, head, len, principal, now);
     }
 
-    /// Continues a publish whose body arrives in pieces: runs once the body is complete.
+    /// Continues a request whose body arrives in pieces: runs once the body is complete.
     pub(super) fn api_body_bytes(&mut self, slot: usize) {
         let conn = &mut self.conns[slot];
         let Some(p) = conn.http_body.as_ref() else {
@@ -190,7 +192,96 @@ impl Shard {
             return;
         }
         let p = conn.http_body.take().expect("checked");
-        self.api_publish_body(slot, p.head, p.len, p.principal, now());
+        match p.then {
+            BodyFor::Publish(principal) => {
+                self.api_publish_body(slot, p.head, p.len, principal, now())
+            }
+            BodyFor::User(call, query) => {
+                let body = self.conns[slot].rbuf[p.head..p.head + p.len].to_vec();
+                self.user_call(slot, call, &query, &body)
+            }
+        }
+    }
+
+    /// `user/auth` and `user/logout` (GET, or POST with a JSON or form body): answered
+    /// in Navixy's shape, `{"success":true,...}` or `{"success":false,"status":{code,
+    /// description}}`, never with the broker's own error body.
+    pub(super) fn user_request(&mut self, slot: usize, head: usize, req: &Request, call: UserCall) {
+        let max = self.shared.config.limits.max_http_body_bytes;
+        let len = req.content_length.unwrap_or(0);
+        if req.chunked {
+            return self.user_error(slot, &UserApiError::Chunked);
+        }
+        if len > max {
+            return self.user_error(slot, &UserApiError::TooLarge(max));
+        }
+        if self.conns[slot].rbuf.len() < head + len {
+            self.conns[slot].http_body = Some(Box::new(PendingBody {
+                head,
+                len,
+                then: BodyFor::User(call, req.query.clone()),
+            }));
+            return;
+        }
+        let body = self.conns[slot].rbuf[head..head + len].to_vec();
+        self.user_call(slot, call, &req.query, &body);
+    }
+
+    fn user_call(&mut self, slot: usize, call: UserCall, query: &[(String, String)], body: &[u8]) {
+        let params = match CallParams::new(query, body) {
+            Ok(p) => p,
+            Err(e) => return self.user_error(slot, &e),
+        };
+        let now = now();
+        let unix_ms = now.unix_ms.max(0) as u64;
+        let answer = match call {
+            UserCall::Auth => self.user_login(slot, &params, now),
+            UserCall::Logout => params.required("hash").and_then(|hash| {
+                if self.shared.auth.logout(hash, unix_ms) {
+                    Ok(crate::sessions::success_body(None))
+                } else {
+                    Err(UserApiError::SessionEnded)
+                }
+            }),
+        };
+        match answer {
+            Ok(body) => self.http_reply(slot, 200, "application/json", &body),
+            Err(e) => self.user_error(slot, &e),
+        }
+    }
+
+    /// Rate limits first (a limited login is refused without looking at the password),
+    /// then one argon2 verification on this thread (docs/operations.md: its cost).
+    fn user_login(
+        &mut self,
+        slot: usize,
+        params: &CallParams<'_>,
+        now: Now,
+    ) -> Result<Vec<u8>, UserApiError> {
+        let login = params.required("login")?;
+        let password = params.required("password")?;
+        let ip = self.conns[slot].peer.ip();
+        let admission = &self.shared.admission;
+        if let Err((limit, wait)) = admission.check_login(login, ip, now.mono) {
+            self.stats().breach(limit);
+            return Err(UserApiError::TooManyFailures {
+                per_address: limit == Limit::LoginRatePerIp,
+                retry_after_secs: wait.as_millis().div_ceil(1000) as u64,
+            });
+        }
+        let unix_ms = now.unix_ms.max(0) as u64;
+        match self.shared.auth.login(login, password, unix_ms) {
+            Ok(hash) => Ok(crate::sessions::success_body(Some(&hash))),
+            Err(_) => {
+                // The verification took a while: the failure is counted at its end.
+                admission.login_failed(login, ip, std::time::Instant::now());
+                Err(UserApiError::WrongLogin)
+            }
+        }
+    }
+
+    fn user_error(&mut self, slot: usize, e: &UserApiError) {
+        self.http_reply(slot, e.code().1, "application/json", &e.body());
     }
 
     fn api_publish_body(

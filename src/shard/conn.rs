@@ -44,19 +44,28 @@ pub struct Conn {
     pub snapshots: Vec<PendingSnapshot>,
     /// Counted as a pending (not yet upgraded or answered) connection in admission.
     pub pending: bool,
-    /// An HTTP publish whose body is still arriving.
+    /// An HTTP request (publish, user/auth) whose body is still arriving.
     pub http_body: Option<Box<PendingBody>>,
     /// When this connection's entry in the shard's timer heap fires.
     pub timer_at: Option<Instant>,
 }
 
-/// What a publish request still waiting for its body has already decided, so that the
-/// head is not parsed, nor the credential verified, again on every read.
+/// What a request still waiting for its body has already decided, so that the head is
+/// not parsed, nor the credential verified, again on every read.
 #[derive(Debug)]
 pub struct PendingBody {
     pub head: usize,
     pub len: usize,
-    pub principal: crate::auth::Principal,
+    pub then: BodyFor,
+}
+
+/// What a complete body goes to.
+#[derive(Debug)]
+pub enum BodyFor {
+    /// `POST /v1/publish`, by this principal.
+    Publish(crate::auth::Principal),
+    /// A `user/auth` or `user/logout` call; `query`: the request's query parameters.
+    User(crate::sessions::UserCall, Vec<(String, String)>),
 }
 
 impl Conn {

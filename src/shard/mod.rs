@@ -566,13 +566,14 @@ impl Shard {
             Endpoint::Echo if !shared.config.testing.echo_endpoint => Endpoint::NotFound,
             e => e,
         };
-        if endpoint != Endpoint::NotFound && req.method != endpoint.method() {
+        if endpoint != Endpoint::NotFound && !endpoint.allows(&req.method) {
             return self.http_error(slot, 405, "method not allowed");
         }
         let scope = match endpoint {
             Endpoint::Publish | Endpoint::FleetVehicles(_) | Endpoint::FleetEvents(_) => {
                 return self.api_request(slot, head, &req, &endpoint);
             }
+            Endpoint::User(call) => return self.user_request(slot, head, &req, call),
             Endpoint::Healthz => return self.http_reply(slot, 200, "text/plain", b"ok\n"),
             Endpoint::Readyz => {
                 let (status, body) = shared.readiness();
@@ -598,6 +599,11 @@ impl Shard {
             Endpoint::Native(scope) => Some((scope, dialect::NATIVE, None)),
             Endpoint::Stream(d, preset) => Some((handshake::Scope::None, d, preset)),
         };
+        if let Some((_, d, _)) = &scope
+            && let Err((status, message)) = dialect::codec(*d).check_handshake(&req.query)
+        {
+            return self.http_error(slot, status, &message);
+        }
         if !(req.upgrade_websocket && req.connection_upgrade) {
             return self.http_error(slot, 426, "this endpoint speaks WebSocket only");
         }
@@ -660,7 +666,11 @@ impl Shard {
         let mut session = Session::new(conn_id.into(), scope, principal, now.mono, limits);
         session.set_publish_bucket(bucket);
         if dialect != dialect::NATIVE {
-            session = session.with_dialect(dialect::codec(dialect), preset, limits, now);
+            let codec = dialect::codec(dialect);
+            if codec.shows_tracker_states() {
+                session.set_state_rules(Arc::new(shared.config.itrack.state_rules()));
+            }
+            session = session.with_dialect(codec, preset, limits, now);
         }
         self.upgrade(slot, head, key, Some(session));
     }
@@ -677,6 +687,13 @@ impl Shard {
         }
         let dialect = session.as_ref().map_or(dialect::NATIVE, |s| s.codec().id());
         conn.out.set_dialect(dialect);
+        let heartbeat_ms = self.shared.config.limits.heartbeat_interval_ms;
+        if let Some(hello) = session
+            .as_ref()
+            .and_then(|s| s.codec().greeting(heartbeat_ms))
+        {
+            conn.out.push_owned(hello);
+        }
         conn.session = session;
         conn.phase = Phase::Open;
         let rest = conn.rbuf.split_off(head);

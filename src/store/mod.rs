@@ -33,6 +33,9 @@ pub enum Published {
     Refused(ProtoError),
 }
 
+/// A position at or below this speed (km/h) is at rest: GPS speed jitters around zero.
+pub const AT_REST_KMH: f64 = 1.0;
+
 /// What the store counted while accepting (the caller adds it to its metrics).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counted {
@@ -225,6 +228,19 @@ impl<'a> Store<'a> {
             .and_then(|_| p.keys.state_key(p.channel))
             .and_then(|k| ch.last_of(k))
             .and_then(|prev| prev.status.clone());
+        // A position at rest says since when the vehicle has been at rest (iTrack
+        // `movement_status`): its previous position's, if that was at rest too.
+        let stopped_since_ms = p.canon.location.and_then(|loc| {
+            if loc.speed_kmh.unwrap_or(0.0) > AT_REST_KMH {
+                return None;
+            }
+            let prev = p.keys.state_key(p.channel).and_then(|k| ch.last_of(k));
+            Some(
+                prev.and_then(|e| e.stopped_since_ms)
+                    .unwrap_or(p.ts_ms)
+                    .min(p.ts_ms),
+            )
+        });
         let mut ev = Event::encode(
             tenant.clone(),
             p,
@@ -234,6 +250,7 @@ impl<'a> Store<'a> {
             now.mono,
         );
         ev.prev_status = prev_status;
+        ev.stopped_since_ms = stopped_since_ms;
         Arc::new(ev)
     }
 

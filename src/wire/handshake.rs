@@ -16,6 +16,8 @@ pub enum Endpoint {
     FleetVehicles(Box<str>),
     /// `GET /v1/fleets/{fleet_id}/events`.
     FleetEvents(Box<str>),
+    /// iTrack sessions: `GET|POST /v2/user/auth`, `/v2/user/logout` (also without `/v2`).
+    User(crate::sessions::UserCall),
     /// The native (Bookovia-style) streaming endpoint, with its entity scope.
     Native(Scope),
     /// Another dialect's streaming endpoint, and the channel it subscribes once the
@@ -48,6 +50,9 @@ impl Endpoint {
         }
         if let Some(e) = crate::dialect::endpoint(path) {
             return e;
+        }
+        if let Some(call) = crate::sessions::UserCall::at(path) {
+            return Endpoint::User(call);
         }
         if let Some(rest) = path.strip_prefix("/v1/fleets/") {
             return match rest.split_once('/') {
@@ -86,11 +91,13 @@ impl Endpoint {
         )
     }
 
-    /// The method this endpoint answers.
-    pub fn method(&self) -> &'static str {
+    /// Whether this endpoint answers `method` (405 otherwise).
+    pub fn allows(&self, method: &str) -> bool {
         match self {
-            Endpoint::Publish => "POST",
-            _ => "GET",
+            Endpoint::Publish => method == "POST",
+            // Navixy-style calls take their parameters by GET or POST.
+            Endpoint::User(_) => method == "GET" || method == "POST",
+            _ => method == "GET",
         }
     }
 }
@@ -294,6 +301,13 @@ mod tests {
             Endpoint::classify("/v1/streaming/websocket/trip/t9"),
             Endpoint::Native(Scope::Trip("t9".into()))
         );
+        assert_eq!(
+            Endpoint::classify("/v2/user/auth"),
+            Endpoint::User(crate::sessions::UserCall::Auth)
+        );
+        assert!(Endpoint::classify("/user/logout/").allows("POST"));
+        assert!(!Endpoint::classify("/user/auth").allows("PUT"));
+        assert!(!Endpoint::Publish.allows("GET") && !Endpoint::Healthz.allows("POST"));
         for p in [
             "/",
             "/v1/streaming/websocketx",

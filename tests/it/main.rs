@@ -16,6 +16,8 @@ mod hostile;
 mod http;
 mod http_api;
 mod isolation;
+mod itrack;
+mod itrack_auth;
 mod lifecycle;
 mod limits;
 mod matrix;
