@@ -229,17 +229,20 @@ impl Parser {
     }
 }
 
+/// The message's `type`, which every JSON dialect but Tracking and iTrack dispatches on.
+pub(crate) fn message_type<'v>(v: &'v Value<'_>) -> Result<&'v str, ProtoError> {
+    v.get("type")
+        .ok_or_else(|| ProtoError::field("type", "missing message type"))?
+        .as_str()
+        .ok_or_else(|| ProtoError::field("type", "type must be a string"))
+}
+
 fn decode_value(
     raw: &[u8],
     v: &Value<'_>,
     range_of: &dyn Fn(&str) -> Option<Range<usize>>,
 ) -> Result<Command, ProtoError> {
-    let Some(ty) = v.get("type") else {
-        return Err(ProtoError::field("type", "missing message type"));
-    };
-    let ty = ty
-        .as_str()
-        .ok_or_else(|| ProtoError::field("type", "type must be a string"))?;
+    let ty = message_type(v)?;
     let empty = Value::from(simd_json::value::borrowed::Object::new());
     let payload = v.get("payload").unwrap_or(&empty);
     match ty {

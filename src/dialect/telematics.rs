@@ -198,11 +198,7 @@ fn decode_value(
     v: &Value<'_>,
     _range_of: &dyn Fn(&str) -> Option<Range<usize>>,
 ) -> Result<Command, ProtoError> {
-    let ty = v
-        .get("type")
-        .ok_or_else(|| ProtoError::field("type", "missing message type"))?
-        .as_str()
-        .ok_or_else(|| ProtoError::field("type", "type must be a string"))?;
+    let ty = native::message_type(v)?;
     match ty {
         "authenticate" => decode_auth(v).map(Command::Auth),
         // The answer to the server's heartbeat: hearing it is all that counts.

@@ -416,11 +416,7 @@ fn decode_value(
     v: &Value<'_>,
     range_of: &dyn Fn(&str) -> Option<Range<usize>>,
 ) -> Result<Command, ProtoError> {
-    let ty = v
-        .get("type")
-        .ok_or_else(|| ProtoError::field("type", "missing message type"))?
-        .as_str()
-        .ok_or_else(|| ProtoError::field("type", "type must be a string"))?;
+    let ty = native::message_type(v)?;
     match ty {
         "auth" => {
             let token = native::opt_string(v, "token")?
