@@ -22,6 +22,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub itrack: ItrackConfig,
     pub testing: TestingConfig,
+    /// Cluster mode on NATS JetStream; absent: the node runs alone.
+    pub cluster: Option<ClusterConfig>,
     /// Lines of the `[[auth.api_keys]]` entries when parsed from text (`Config::parse`).
     #[serde(skip)]
     api_key_lines: Vec<KeyLine>,
@@ -41,6 +43,60 @@ pub struct HistoryConfig {
     pub dedup_max_ids: usize,
     /// Interval of the derived `fleet_metrics` and of `system` status events.
     pub metrics_interval_ms: u64,
+}
+
+/// Cluster mode (docs/operations.md, "Running a cluster"): the nodes that share a NATS
+/// server (or cluster) with JetStream and a subject prefix act as one broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server URLs (one string or a list), e.g. `nats://127.0.0.1:4222`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub nats_url: Vec<String>,
+    /// This node's name (NATS connection name, logs, `/metrics`). Default: `fleetcast-<pid>`.
+    pub node_name: String,
+    /// First token of every subject, and the prefix of the stream and bucket names: nodes
+    /// with different prefixes on one NATS server are different brokers.
+    pub subject_prefix: String,
+    /// When NATS cannot be reached at start: false (the default) refuses to start with a
+    /// clear error; true starts alone and keeps connecting in the background.
+    pub start_degraded: bool,
+    /// Publications waiting for the NATS link (bounded; what does not fit is refused with
+    /// 503 and counted).
+    pub outbox_capacity: usize,
+    /// A subscription waits at most this long for its (tenant, channel) to be synced from
+    /// the cluster (snapshot from the key-value bucket, history from the stream) before it
+    /// is answered with what the node holds.
+    pub sync_timeout_ms: u64,
+    /// Time to establish the NATS connection at start.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            node_name: format!("fleetcast-{}", std::process::id()),
+            subject_prefix: "fleetcast".into(),
+            start_degraded: false,
+            outbox_capacity: 65_536,
+            sync_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The iTrack dialect: login users, their session hashes, and how tracker states are
@@ -600,6 +656,7 @@ impl Config {
         self.check_limits(&mut p);
         self.check_history(&mut p);
         self.check_itrack(&mut p);
+        self.check_cluster(&mut p);
         for (metric, unit) in &self.telemetry.units {
             p.ensure(!metric.is_empty() && unit.len() <= 32, || {
                 format!(
@@ -801,6 +858,31 @@ impl Config {
                 h.dedup_window_ms
             )
         });
+    }
+
+    fn check_cluster(&self, p: &mut Problems) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        p.ensure(!c.nats_url.is_empty(), || {
+            "cluster.nats_url needs at least one URL".to_string()
+        });
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        p.ensure(token_ok(&c.subject_prefix), || {
+            format!(
+                "cluster.subject_prefix {:?} must be letters, digits, '_' or '-' (it names \
+                 subjects, streams and a bucket)",
+                c.subject_prefix
+            )
+        });
+        p.ensure(!c.node_name.is_empty(), || {
+            "cluster.node_name must not be empty".to_string()
+        });
+        p.at_least("cluster.outbox_capacity", c.outbox_capacity as u64, 1);
     }
 
     /// Where `auth.api_keys[i]` came from: its line when the config was parsed from text

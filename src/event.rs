@@ -12,7 +12,7 @@ use std::time::Instant;
 /// The typed parts of a publication (SPEC §6, "one canonical event model"), read once when
 /// it is accepted, from which every dialect encodes its own shape. Fields the model does
 /// not know stay in the native payload, which native subscribers receive byte for byte.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Canon {
     pub location: Option<Location>,
     /// Telemetry, in the publisher's order.
@@ -27,7 +27,7 @@ pub struct Canon {
 }
 
 /// A position: speed in km/h, heading in degrees, accuracy and altitude in metres.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Location {
     pub lat: f64,
     pub lon: f64,
@@ -38,14 +38,14 @@ pub struct Location {
 }
 
 /// One telemetry reading: its raw JSON value (usually a number) and unit, if known.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Metric {
     pub name: Box<str>,
     pub value: Box<str>,
     pub unit: Option<Box<str>>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Alert {
     /// Raw JSON of the alert id (a string, or a number as the Valtronics seed has it).
     pub id: Option<Box<str>>,

@@ -29,6 +29,12 @@ pub struct ChannelHub {
     alert_minutes: VecDeque<(u64, [u32; 4])>,
     /// The last `fleet_metrics` a service published, merged into the derived ones.
     pub published_metrics: Option<Arc<Event>>,
+    /// Cluster mode, event channels: the epoch of the JetStream stream this channel's
+    /// `seq` and history mirror (the same on every node). `None`: the node's own epoch.
+    pub epoch: Option<u64>,
+    /// Cluster mode: the node holds the cluster's view of this channel (last known state
+    /// loaded from the bucket, history from the stream) and follows it live.
+    pub synced: bool,
 }
 
 impl ChannelHub {
@@ -39,20 +45,33 @@ impl ChannelHub {
 
     /// Records `ev` as last known state if it is the newest for its entity by its own
     /// timestamp. An older, late event is still delivered but does not overwrite.
-    pub fn record_state(&mut self, ev: &Arc<Event>) {
+    /// Returns whether it did.
+    pub fn record_state(&mut self, ev: &Arc<Event>) -> bool {
         if !ev.channel.is_state() {
-            return;
+            return false;
         }
         let Some(key) = ev.keys.state_key(ev.channel) else {
-            return;
+            return false;
         };
         match self.last.get_mut(key) {
-            Some(cur) if cur.ts_ms > ev.ts_ms => {}
-            Some(cur) => *cur = ev.clone(),
+            Some(cur) if cur.ts_ms > ev.ts_ms => false,
+            Some(cur) => {
+                *cur = ev.clone();
+                true
+            }
             None => {
                 self.last.insert(key.into(), ev.clone());
+                true
             }
         }
+    }
+
+    /// Whether an event for the entity of `keys` at `ts_ms` would be older than the state
+    /// held (a value loaded from the cluster that the node already has newer).
+    pub fn is_older(&self, channel: Channel, keys: &crate::model::EntityKeys, ts_ms: i64) -> bool {
+        keys.state_key(channel)
+            .and_then(|k| self.last.get(k))
+            .is_some_and(|cur| cur.ts_ms >= ts_ms)
     }
 
     /// The last known value of every entity in `sel`, and the fence that keeps events
@@ -197,6 +216,18 @@ impl ChannelHub {
     /// The last known events (for derived metrics).
     pub fn states(&self) -> impl Iterator<Item = &Arc<Event>> {
         self.last.values()
+    }
+
+    /// Starts mirroring the stream of `epoch` afresh (a new stream: positions restart).
+    pub fn reset_stream(&mut self, epoch: u64) {
+        self.epoch = Some(epoch);
+        self.seq = 0;
+        self.history.clear();
+    }
+
+    /// Forgets the history: the events before the next one are not all known.
+    pub fn clear_history(&mut self) {
+        self.history.clear();
     }
 
     pub fn history_len(&self) -> usize {

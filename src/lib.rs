@@ -13,6 +13,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod dialect;
 pub mod event;

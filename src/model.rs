@@ -197,7 +197,7 @@ impl Severity {
 }
 
 /// The entities an event concerns; the routing index is keyed by them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EntityKeys {
     pub vehicle: Option<Box<str>>,
     pub trip: Option<Box<str>>,

@@ -53,7 +53,11 @@ impl Node {
         let mut wakers = Vec::new();
         let mut mesh = Vec::new();
         let mut inboxes = Vec::new();
+        let (mut ctl, mut ctl_rx) = (Vec::new(), Vec::new());
         for _ in 0..n {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            ctl.push(tx);
+            ctl_rx.push(rx);
             let poll = Poll::new()?;
             wakers.push(Arc::new(Waker::new(poll.registry(), WAKER)?));
             polls.push(poll);
@@ -61,7 +65,16 @@ impl Node {
             mesh.push(tx);
             inboxes.push(rx);
         }
+        let (cluster, link_ends) = match &config.cluster {
+            Some(c) => {
+                let (link, ends) = crate::cluster::ClusterLink::new(c);
+                (Some(link), Some(ends))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
+            cluster,
+            ctl,
             admission: NodeAdmission::new(config.limits.clone()),
             config,
             auth,
@@ -81,14 +94,23 @@ impl Node {
                 .collect(),
         });
         let mut threads = Vec::new();
-        for (id, ((poll, listener), inbox)) in
-            polls.into_iter().zip(listeners).zip(inboxes).enumerate()
+        // Cluster mode: connected (or, if allowed, connecting) before the first client.
+        if let Some(ends) = link_ends {
+            threads.push(crate::cluster::start(shared.clone(), ends)?);
+        }
+        for (id, (((poll, listener), inbox), ctl)) in polls
+            .into_iter()
+            .zip(listeners)
+            .zip(inboxes)
+            .zip(ctl_rx)
+            .enumerate()
         {
             let shard = Shard::new(
                 id,
                 poll,
                 mio::net::TcpListener::from_std(listener),
                 inbox,
+                ctl,
                 shared.clone(),
             )?;
             threads.push(

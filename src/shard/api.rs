@@ -28,6 +28,47 @@ struct Outcome {
     result: Result<(Channel, Published), Vec<u8>>,
 }
 
+/// A publish request whose event-channel messages the cluster's streams are storing
+/// (cluster mode): answered when the last outcome is in.
+pub(super) struct PendingPublish {
+    slot: usize,
+    generation: u32,
+    outcomes: Vec<Outcome>,
+    waiting: usize,
+}
+
+impl PendingPublish {
+    /// (index, ticket) of each message still waiting.
+    pub(super) fn tickets(&self) -> Vec<(usize, u64)> {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match &o.result {
+                Ok((_, Published::Pending { ticket })) => Some((i, *ticket)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(super) fn channel_at(&self, index: usize) -> Channel {
+        match &self.outcomes[index].result {
+            Ok((c, _)) => *c,
+            Err(_) => Channel::System,
+        }
+    }
+
+    /// Records the outcome of message `index`; true when none is waiting any more.
+    pub(super) fn complete(&mut self, index: usize, outcome: Published) -> bool {
+        if let Ok((_, p)) = &mut self.outcomes[index].result
+            && matches!(p, Published::Pending { .. })
+        {
+            *p = outcome;
+            self.waiting -= 1;
+        }
+        self.waiting == 0
+    }
+}
+
 impl Shard {
     pub(super) fn api_request(
         &mut self,
@@ -342,6 +383,37 @@ impl Shard {
             }
             outcomes.push(self.api_publish_one(&mut session, &hub, raw, now));
         }
+        let waiting = outcomes
+            .iter()
+            .filter(|o| matches!(o.result, Ok((_, Published::Pending { .. }))))
+            .count();
+        let pending = PendingPublish {
+            slot,
+            generation: self.conns[slot].generation,
+            outcomes,
+            waiting,
+        };
+        if waiting > 0 {
+            return self.await_request(pending);
+        }
+        self.finish_publish_request(pending);
+    }
+
+    /// Answers a publish request with every message's outcome.
+    pub(super) fn finish_publish_request(&mut self, req: PendingPublish) {
+        let PendingPublish {
+            slot,
+            generation,
+            outcomes,
+            ..
+        } = req;
+        if self
+            .conns
+            .get(slot)
+            .is_none_or(|c| c.generation != generation)
+        {
+            return;
+        }
         let mut out = Vec::with_capacity(64 + outcomes.len() * 96);
         out.extend_from_slice(b"{\"results\":[");
         for (i, o) in outcomes.iter().enumerate() {
@@ -427,7 +499,7 @@ fn write_outcome(out: &mut Vec<u8>, index: usize, o: &Outcome) {
             let status: &[u8] = match published {
                 Published::Accepted { .. } => b"accepted",
                 Published::Duplicate => b"duplicate",
-                Published::Refused(_) => b"rejected",
+                Published::Refused(_) | Published::Pending { .. } => b"rejected",
             };
             out.extend_from_slice(b",\"status\":\"");
             out.extend_from_slice(status);
@@ -445,7 +517,7 @@ fn write_outcome(out: &mut Vec<u8>, index: usize, o: &Outcome) {
                     json::write_str(out, &e.message);
                     out.push(b'}');
                 }
-                Published::Duplicate => {}
+                Published::Duplicate | Published::Pending { .. } => {}
             }
         }
         Err(error) => {

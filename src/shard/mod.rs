@@ -13,6 +13,7 @@
 //! Work per loop turn is bounded: accepts, bytes read per connection, inbox messages.
 
 mod api;
+mod clustered;
 pub mod conn;
 pub mod outbox;
 pub mod shared;
@@ -99,6 +100,10 @@ pub struct Shard {
     poll: Poll,
     listener: Option<TcpListener>,
     inbox: Receiver<Arc<Event>>,
+    /// The cluster bridge's answers (cluster mode).
+    ctl: Receiver<crate::cluster::Ctl>,
+    /// Cluster mode: what the shard waits for from the bridge.
+    cluster: clustered::Waiting,
     shared: Arc<Shared>,
     conns: Slab<Conn>,
     index: crate::route::index::SubscriberIndex,
@@ -155,6 +160,7 @@ impl Shard {
         poll: Poll,
         listener: TcpListener,
         inbox: Receiver<Arc<Event>>,
+        ctl: Receiver<crate::cluster::Ctl>,
         shared: Arc<Shared>,
     ) -> io::Result<Shard> {
         let mut listener = listener;
@@ -165,6 +171,8 @@ impl Shard {
             poll,
             listener: Some(listener),
             inbox,
+            ctl,
+            cluster: Default::default(),
             shared,
             conns: Slab::new(),
             index: Default::default(),
@@ -205,7 +213,8 @@ impl Shard {
                 || timers_due
                 || !self.pending_reads.is_empty()
                 || !self.dirty.is_empty()
-                || !self.inbox.is_empty();
+                || !self.inbox.is_empty()
+                || !self.ctl.is_empty();
             let mut wake_at = match self.accept_retry_at {
                 Some(t) => t.min(self.next_tick),
                 None => self.next_tick,
@@ -259,6 +268,7 @@ impl Shard {
             if self.shutdown_deadline.is_none() && self.shared.stopping.load(Ordering::Acquire) {
                 self.begin_shutdown();
             }
+            self.drain_ctl();
             self.drain_inbox();
             self.flush_dirty();
             self.fire_timers();
@@ -804,29 +814,58 @@ impl Shard {
         added: &Selection,
         snapshot: &Selection,
         since: Option<(u64, u64)>,
-        mut reply: crate::session::Reply,
+        reply: crate::session::Reply,
     ) {
         let Some(hub) = self.conns[slot].hub.clone() else {
             return;
         };
         let first = self.index.add(&hub.id, channel, added, slot);
+        self.position(slot, &hub, channel, first, snapshot, since, reply, true);
+    }
+
+    /// Positions an indexed subscription in its stream and sends what that gives
+    /// (`subscribed`, the replay, the paced snapshot). In cluster mode, while the channel
+    /// is not synced from the cluster and `may_wait`, the subscription waits instead:
+    /// parked, with every event fenced off, until the bridge says the channel is synced
+    /// or `cluster.sync_timeout_ms` passes.
+    #[allow(clippy::too_many_arguments)]
+    fn position(
+        &mut self,
+        slot: usize,
+        hub: &Arc<TenantHub>,
+        channel: Channel,
+        first: bool,
+        snapshot: &Selection,
+        since: Option<(u64, u64)>,
+        mut reply: crate::session::Reply,
+        may_wait: bool,
+    ) {
         let Positioned {
             epoch,
             position,
             snapshot: events,
             replay,
             fence,
+            waiting,
+            gained,
         } = self.store().subscribe(
-            &hub,
+            hub,
             channel,
             Joining {
                 shard: self.id,
                 first,
+                wait_sync: may_wait && self.shared.cluster.is_some(),
             },
             snapshot,
             since,
             now(),
         );
+        if gained && let Some(link) = &self.shared.cluster {
+            link.interest_changed(&hub.id, channel);
+        }
+        if waiting {
+            return self.park(slot, channel, snapshot, since, reply);
+        }
         if channel.is_event()
             && let crate::session::Reply::Subscribed { position: p, .. } = &mut reply
         {
@@ -921,9 +960,12 @@ impl Shard {
                 &self.shared.config.limits,
                 &self.shared.config.history,
             );
-            store.leave(hub, channel, self.id, || {
+            let lost = store.leave(hub, channel, self.id, || {
                 index.has_interest(&hub.id, channel)
             });
+            if lost && let Some(link) = &self.shared.cluster {
+                link.interest_changed(&hub.id, channel);
+            }
         }
     }
 
@@ -1012,8 +1054,25 @@ impl Shard {
         };
         let (channel, ack, id) = (p.channel, p.ack, p.id.clone());
         let outcome = self.accept_publication(&hub, p, now);
+        if let Published::Pending { ticket } = outcome {
+            return self.await_stored(ticket, slot, id, channel, ack);
+        }
+        self.answer_publish(slot, outcome, id, channel, ack, now);
+    }
+
+    /// Answers a publish with `ack` or `error` as asked.
+    fn answer_publish(
+        &mut self,
+        slot: usize,
+        outcome: Published,
+        id: Option<Vec<u8>>,
+        channel: Channel,
+        ack: bool,
+        now: Now,
+    ) {
         let reply = match outcome {
-            Published::Accepted { .. } if !ack => return,
+            Published::Accepted { .. } | Published::Pending { .. } if !ack => return,
+            Published::Pending { .. } => return,
             Published::Accepted { seq } => Reply::Ack {
                 id,
                 channel,
@@ -1050,14 +1109,25 @@ impl Shard {
         let fresh = self.fresh_id();
         let shared = self.shared.clone();
         let channel = p.channel;
+        if channel.is_event() && shared.cluster.is_some() {
+            return self.store_in_cluster(hub, p, fresh, now);
+        }
         let (me, mut wake) = (self.id, 0);
         let mut counted = Counted::default();
+        let mut accepted = None;
         let out = self
             .store()
             .accept(hub, p, &fresh, now, &mut counted, |ev, mask| {
+                if shared.cluster.is_some() {
+                    accepted = Some(ev.clone());
+                }
                 wake = route(&shared, me, ev, mask)
             });
         self.wake_mask |= wake;
+        if let (Some(link), Some(ev)) = (&shared.cluster, accepted) {
+            // Delivered here already; the other nodes get it through NATS.
+            let _ = link.send(crate::cluster::Out::Forward(ev));
+        }
         let stats = self.stats();
         if let Some(l) = counted.breach {
             stats.breach(l);
@@ -1503,6 +1573,7 @@ impl Shard {
         if self.shutdown_deadline.is_some() {
             self.close_some_for_shutdown();
         }
+        self.resume_overdue();
         if self.id == 0 && now.mono >= self.next_metrics {
             self.next_metrics =
                 now.mono + Duration::from_millis(self.shared.config.history.metrics_interval_ms);

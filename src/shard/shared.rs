@@ -28,6 +28,10 @@ pub struct Shared {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Set for a shard when an event could not be queued to it (its inbox was full).
     pub inbox_overflowed: Vec<std::sync::atomic::AtomicBool>,
+    /// Cluster mode: the way to the bridge thread (`None`: the node runs alone).
+    pub cluster: Option<crate::cluster::ClusterLink>,
+    /// Each shard's control inbox (the bridge's answers).
+    pub ctl: Vec<Sender<crate::cluster::Ctl>>,
 }
 
 /// A shard whose loop has not turned for this long makes `/readyz` fail.
@@ -57,12 +61,28 @@ impl crate::session::Admission for Shared {
 }
 
 impl Shared {
+    /// `/readyz`: the shards' liveness; in cluster mode the body also says whether the
+    /// NATS link is up. A node whose link is down stays ready (200): its local traffic
+    /// flows, and taking every node out of a load balancer because NATS is away would
+    /// stop all of it (docs/operations.md).
     pub fn readiness(&self) -> (u16, String) {
-        readiness(&self.stats, unix_ms())
+        let (status, mut body) = readiness(&self.stats, unix_ms());
+        if let Some(link) = &self.cluster {
+            if link.is_connected() {
+                body.push_str("cluster link: up\n");
+            } else {
+                body.push_str("cluster link: degraded (NATS unreachable, reconnecting)\n");
+            }
+        }
+        (status, body)
     }
 
     pub fn render_metrics(&self) -> String {
-        metrics::render(&self.stats)
+        let mut out = metrics::render(&self.stats);
+        if let Some(link) = &self.cluster {
+            link.render(&mut out);
+        }
+        out
     }
 }
 

@@ -28,9 +28,16 @@ use std::time::Duration;
 /// What became of one publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Published {
-    Accepted { seq: u64 },
+    Accepted {
+        seq: u64,
+    },
     Duplicate,
     Refused(ProtoError),
+    /// Cluster mode, event channels: handed to the stream; the outcome comes back for
+    /// this ticket (the shard answers the publisher then).
+    Pending {
+        ticket: u64,
+    },
 }
 
 /// A position at or below this speed (km/h) is at rest: GPS speed jitters around zero.
@@ -58,6 +65,24 @@ pub struct Positioned {
     pub replay: Option<Vec<Arc<Event>>>,
     /// Events in flight up to here were sent by the snapshot or the replay.
     pub fence: Fence,
+    /// Cluster mode: the channel is not synced from the cluster yet; nothing above is
+    /// filled in, and the subscription is positioned again once it is.
+    pub waiting: bool,
+    /// The node had no subscriber of the channel before (cluster interest begins).
+    pub gained: bool,
+}
+
+/// How an event from another node is taken in (cluster mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingest {
+    /// A live state or metrics update: recorded and routed.
+    Live,
+    /// A last known value loaded from the cluster's bucket: recorded if newer than the
+    /// state held, routed only then and once the channel is synced.
+    Load,
+    /// An event-channel event at its stream position: mirrored (history), routed once
+    /// the channel is synced (the backlog before is history, not news).
+    Stream { seq: u64, epoch: u64 },
 }
 
 /// The shard a subscription is on, and whether it had no interest in the channel before
@@ -66,6 +91,8 @@ pub struct Positioned {
 pub struct Joining {
     pub shard: usize,
     pub first: bool,
+    /// Cluster mode: wait (`Positioned::waiting`) while the channel is not synced.
+    pub wait_sync: bool,
 }
 
 /// A page of history (HTTP polling).
@@ -115,6 +142,23 @@ impl<'a> Store<'a> {
         route: impl FnOnce(&Arc<Event>, u64),
     ) -> Published {
         let mut p = p;
+        if let Err(out) = self.admit(hub, &mut p, now, counted) {
+            return out;
+        }
+        self.commit(hub, p, fresh_id, now, counted, route)
+    }
+
+    /// The checks before a publication takes a position: units of bare metrics, the
+    /// device's trip binding, publish-id dedup (this node's window), and a trip event
+    /// binding its vehicle. In cluster mode an event-channel publication that passes them
+    /// goes to the stream, which gives it its position.
+    pub fn admit(
+        &self,
+        hub: &TenantHub,
+        p: &mut Publication,
+        now: Now,
+        counted: &mut Counted,
+    ) -> Result<(), Published> {
         if let Some(units) = self.units {
             for m in p.canon.metrics.iter_mut().filter(|m| m.unit.is_none()) {
                 m.unit = units.get(&*m.name).map(|u| u.as_str().into());
@@ -125,17 +169,17 @@ impl<'a> Store<'a> {
             let bindings = hub.bindings.lock();
             let vehicle = p.keys.vehicle.as_deref().unwrap_or("");
             if p.bind_check.trip && p.keys.trip.as_deref() != bindings.trip_of(vehicle) {
-                return Published::Refused(ProtoError::forbidden(
+                return Err(Published::Refused(ProtoError::forbidden(
                     "trip_id",
                     "trip is neither in the device's credential nor its vehicle's current trip",
-                ));
+                )));
             }
             if p.bind_check.driver && p.keys.driver.as_deref() != bindings.driver_of(vehicle) {
-                return Published::Refused(ProtoError::forbidden(
+                return Err(Published::Refused(ProtoError::forbidden(
                     "driver_id",
                     "driver is neither in the device's credential nor on its vehicle's \
                      current trip",
-                ));
+                )));
             }
         }
         if let Some(id) = &p.id
@@ -147,9 +191,15 @@ impl<'a> Store<'a> {
             )
         {
             counted.duplicate = true;
-            return Published::Duplicate;
+            return Err(Published::Duplicate);
         }
-        if channel == Channel::TripEvents
+        self.bind_trip(hub, p);
+        Ok(())
+    }
+
+    /// A trip event naming a vehicle, a trip (and a driver) binds them.
+    fn bind_trip(&self, hub: &TenantHub, p: &Publication) {
+        if p.channel == Channel::TripEvents
             && let (Some(v), Some(t)) = (p.keys.vehicle.as_deref(), p.keys.trip.as_deref())
         {
             hub.bindings.lock().bind(
@@ -159,6 +209,20 @@ impl<'a> Store<'a> {
                 self.limits.max_vehicles_per_tenant,
             );
         }
+    }
+
+    /// Under the channel's lock: the entity bound, the location interval, then the
+    /// position, state, history and hand-over.
+    fn commit(
+        &self,
+        hub: &TenantHub,
+        p: Publication,
+        fresh_id: &[u8],
+        now: Now,
+        counted: &mut Counted,
+        route: impl FnOnce(&Arc<Event>, u64),
+    ) -> Published {
+        let channel = p.channel;
         let interval = self.limits.location_update_interval();
         let mut ch = hub.channel(channel).lock();
         if ch.would_exceed(channel, &p.keys, self.limits.max_vehicles_per_tenant) {
@@ -211,6 +275,85 @@ impl<'a> Store<'a> {
         route(&ev, ch.shard_mask);
     }
 
+    /// Takes in an event another node accepted (cluster mode), as `how` says, and hands it
+    /// to this node's shards with subscribers. Returns whether it was taken (an event the
+    /// stream mirror already holds, or a loaded value older than the state held, is not).
+    pub fn ingest(
+        &self,
+        hub: &TenantHub,
+        p: Publication,
+        id: &[u8],
+        how: Ingest,
+        now: Now,
+        route: impl FnOnce(&Arc<Event>, u64),
+    ) -> bool {
+        let channel = p.channel;
+        self.bind_trip(hub, &p);
+        let mut ch = hub.channel(channel).lock();
+        let live = match how {
+            Ingest::Live => true,
+            Ingest::Load => {
+                if ch.is_older(channel, &p.keys, p.ts_ms) {
+                    return false;
+                }
+                // Newer than what the node held: an update it missed, for subscribers
+                // already following the channel (after a reconnect).
+                ch.synced
+            }
+            Ingest::Stream { seq, epoch } => {
+                if ch.epoch != Some(epoch) {
+                    ch.reset_stream(epoch);
+                }
+                if seq <= ch.seq {
+                    return false;
+                }
+                if seq != ch.seq + 1 {
+                    ch.clear_history();
+                }
+                ch.seq = seq - 1;
+                ch.synced
+            }
+        };
+        let ev = self.next_event(&mut ch, &hub.id, p, id, now);
+        ch.record_state(&ev);
+        ch.record_history(&ev, self.history.max_events, self.history.max_age());
+        if channel == Channel::FleetMetrics {
+            ch.published_metrics = Some(ev.clone());
+        }
+        if channel == Channel::Alerts
+            && let Some(severity) = ev.severity.as_deref().and_then(Severity::parse)
+        {
+            ch.count_alert(self.hubs.minute(now.mono), severity);
+        }
+        if live {
+            route(&ev, ch.shard_mask);
+        }
+        true
+    }
+
+    /// Cluster mode: the channel now holds the cluster's view; returns the shards waiting
+    /// for it (none if interest went away meanwhile).
+    pub fn mark_synced(&self, hub: &TenantHub, channel: Channel) -> u64 {
+        let mut ch = hub.channel(channel).lock();
+        ch.synced = ch.shard_mask != 0;
+        if ch.synced { ch.shard_mask } else { 0 }
+    }
+
+    /// Cluster mode: the node stops following the channel, unless interest came back.
+    /// Returns whether it stopped.
+    pub fn mark_unsynced(&self, hub: &TenantHub, channel: Channel) -> bool {
+        let mut ch = hub.channel(channel).lock();
+        if ch.shard_mask == 0 {
+            ch.synced = false;
+        }
+        !ch.synced
+    }
+
+    /// Whether any shard of this node has subscribers of the channel.
+    pub fn interested(&self, hub: &TenantHub, channel: Channel) -> bool {
+        hub.channel(channel).lock().shard_mask != 0
+    }
+
     /// The stream's next position, and the publication encoded once at it.
     fn next_event(
         &self,
@@ -241,14 +384,8 @@ impl<'a> Store<'a> {
                     .min(p.ts_ms),
             )
         });
-        let mut ev = Event::encode(
-            tenant.clone(),
-            p,
-            ch.seq,
-            self.hubs.epoch,
-            fresh_id,
-            now.mono,
-        );
+        let epoch = ch.epoch.unwrap_or(self.hubs.epoch);
+        let mut ev = Event::encode(tenant.clone(), p, ch.seq, epoch, fresh_id, now.mono);
         ev.prev_status = prev_status;
         ev.stopped_since_ms = stopped_since_ms;
         Arc::new(ev)
@@ -267,12 +404,24 @@ impl<'a> Store<'a> {
         since: Option<(u64, u64)>,
         now: Now,
     ) -> Positioned {
-        let Joining { shard, first } = shard;
-        let epoch = self.hubs.epoch;
+        let Joining {
+            shard,
+            first,
+            wait_sync,
+        } = shard;
         let mut ch = hub.channel(channel).lock();
+        let gained = first && ch.shard_mask == 0;
         if first {
             ch.shard_mask |= 1 << shard;
         }
+        if wait_sync && !ch.synced && (channel.is_state() || channel.is_event()) {
+            return Positioned {
+                waiting: true,
+                gained,
+                ..Default::default()
+            };
+        }
+        let epoch = ch.epoch.unwrap_or(self.hubs.epoch);
         let position = ch.seq;
         let (snapshot, mut fence) = if channel.is_state() {
             ch.snapshot(selection)
@@ -300,22 +449,28 @@ impl<'a> Store<'a> {
             snapshot,
             replay,
             fence,
+            waiting: false,
+            gained,
         }
     }
 
     /// Shard `shard` lost its last subscriber of `channel` if `still_interested` says so
-    /// (asked under the channel's lock, so no subscribe of that shard races it).
+    /// (asked under the channel's lock, so no subscribe of that shard races it). Returns
+    /// true when no shard of the node is interested any more.
     pub fn leave(
         &self,
         hub: &TenantHub,
         channel: Channel,
         shard: usize,
         still_interested: impl FnOnce() -> bool,
-    ) {
+    ) -> bool {
         let mut ch = hub.channel(channel).lock();
         if !still_interested() {
+            let had = ch.shard_mask != 0;
             ch.shard_mask &= !(1 << shard);
+            return had && ch.shard_mask == 0;
         }
+        false
     }
 
     /// The last known value of every entity in `selection`.
@@ -401,7 +556,11 @@ mod tests {
     }
 
     fn join(shard: usize) -> Joining {
-        Joining { shard, first: true }
+        Joining {
+            shard,
+            first: true,
+            wait_sync: false,
+        }
     }
 
     fn publication(channel: Channel, vehicle: &str, id: Option<&str>, ts_ms: i64) -> Publication {

@@ -7,6 +7,7 @@ mod support;
 
 mod auth;
 mod batch;
+mod cluster;
 mod config;
 mod derived;
 mod dialects;

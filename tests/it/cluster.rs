@@ -1,0 +1,534 @@
+//! Cluster mode (issue 13): three real `fleetcast` processes on one real `nats-server`
+//! with JetStream, started by the test on free loopback ports with a temporary store.
+//!
+//! Without `nats-server` on the PATH (or in /usr/sbin) these tests print SKIPPED and
+//! pass, unless `FLEETCAST_REQUIRE_NATS` is set (`.ci/run` sets it and installs the
+//! Debian package).
+
+use crate::support::{Client, key};
+use fleetcast::model::Role;
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("FLEETCAST_REQUIRE_NATS").is_none(),
+            "FLEETCAST_REQUIRE_NATS is set but nats-server is not installed"
+        );
+        eprintln!("SKIPPED: nats-server not installed (apt-get install nats-server)");
+    }
+    found
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A nats-server with JetStream on disk, killed when dropped.
+struct Nats {
+    bin: PathBuf,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Nats {
+    fn start(dir: &Path) -> Option<Nats> {
+        let mut n = Nats {
+            bin: nats_binary()?,
+            port: free_port(),
+            dir: dir.join("jetstream"),
+            child: None,
+        };
+        n.up();
+        Some(n)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new(&self.bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("nats-server to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One `fleetcast serve` process in cluster mode.
+struct NodeProc {
+    addr: SocketAddr,
+    child: Child,
+}
+
+fn api_keys_toml() -> String {
+    let mut s = String::new();
+    for tenant in ["fleet_a", "fleet_b"] {
+        for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
+            s.push_str(&format!(
+                "[[auth.api_keys]]\nkey = \"{}\"\nuser_id = \"{tenant}-{}\"\ntenant = \"{tenant}\"\n\
+                 role = \"{}\"\nvehicles = [\"*\"]\ndrivers = [\"*\"]\ntrips = [\"*\"]\n\n",
+                key(tenant, role),
+                role.name(),
+                role.name()
+            ));
+        }
+    }
+    s
+}
+
+impl NodeProc {
+    fn start(dir: &Path, name: &str, nats: &str, extra: &str) -> NodeProc {
+        let port = free_port();
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nshards = 2\nshutdown_grace_ms = 1000\n\n\
+                 [limits]\nmessages_per_second = 1000000\nlocation_update_interval_ms = 0\n\
+                 new_connections_per_minute_per_ip = 1000000\n\
+                 new_connections_per_minute_per_user = 1000000\nrequests_per_second = 1000000\n\n\
+                 [cluster]\nnats_url = \"{nats}\"\nnode_name = \"{name}\"\n\
+                 subject_prefix = \"fctest\"\n{extra}\n\n{}",
+                api_keys_toml()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("fleetcast starts");
+        let node = NodeProc {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            child,
+        };
+        wait_until(
+            &format!("{name} to be ready"),
+            Duration::from_secs(20),
+            || node.get("/readyz").0 == 200,
+        );
+        node
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect(self.addr) else {
+            return (0, String::new());
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no metric {name}")) as u64
+    }
+
+    fn connect(&self, tenant: &str, role: Role) -> Client {
+        Client::connect(&format!(
+            "ws://{}/v1/streaming/websocket?api_key={}",
+            self.addr,
+            key(tenant, role)
+        ))
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    nats: Nats,
+    nodes: Vec<NodeProc>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cluster(n: usize) -> Option<Cluster> {
+    let dir = std::env::temp_dir().join(format!(
+        "fleetcast-cluster-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nats = Nats::start(&dir)?;
+    let nodes = (0..n)
+        .map(|i| NodeProc::start(&dir, &format!("node{i}"), &nats.url(), ""))
+        .collect();
+    Some(Cluster {
+        nats,
+        nodes,
+        _dir: TempDir(dir),
+    })
+}
+
+fn alert(n: u64) -> Value {
+    json!({"type":"safety_alert","id":format!("al-{n}"),"payload":{"alert_id":format!("a{n}"),
+        "severity":"high","category":"harsh_braking","vehicle_id":"v1","n":n}})
+}
+
+fn acked_alert(c: &mut Client, n: u64) -> Value {
+    let mut m = alert(n);
+    m["ack"] = json!(true);
+    c.send(m);
+    c.expect("ack")
+}
+
+fn location(vehicle: &str, lat: f64) -> Value {
+    crate::support::location(vehicle, lat)
+}
+
+/// Reads events of `ty` until `n` arrived (or the bounded wait ends); returns them.
+fn collect(c: &mut Client, ty: &str, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(15);
+    while got.len() < n && Instant::now() < end {
+        match c.next(Duration::from_millis(500)) {
+            Ok(v) if v["type"] == ty => got.push(v),
+            Ok(_) | Err(_) => {}
+        }
+    }
+    got
+}
+
+#[test]
+fn cluster_delivers_across_nodes_with_exact_counts_and_tenant_isolation() {
+    let Some(c) = cluster(3) else { return };
+    let [n0, n1, n2] = [&c.nodes[0], &c.nodes[1], &c.nodes[2]];
+    let mut dash_a0 = n0.connect("fleet_a", Role::Viewer);
+    dash_a0.subscribe("vehicle_locations", json!({}));
+    dash_a0.subscribe("alerts", json!({}));
+    let mut dash_a1 = n1.connect("fleet_a", Role::Viewer);
+    dash_a1.subscribe("vehicle_locations", json!({}));
+    dash_a1.subscribe("alerts", json!({}));
+    let mut dash_b2 = n2.connect("fleet_b", Role::Viewer);
+    dash_b2.subscribe("vehicle_locations", json!({}));
+    dash_b2.subscribe("alerts", json!({}));
+
+    // fleet_a: positions from a device on node 2, alerts from a service on node 1.
+    let mut dev_a = n2.connect("fleet_a", Role::Device);
+    for v in 0..40 {
+        dev_a.send(location(&format!("va{v}"), 40.0 + v as f64 / 100.0));
+    }
+    let mut svc_a = n1.connect("fleet_a", Role::Service);
+    for n in 1..=25 {
+        assert!(
+            acked_alert(&mut svc_a, n)["payload"]["seq"]
+                .as_u64()
+                .is_some()
+        );
+    }
+    // fleet_b: both from node 0.
+    let mut dev_b = n0.connect("fleet_b", Role::Device);
+    for v in 0..15 {
+        dev_b.send(location(&format!("vb{v}"), 10.0));
+    }
+    let mut svc_b = n0.connect("fleet_b", Role::Service);
+    for n in 1..=10 {
+        acked_alert(&mut svc_b, n);
+    }
+
+    for (who, dash) in [("a0", &mut dash_a0), ("a1", &mut dash_a1)] {
+        let mut locs = 0;
+        let mut seqs = Vec::new();
+        let end = Instant::now() + Duration::from_secs(15);
+        while (locs < 40 || seqs.len() < 25) && Instant::now() < end {
+            let Ok(v) = dash.next(Duration::from_millis(500)) else {
+                continue;
+            };
+            let vehicle = v["payload"]["vehicle_id"].as_str().unwrap_or("");
+            assert!(!vehicle.starts_with("vb"), "{who} got fleet_b's {v}");
+            match v["type"].as_str() {
+                Some("location_update") => locs += 1,
+                Some("safety_alert") => seqs.push(v["seq"].as_u64().unwrap()),
+                _ => {}
+            }
+        }
+        assert_eq!(locs, 40, "{who}: every fleet_a position, once");
+        assert_eq!(
+            seqs,
+            (1..=25).collect::<Vec<_>>(),
+            "{who}: alerts in stream order"
+        );
+        dash.expect_silence(Duration::from_millis(300));
+    }
+    let b_locs = collect(&mut dash_b2, "location_update", 15);
+    let b_alerts = collect(&mut dash_b2, "safety_alert", 10);
+    assert_eq!((b_locs.len(), b_alerts.len()), (15, 10));
+    assert!(b_locs.iter().all(|v| {
+        v["payload"]["vehicle_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("vb")
+    }));
+    dash_b2.expect_silence(Duration::from_millis(300));
+}
+
+#[test]
+fn a_node_without_subscribers_receives_nothing() {
+    let Some(c) = cluster(3) else { return };
+    let [n0, n1, n2] = [&c.nodes[0], &c.nodes[1], &c.nodes[2]];
+    let mut dash = n1.connect("fleet_a", Role::Viewer);
+    dash.subscribe("vehicle_locations", json!({}));
+    let mut dev = n0.connect("fleet_a", Role::Device);
+    for v in 0..30 {
+        dev.send(location(&format!("v{v}"), 1.0));
+    }
+    assert_eq!(collect(&mut dash, "location_update", 30).len(), 30);
+    // Node 2 has no dashboard: it follows nothing and took in nothing.
+    assert_eq!(n2.metric("fleetcast_cluster_following"), 0);
+    assert_eq!(n2.metric("fleetcast_cluster_received_total"), 0);
+    assert_eq!(n1.metric("fleetcast_cluster_received_total"), 30);
+    // The publishing node sent each once.
+    assert_eq!(n0.metric("fleetcast_cluster_sent_total"), 30);
+    // When the last dashboard leaves, node 1 stops following.
+    drop(dash);
+    wait_until("node 1 to stop following", Duration::from_secs(10), || {
+        n1.metric("fleetcast_cluster_following") == 0
+    });
+    for v in 0..10 {
+        dev.send(location(&format!("w{v}"), 2.0));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(n1.metric("fleetcast_cluster_received_total"), 30);
+}
+
+#[test]
+fn a_dashboard_resumes_on_another_node_after_its_node_is_killed() {
+    let Some(mut c) = cluster(3) else { return };
+    let mut dash = c.nodes[0].connect("fleet_a", Role::Viewer);
+    let sub = dash.subscribe("alerts", json!({}));
+    let epoch = sub["payload"]["epoch"].as_u64().unwrap();
+    let mut svc = c.nodes[1].connect("fleet_a", Role::Service);
+    for n in 1..=10 {
+        acked_alert(&mut svc, n);
+    }
+    let first = collect(&mut dash, "safety_alert", 10);
+    assert_eq!(first.len(), 10);
+    let last_seq = first[9]["seq"].as_u64().unwrap();
+    assert_eq!(first[9]["epoch"].as_u64(), Some(epoch));
+    c.nodes[0].kill9();
+    for n in 11..=25 {
+        acked_alert(&mut svc, n);
+    }
+    // Another node, which never had a subscriber of fleet_a's alerts.
+    let mut back = c.nodes[2].connect("fleet_a", Role::Viewer);
+    back.send(
+        json!({"type":"subscribe","id":"resume","payload":{"action":"subscribe",
+        "channel":"alerts","since":{"epoch":epoch,"seq":last_seq}}}),
+    );
+    let reply = back.expect("subscribed");
+    assert_eq!(reply["payload"]["recovered"], true, "{reply}");
+    assert_eq!(reply["payload"]["epoch"].as_u64(), Some(epoch));
+    let gap = collect(&mut back, "safety_alert", 15);
+    let ns: Vec<u64> = gap
+        .iter()
+        .map(|v| v["payload"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, (11..=25).collect::<Vec<_>>(), "exactly the gap");
+    back.expect_silence(Duration::from_millis(300));
+}
+
+#[test]
+fn snapshots_and_dedup_span_nodes() {
+    let Some(c) = cluster(2) else { return };
+    let [n0, n1] = [&c.nodes[0], &c.nodes[1]];
+    // Positions accepted by node 0 while node 1 has no subscriber of them.
+    let mut dev = n0.connect("fleet_a", Role::Device);
+    for v in 0..5 {
+        dev.send(location(&format!("v{v}"), 1.0));
+    }
+    dev.send(location("v0", 2.0));
+    // Published to NATS (and the bucket) once each.
+    wait_until("positions sent", Duration::from_secs(10), || {
+        n0.metric("fleetcast_cluster_sent_total") == 6
+    });
+    let mut dash = n1.connect("fleet_a", Role::Viewer);
+    dash.subscribe("vehicle_locations", json!({}));
+    let snap = collect(&mut dash, "location_update", 5);
+    assert_eq!(snap.len(), 5, "one newest value per vehicle");
+    let v0 = snap
+        .iter()
+        .find(|v| v["payload"]["vehicle_id"] == "v0")
+        .unwrap();
+    assert_eq!(
+        v0["payload"]["location"]["latitude"], 2.0,
+        "the newest value"
+    );
+    dash.expect_silence(Duration::from_millis(300));
+
+    // The same publish id through two nodes: stored once.
+    let mut alerts = n1.connect("fleet_a", Role::Viewer);
+    alerts.subscribe("alerts", json!({}));
+    let mut svc0 = n0.connect("fleet_a", Role::Service);
+    let mut svc1 = n1.connect("fleet_a", Role::Service);
+    let first = acked_alert(&mut svc0, 7);
+    assert!(first["payload"]["seq"].as_u64().is_some(), "{first}");
+    let retry = acked_alert(&mut svc1, 7);
+    assert!(retry["payload"]["seq"].is_null(), "a duplicate: {retry}");
+    assert_eq!(collect(&mut alerts, "safety_alert", 1).len(), 1);
+    alerts.expect_silence(Duration::from_millis(500));
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_when_nats_restarts_or_goes_away() {
+    let Some(mut c) = cluster(2) else { return };
+    let mut dash = c.nodes[1].connect("fleet_a", Role::Viewer);
+    let sub = dash.subscribe("alerts", json!({}));
+    let epoch = sub["payload"]["epoch"].as_u64().unwrap();
+    let mut locs = c.nodes[0].connect("fleet_a", Role::Viewer);
+    locs.subscribe("vehicle_locations", json!({}));
+    let mut svc = c.nodes[0].connect("fleet_a", Role::Service);
+    let mut acked = Vec::new();
+    for n in 1..=10 {
+        if acked_alert(&mut svc, n)["payload"]["seq"].is_u64() {
+            acked.push(n);
+        }
+    }
+    // NATS goes away.
+    c.nats.kill();
+    wait_until("readyz to say degraded", Duration::from_secs(10), || {
+        c.nodes[0].get("/readyz").1.contains("degraded")
+    });
+    assert_eq!(
+        c.nodes[0].get("/readyz").0,
+        200,
+        "local traffic still served"
+    );
+    // Local traffic flows on the node.
+    let mut dev = c.nodes[0].connect("fleet_a", Role::Device);
+    dev.send(location("local", 5.0));
+    assert_eq!(collect(&mut locs, "location_update", 1).len(), 1);
+    // An alert cannot be stored: refused, not acknowledged.
+    let mut m = alert(11);
+    m["ack"] = json!(true);
+    svc.send(m);
+    let refused = svc.expect("error");
+    assert_eq!(refused["payload"]["code"], 503, "{refused}");
+    // NATS is back (same store on disk): the link comes back and the stream goes on.
+    c.nats.up();
+    wait_until("the link to come back", Duration::from_secs(20), || {
+        c.nodes[0].metric("fleetcast_cluster_connected") == 1
+            && c.nodes[1].metric("fleetcast_cluster_connected") == 1
+    });
+    for n in 12..=20 {
+        let a = acked_alert(&mut svc, n);
+        if a["payload"]["seq"].is_u64() {
+            acked.push(n);
+        }
+    }
+    assert!(
+        acked.len() >= 15,
+        "most publishes were acknowledged: {acked:?}"
+    );
+    // Every acknowledged alert reaches the dashboard, live or on resume from the stream.
+    let mut seen: Vec<u64> = collect(&mut dash, "safety_alert", acked.len())
+        .iter()
+        .map(|v| v["payload"]["n"].as_u64().unwrap())
+        .collect();
+    if seen.len() < acked.len() {
+        let mut again = c.nodes[1].connect("fleet_a", Role::Viewer);
+        again.send(
+            json!({"type":"subscribe","id":"r","payload":{"action":"subscribe",
+            "channel":"alerts","since":{"epoch":epoch,"seq":0}}}),
+        );
+        again.expect("subscribed");
+        seen = collect(&mut again, "safety_alert", acked.len())
+            .iter()
+            .map(|v| v["payload"]["n"].as_u64().unwrap())
+            .collect();
+    }
+    for n in &acked {
+        assert!(
+            seen.contains(n),
+            "acknowledged alert {n} lost: seen {seen:?}"
+        );
+    }
+    assert!(!seen.contains(&11), "the refused alert was not stored");
+}
