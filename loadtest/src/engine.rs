@@ -128,6 +128,8 @@ impl Default for Shared {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
+    /// Every broker (cluster): connection i goes to `addrs[i % len]` (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     /// Host header.
     pub host: String,
     /// Bind client sockets to 127.0.0.1 ..= 127.0.0.N (0: do not bind).
@@ -758,7 +760,8 @@ impl Worker {
             );
             sock.bind(&SockAddr::from(SocketAddr::new(src.into(), 0)))?;
         }
-        match sock.connect(&SockAddr::from(self.target.addr)) {
+        let addr = self.target.addrs[c.global % self.target.addrs.len()];
+        match sock.connect(&SockAddr::from(addr)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),

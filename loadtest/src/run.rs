@@ -63,12 +63,21 @@ pub fn query_encode(s: &str) -> String {
 
 pub fn target(plan: &Plan) -> anyhow::Result<Target> {
     let s = &plan.scenario;
-    let (host, url_path) = split_url(&s.url)?;
-    let addr: SocketAddr = host
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {host}"))?
-        .find(|a| a.is_ipv4())
-        .ok_or_else(|| anyhow!("{host} has no IPv4 address"))?;
+    // Several brokers (a cluster): `ws://a:8000,ws://b:8001`; connection i goes to the
+    // (i mod n)-th, publishers and dashboards alike. They share the first one's path.
+    let urls: Vec<&str> = s.url.split(',').map(str::trim).collect();
+    let resolve = |host: &str| -> anyhow::Result<SocketAddr> {
+        host.to_socket_addrs()
+            .with_context(|| format!("cannot resolve {host}"))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| anyhow!("{host} has no IPv4 address"))
+    };
+    let (host, url_path) = split_url(urls[0])?;
+    let addr = resolve(&host)?;
+    let mut addrs = vec![addr];
+    for u in &urls[1..] {
+        addrs.push(resolve(&split_url(u)?.0)?);
+    }
     let path = if url_path.is_empty() {
         s.path.clone()
     } else {
@@ -85,6 +94,7 @@ pub fn target(plan: &Plan) -> anyhow::Result<Target> {
     let loopback = addr.ip().is_loopback();
     Ok(Target {
         addr,
+        addrs,
         host,
         sources: if loopback { s.source_addresses } else { 0 },
         requests,

@@ -15,7 +15,8 @@ pub struct Scenario {
     pub name: String,
     #[serde(default)]
     pub description: String,
-    /// Broker base URL (`ws://host:port`); a path here replaces `path`.
+    /// Broker base URL (`ws://host:port`); a path here replaces `path`. Several
+    /// brokers (a cluster), comma-separated, share the connections round-robin.
     #[serde(default = "default_url")]
     pub url: String,
     /// WebSocket path of the native dialect.

@@ -38,7 +38,7 @@ pub enum Out {
     /// stream, then answer `ticket` on `shard` with the outcome.
     Store {
         tenant: Arc<str>,
-        publication: Publication,
+        publication: Box<Publication>,
         /// The event id (the publisher's, or a fresh one), raw JSON.
         id: Vec<u8>,
         shard: usize,

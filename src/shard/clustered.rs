@@ -89,7 +89,7 @@ impl Shard {
         let ticket = self.cluster.next_ticket;
         let out = Out::Store {
             tenant: hub.id.clone(),
-            publication: p,
+            publication: Box::new(p),
             id,
             shard: self.id,
             ticket,
