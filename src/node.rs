@@ -37,11 +37,20 @@ impl Node {
         // The same validation as `serve` and `check-config`; it also loads the JWT keys.
         let checked = config.validate()?;
         let n = config.shard_count();
-        // iTrack session hashes live in this node's memory (a cluster store may replace it).
-        let auth = Authenticator::with_keys(&config.auth, checked.keys)?.with_logins(
-            &config.itrack,
-            Arc::new(crate::sessions::MemorySessions::new()),
-        )?;
+        let (cluster, link_ends) = match &config.cluster {
+            Some(c) => {
+                let (link, ends) = crate::cluster::ClusterLink::new(c);
+                (Some(link), Some(ends))
+            }
+            None => (None, None),
+        };
+        // iTrack session hashes: this node's memory, replicated to every node in a cluster.
+        let sessions: Arc<dyn crate::sessions::SessionStore> = match &cluster {
+            Some(link) => Arc::new(link.session_store()),
+            None => Arc::new(crate::sessions::MemorySessions::new()),
+        };
+        let auth = Authenticator::with_keys(&config.auth, checked.keys)?
+            .with_logins(&config.itrack, sessions)?;
         let first = bind(config.server.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
         let addr = first.local_addr()?;
@@ -65,13 +74,6 @@ impl Node {
             mesh.push(tx);
             inboxes.push(rx);
         }
-        let (cluster, link_ends) = match &config.cluster {
-            Some(c) => {
-                let (link, ends) = crate::cluster::ClusterLink::new(c);
-                (Some(link), Some(ends))
-            }
-            None => (None, None),
-        };
         let shared = Arc::new(Shared {
             cluster,
             ctl,

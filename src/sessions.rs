@@ -75,11 +75,11 @@ pub trait SessionStore: Send + Sync {
     fn revoke(&self, hash: &str, now_ms: u64) -> bool;
 }
 
-type Digest32 = [u8; 32];
+pub type Digest32 = [u8; 32];
 
 /// Hashes are kept by their SHA-256 digest, so a lookup's time does not depend on how
 /// many leading characters of a guess were right.
-fn digest(hash: &str) -> Digest32 {
+pub fn digest(hash: &str) -> Digest32 {
     Sha256::digest(hash.as_bytes()).into()
 }
 
@@ -129,6 +129,38 @@ impl Inner {
 impl MemorySessions {
     pub fn new() -> MemorySessions {
         MemorySessions::default()
+    }
+
+    /// Holds a session another node created (cluster mode), by its hash's digest: the
+    /// hash itself never leaves the node that made it.
+    pub fn insert_digest(&self, d: Digest32, login: &str, expires_at_ms: u64, now_ms: u64) {
+        let mut inner = self.inner.lock();
+        inner.prune_if_due(now_ms);
+        if now_ms >= expires_at_ms || inner.sessions.contains_key(&d) {
+            return;
+        }
+        let login: Arc<str> = inner
+            .by_login
+            .get_key_value(login)
+            .map_or_else(|| login.into(), |(k, _)| k.clone());
+        let list = inner.by_login.entry(login.clone()).or_default();
+        list.push_back(d);
+        let evicted = (list.len() > MAX_SESSIONS_PER_LOGIN).then(|| list.pop_front());
+        if let Some(Some(old)) = evicted {
+            inner.sessions.remove(&old);
+        }
+        inner.sessions.insert(
+            d,
+            StoredSession {
+                login,
+                expires_at_ms,
+            },
+        );
+    }
+
+    /// Ends a session another node ended (cluster mode).
+    pub fn remove_digest(&self, d: &Digest32) {
+        self.inner.lock().remove(d);
     }
 
     /// Sessions held, expired ones not yet pruned included.

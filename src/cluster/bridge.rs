@@ -231,6 +231,17 @@ async fn run(
         return;
     }
     let _ = ready.send(Ok(()));
+    if !shared.config.itrack.users.is_empty() {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = follow_sessions(&ctx).await {
+                    tracing::warn!("cluster: following iTrack sessions stopped: {e}; retrying");
+                }
+                tokio::time::sleep(backoff(3)).await;
+            }
+        });
+    }
     Bridge {
         ctx,
         following: HashMap::new(),
@@ -314,6 +325,7 @@ impl Bridge {
                     None => break,
                 },
                 Some((tenant, channel)) = ends.interest.recv() => self.reconcile(tenant, channel),
+                Some(op) = ends.session_ops.recv() => self.replicate_session(op).await,
                 _ = tick.tick() => {
                     if self.ctx.shared.stopping.load(Ordering::Acquire) {
                         break;
@@ -389,6 +401,39 @@ impl Bridge {
                     }
                 }
             }
+        }
+    }
+
+    /// Writes an iTrack session's creation or end to the sessions bucket.
+    async fn replicate_session(&mut self, op: super::sessions::SessionOp) {
+        use super::sessions::{SessionOp, SessionValue, key_of};
+        let bucket = self.ctx.names.sessions_bucket();
+        let r = match op {
+            SessionOp::Put {
+                digest,
+                login,
+                expires_at_ms,
+            } => {
+                let v = SessionValue {
+                    login: login.to_string(),
+                    exp: expires_at_ms,
+                };
+                let body = serde_json::to_vec(&v).expect("plain data");
+                let subject = format!("$KV.{bucket}.{}", key_of(&digest));
+                self.ctx.client.publish(subject, body.into()).await
+            }
+            SessionOp::Del(digest) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("KV-Operation", "DEL");
+                let subject = format!("$KV.{bucket}.{}", key_of(&digest));
+                self.ctx
+                    .client
+                    .publish_with_headers(subject, headers, Vec::new().into())
+                    .await
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!("cluster: an iTrack session change was not replicated: {e}");
         }
     }
 
@@ -517,6 +562,55 @@ async fn load_state(ctx: &Ctx, hub: &TenantHub, channel: Channel) -> anyhow::Res
             return Ok(());
         }
     }
+}
+
+/// Takes in every live iTrack session of the cluster, then each creation and end.
+async fn follow_sessions(ctx: &Ctx) -> anyhow::Result<()> {
+    use super::sessions::{SessionValue, digest_of};
+    let bucket = ctx.names.sessions_bucket();
+    let ttl = Duration::from_millis(ctx.shared.config.itrack.session_ttl_ms.max(1_000));
+    let stream = ctx
+        .js
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("fleetcast: iTrack sessions by hash digest".into()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: ttl,
+            allow_rollup: true,
+            allow_direct: true,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer = stream
+        .create_consumer(consumer::push::OrderedConfig {
+            deliver_subject: ctx.client.new_inbox(),
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await?;
+    let prefix = format!("$KV.{bucket}.");
+    let local = &ctx.link().sessions;
+    let mut messages = consumer.messages().await?;
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        let Some(d) = m.subject.strip_prefix(&prefix).and_then(digest_of) else {
+            continue;
+        };
+        let deleted = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some();
+        if deleted || m.payload.is_empty() {
+            local.remove_digest(&d);
+        } else if let Ok(v) = serde_json::from_slice::<SessionValue>(&m.payload) {
+            local.insert_digest(d, &v.login, v.exp, unix_ms());
+        }
+    }
+    anyhow::bail!("sessions consumer ended")
 }
 
 /// Event channels: mirror the stream from where this node's mirror ends (or from its

@@ -19,6 +19,7 @@
 //! docs/operations.md ("Running a cluster") says what is per node and what is shared.
 
 mod bridge;
+pub mod sessions;
 pub mod wire;
 
 use crate::event::{Event, Publication};
@@ -82,18 +83,23 @@ pub struct ClusterLink {
     pub connected: AtomicBool,
     pub stats: BridgeStats,
     pub sync_timeout: std::time::Duration,
+    /// iTrack sessions held on this node (its own and the other nodes').
+    pub(crate) sessions: Arc<crate::sessions::MemorySessions>,
+    session_ops: tokio::sync::mpsc::UnboundedSender<sessions::SessionOp>,
 }
 
 /// The bridge's ends of the link's queues (given to [`start`]).
 pub struct LinkEnds {
     out: tokio::sync::mpsc::Receiver<Out>,
     interest: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Channel)>,
+    session_ops: tokio::sync::mpsc::UnboundedReceiver<sessions::SessionOp>,
 }
 
 impl ClusterLink {
     pub fn new(config: &crate::config::ClusterConfig) -> (ClusterLink, LinkEnds) {
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(config.outbox_capacity.max(1));
         let (int_tx, int_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ses_tx, ses_rx) = tokio::sync::mpsc::unbounded_channel();
         (
             ClusterLink {
                 node_name: config.node_name.clone(),
@@ -102,12 +108,23 @@ impl ClusterLink {
                 connected: AtomicBool::new(false),
                 stats: BridgeStats::default(),
                 sync_timeout: std::time::Duration::from_millis(config.sync_timeout_ms),
+                sessions: Arc::new(crate::sessions::MemorySessions::new()),
+                session_ops: ses_tx,
             },
             LinkEnds {
                 out: out_rx,
                 interest: int_rx,
+                session_ops: ses_rx,
             },
         )
+    }
+
+    /// The iTrack session store of a node in this cluster.
+    pub fn session_store(&self) -> sessions::ClusterSessions {
+        sessions::ClusterSessions {
+            local: self.sessions.clone(),
+            ops: self.session_ops.clone(),
+        }
     }
 
     pub fn is_connected(&self) -> bool {

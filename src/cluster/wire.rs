@@ -168,6 +168,11 @@ impl Names {
         format!("{}_state", self.prefix)
     }
 
+    /// The key-value bucket of iTrack sessions (by the digest of their hash).
+    pub fn sessions_bucket(&self) -> String {
+        format!("{}_sessions", self.prefix)
+    }
+
     /// A state event's subject: its key in the bucket, so one publish both stores the
     /// newest value and reaches the nodes following the channel.
     pub fn state(&self, tenant: &str, channel: Channel, entity: &str) -> String {

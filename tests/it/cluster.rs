@@ -231,6 +231,11 @@ impl Drop for TempDir {
 }
 
 fn cluster(n: usize) -> Option<Cluster> {
+    cluster_with(n, "")
+}
+
+/// `n` nodes whose configs end with `extra` (TOML).
+fn cluster_with(n: usize, extra: &str) -> Option<Cluster> {
     let dir = std::env::temp_dir().join(format!(
         "fleetcast-cluster-{}-{}",
         std::process::id(),
@@ -239,7 +244,7 @@ fn cluster(n: usize) -> Option<Cluster> {
     std::fs::create_dir_all(&dir).unwrap();
     let nats = Nats::start(&dir)?;
     let nodes = (0..n)
-        .map(|i| NodeProc::start(&dir, &format!("node{i}"), &nats.url(), ""))
+        .map(|i| NodeProc::start(&dir, &format!("node{i}"), &nats.url(), extra))
         .collect();
     Some(Cluster {
         nats,
@@ -531,4 +536,63 @@ fn nothing_acknowledged_is_lost_when_nats_restarts_or_goes_away() {
         );
     }
     assert!(!seen.contains(&11), "the refused alert was not stored");
+}
+
+/// The JSON answer to an iTrack `subscribe` with `hash` on `node` (`/v2/event/subscription`).
+fn itrack_subscribe(node: &NodeProc, hash: &str) -> Value {
+    let mut c = Client::connect(&format!(
+        "ws://{}/v2/event/subscription?X-Atmosphere-tracking-id=0&X-Atmosphere-Framework=2.3.6-javascript\
+         &X-Atmosphere-Transport=websocket&Content-Type=application/json&X-atmo-protocol=true",
+        node.addr
+    ));
+    c.set_timeout(Duration::from_secs(5));
+    c.ws.send(tungstenite::Message::text(
+        json!({"action":"subscribe","hash":hash,"events":["state"],"trackers":[15564]}).to_string(),
+    ))
+    .unwrap();
+    for _ in 0..10 {
+        if let Ok(tungstenite::Message::Text(t)) = c.ws.read()
+            && let Ok(v) = serde_json::from_str::<Value>(t.as_str())
+        {
+            return v;
+        }
+    }
+    panic!("no answer to subscribe")
+}
+
+#[test]
+fn an_itrack_session_opens_on_every_node_and_a_logout_ends_it_everywhere() {
+    let password = "pw-ops-0123456789";
+    let users = format!(
+        "\n[[itrack.users]]\nlogin = \"ops\"\npassword_hash = \"{}\"\ntenant = \"fleet_a\"\n\
+         trackers = [\"*\"]\n",
+        fleetcast::sessions::hash_password(password).unwrap()
+    );
+    let Some(c) = cluster_with(2, &users) else {
+        return;
+    };
+    let (status, body) = c.nodes[0].get(&format!("/v2/user/auth?login=ops&password={password}"));
+    assert_eq!(status, 200, "{body}");
+    let hash = serde_json::from_str::<Value>(&body).unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Node 1 never saw the login: the session reached it through the cluster.
+    let mut answer = Value::Null;
+    wait_until("the session on node 1", Duration::from_secs(5), || {
+        answer = itrack_subscribe(&c.nodes[1], &hash);
+        answer["type"] == "response"
+    });
+    assert_eq!(answer["action"], "subscription/subscribe", "{answer}");
+    // A logout on node 1 ends it on node 0 too.
+    let (status, body) = c.nodes[1].get(&format!("/v2/user/logout?hash={hash}"));
+    assert_eq!(status, 200, "{body}");
+    wait_until("the logout on node 0", Duration::from_secs(5), || {
+        itrack_subscribe(&c.nodes[0], &hash)["status"]["code"] == 3
+    });
+    // A made-up hash opens nothing anywhere.
+    assert_eq!(
+        itrack_subscribe(&c.nodes[1], &"0".repeat(32))["status"]["code"],
+        3
+    );
 }
