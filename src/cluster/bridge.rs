@@ -437,17 +437,36 @@ impl Bridge {
         }
     }
 
-    /// Follows (tenant, channel) while the node has subscribers of it, and only then.
+    /// Whether the node needs to follow (tenant, channel): it has subscribers of it, or
+    /// of `fleet_metrics`, whose derived figures (vehicles, speeds, trips, alerts) are
+    /// then computed from the whole cluster's positions and alerts, the same on every
+    /// node (one set of figures per tenant, not one per node).
+    fn wants(&self, hub: &TenantHub, channel: Channel) -> bool {
+        let store = self.ctx.store();
+        store.interested(hub, channel)
+            || (matches!(channel, Channel::VehicleLocations | Channel::Alerts)
+                && store.interested(hub, Channel::FleetMetrics))
+    }
+
+    /// Follows (tenant, channel) while the node needs it, and only then.
     fn reconcile(&mut self, tenant: Arc<str>, channel: Channel) {
+        if channel == Channel::FleetMetrics {
+            self.reconcile_one(tenant.clone(), Channel::VehicleLocations);
+            self.reconcile_one(tenant.clone(), Channel::Alerts);
+        }
+        self.reconcile_one(tenant, channel);
+    }
+
+    fn reconcile_one(&mut self, tenant: Arc<str>, channel: Channel) {
         let hub = self.ctx.hub(&tenant);
-        let want = self.ctx.store().interested(&hub, channel);
+        let want = self.wants(&hub, channel);
         let key = (tenant, channel);
         let running = self.following.get(&key).is_some_and(|t| !t.is_finished());
         if want && !running {
             self.follow(key);
         } else if !want && let Some(task) = self.following.remove(&key) {
             task.abort();
-            if !self.ctx.store().mark_unsynced(&hub, channel) {
+            if !self.ctx.store().mark_unsynced(&hub, channel) || self.wants(&hub, channel) {
                 // Interest came back meanwhile.
                 self.follow(key);
             }
@@ -485,7 +504,7 @@ impl Bridge {
             .collect();
         for key in done {
             self.following.remove(&key);
-            self.reconcile(key.0, key.1);
+            self.reconcile_one(key.0, key.1);
         }
     }
 }

@@ -323,7 +323,12 @@ impl<'a> Store<'a> {
         if channel == Channel::Alerts
             && let Some(severity) = ev.severity.as_deref().and_then(Severity::parse)
         {
-            ch.count_alert(self.hubs.minute(now.mono), severity);
+            // A backlog event counts in the minute it happened (by its own time), if
+            // within the hour the summary covers.
+            let age_min = (now.unix_ms.saturating_sub(ev.ts_ms).max(0) / 60_000) as u64;
+            if age_min < 60 {
+                ch.count_alert(self.hubs.minute(now.mono).saturating_sub(age_min), severity);
+            }
         }
         if live {
             route(&ev, ch.shard_mask);
@@ -331,12 +336,12 @@ impl<'a> Store<'a> {
         true
     }
 
-    /// Cluster mode: the channel now holds the cluster's view; returns the shards waiting
-    /// for it (none if interest went away meanwhile).
+    /// Cluster mode: the channel now holds the cluster's view and follows it live; returns
+    /// the shards whose subscriptions wait for that.
     pub fn mark_synced(&self, hub: &TenantHub, channel: Channel) -> u64 {
         let mut ch = hub.channel(channel).lock();
-        ch.synced = ch.shard_mask != 0;
-        if ch.synced { ch.shard_mask } else { 0 }
+        ch.synced = true;
+        ch.shard_mask
     }
 
     /// Cluster mode: the node stops following the channel, unless interest came back.
