@@ -189,6 +189,25 @@ impl NodeProc {
         (status, body)
     }
 
+    /// A raw request on a fresh connection; (status, body).
+    fn raw(&self, req: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     fn metric(&self, name: &str) -> u64 {
         let (_, body) = self.get("/metrics");
         body.lines()
@@ -693,4 +712,50 @@ fn a_publisher_that_retries_loses_nothing_and_duplicates_nothing_across_a_nats_r
         "every alert exactly once ({refused} publishes were refused while NATS was away)"
     );
     assert!(refused > 0, "NATS was away while publishing");
+}
+
+#[test]
+fn an_http_publish_is_answered_once_the_stream_has_stored_it() {
+    let Some(c) = cluster(2) else { return };
+    let mut dash = c.nodes[1].connect("fleet_a", Role::Viewer);
+    dash.subscribe("alerts", json!({}));
+    dash.subscribe("vehicle_locations", json!({}));
+    let body = [alert(1), alert(2), location("v9", 3.0), alert(1)]
+        .iter()
+        .map(|m| m.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (status, text) = c.nodes[0].raw(&format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n{body}",
+        key("fleet_a", Role::Service),
+        body.len()
+    ));
+    assert_eq!(status, 202, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let results = v["results"].as_array().unwrap();
+    let statuses: Vec<&str> = results
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["accepted", "accepted", "accepted", "duplicate"],
+        "{v}"
+    );
+    // The alerts' positions are the stream's.
+    assert_eq!(
+        (results[0]["seq"].as_u64(), results[1]["seq"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let mut types = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while types.len() < 3 && Instant::now() < end {
+        if let Ok(m) = dash.next(Duration::from_millis(500)) {
+            types.push(m["type"].as_str().unwrap_or("").to_owned());
+        }
+    }
+    types.sort();
+    assert_eq!(types, ["location_update", "safety_alert", "safety_alert"]);
+    dash.expect_silence(Duration::from_millis(300));
 }
