@@ -91,6 +91,7 @@ fn dev_config(mut cfg: Config) -> anyhow::Result<(Config, String)> {
         };
         cfg.auth.api_keys.push(ApiKeyConfig {
             key: format!("dev-{}-{}", role.name(), random_hex(12)),
+            key_sha256: None,
             user_id: format!("dev-{}", role.name()),
             tenant: "fleet_001".into(),
             role,

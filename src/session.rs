@@ -1389,6 +1389,7 @@ mod tests {
         fn new() -> Fixture {
             let key = |k: &str, role| ApiKeyConfig {
                 key: k.into(),
+                key_sha256: None,
                 user_id: format!("u-{k}"),
                 tenant: "fleet_a".into(),
                 role,

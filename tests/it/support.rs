@@ -33,6 +33,7 @@ pub fn config(shards: usize) -> Config {
         for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
             cfg.auth.api_keys.push(ApiKeyConfig {
                 key: key(tenant, role),
+                key_sha256: None,
                 user_id: format!("{tenant}-{}", role.name()),
                 tenant: tenant.into(),
                 role,
@@ -45,6 +46,7 @@ pub fn config(shards: usize) -> Config {
         }
         cfg.auth.api_keys.push(ApiKeyConfig {
             key: format!("key-{tenant}-device-v1-0123456789"),
+            key_sha256: None,
             user_id: format!("{tenant}-device-v1"),
             tenant: tenant.into(),
             role: Role::Device,
