@@ -225,6 +225,8 @@ pub struct Authenticator {
     /// Bumped at every reload of keys and revocations: shards then walk their
     /// connections (`Authenticator::is_revoked`).
     generation: AtomicU64,
+    /// Connections closed because their credential was revoked (`/metrics`).
+    pub revoked_closed: AtomicU64,
     /// iTrack login users, their session hashes, and how long a hash lives.
     logins: Logins,
     sessions: Arc<dyn SessionStore>,
@@ -243,6 +245,12 @@ impl Authenticator {
 
 fn key_digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// The SHA-256 of an API key in lowercase hex: the `key_sha256` of a config that does not
+/// hold the key itself (`fleetcast hash-key`).
+pub fn sha256_hex(key: &str) -> String {
+    key_digest(key).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Compares two secrets in time independent of where they differ (their digests, so
@@ -341,6 +349,7 @@ impl Authenticator {
             require_exp: cfg.require_exp,
             revoked: RwLock::new(Arc::new(Revocations::new(cfg))),
             generation: AtomicU64::new(0),
+            revoked_closed: AtomicU64::new(0),
             logins: Logins::default(),
             sessions: Arc::new(MemorySessions::new()),
             session_ttl_ms: ItrackConfig::default().session_ttl_ms,
@@ -379,8 +388,17 @@ impl Authenticator {
         self.revoked.read().revokes(p)
     }
 
-    /// Appends the JWKS counters to a `/metrics` body.
+    /// Appends the credential counters (revocations, JWKS) to a `/metrics` body.
     pub fn render_metrics(&self, out: &mut String) {
+        out.push_str(
+            "# HELP fleetcast_revoked_connections_closed_total Connections closed (4001) \
+             because their credential was revoked or removed.\n\
+             # TYPE fleetcast_revoked_connections_closed_total counter\n",
+        );
+        out.push_str(&format!(
+            "fleetcast_revoked_connections_closed_total {}\n",
+            self.revoked_closed.load(Ordering::Relaxed)
+        ));
         if let Some(j) = &self.jwks {
             j.render_metrics(out);
         }

@@ -275,20 +275,21 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// `fetched_at`: when the startup fetch was made (`None`: none yet, fetch at once).
+    /// `last`: when the set was last fetched (or read), and whether that worked (`None`:
+    /// never, fetch at once).
     pub fn new(
         every: Duration,
         min_gap: Duration,
-        fetched_at: Option<Instant>,
+        last: Option<(Instant, bool)>,
         now: Instant,
     ) -> Pacer {
         Pacer {
             every,
             min_gap,
-            last_fetch: fetched_at,
-            next_periodic: fetched_at.unwrap_or(now) + every,
-            asked: fetched_at.is_none(),
-            failed: false,
+            last_fetch: last.map(|(t, _)| t),
+            next_periodic: last.map_or(now, |(t, _)| t) + every,
+            asked: last.is_none(),
+            failed: last.is_some_and(|(_, ok)| !ok),
         }
     }
 
@@ -384,7 +385,7 @@ mod tests {
     #[test]
     fn a_flood_of_asks_fetches_once_per_min_gap() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(secs(300), secs(10), Some(t0), t0);
+        let mut p = Pacer::new(secs(300), secs(10), Some((t0, true)), t0);
         assert_eq!(p.poll_fetch(t0), None);
         // Asked right after the startup fetch: deferred to t0 + 10 s, however often.
         for s in 1..10 {

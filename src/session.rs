@@ -643,6 +643,16 @@ impl Session {
         Some(at)
     }
 
+    /// The credential this session authenticated with was revoked (the shard asks the
+    /// authenticator after a reload): error 401, then close 4001, as for an expired token.
+    pub fn handle_revoked(&mut self, now: Now) {
+        if self.is_closed() {
+            return;
+        }
+        self.send_error(now, None, &ProtoError::new(401, "credential revoked"));
+        self.close(close::CREDENTIAL_REVOKED, "credential revoked");
+    }
+
     pub fn handle_tick(&mut self, now: Now) {
         match self.state {
             State::Closed => return,

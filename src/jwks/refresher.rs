@@ -53,7 +53,7 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
-/// Fetches the set once, now (node start with a URL): `None` when that failed, after
+/// Fetches the set once, now (node start with a URL): false when that failed, after
 /// logging why; the node then starts with no JWKS key and the refresher retries.
 pub fn fetch_at_start(jwks: &Jwks, s: &Settings) -> bool {
     let result = s.source.fetch(&agent(s.timeout));
@@ -63,21 +63,21 @@ pub fn fetch_at_start(jwks: &Jwks, s: &Settings) -> bool {
     ok
 }
 
-/// Starts the refresher thread. `fetched_at`: when the set in `jwks` was fetched (`None`:
-/// never, fetch at once).
+/// Starts the refresher thread. `last`: when the set in `jwks` was fetched and whether
+/// that worked (`None`: never, fetch at once). It runs until [`Jwks::stop`].
 pub fn spawn(
     jwks: Arc<Jwks>,
     s: Settings,
-    fetched_at: Option<Instant>,
+    last: Option<(Instant, bool)>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("fleetcast-jwks".into())
-        .spawn(move || run(&jwks, &s, fetched_at))
+        .spawn(move || run(&jwks, &s, last))
 }
 
-fn run(jwks: &Jwks, s: &Settings, fetched_at: Option<Instant>) {
+fn run(jwks: &Jwks, s: &Settings, last: Option<(Instant, bool)>) {
     let agent = agent(s.timeout);
-    let mut pacer = Pacer::new(s.every, s.min_gap, fetched_at, Instant::now());
+    let mut pacer = Pacer::new(s.every, s.min_gap, last, Instant::now());
     loop {
         if jwks.stopping() {
             return;

@@ -62,7 +62,9 @@ impl Shared {
     }
 
     pub fn render_metrics(&self) -> String {
-        metrics::render(&self.stats)
+        let mut out = metrics::render(&self.stats);
+        self.auth.render_metrics(&mut out);
+        out
     }
 }
 

@@ -26,6 +26,8 @@ pub fn config(shards: usize) -> Config {
     cfg.server.shards = shards;
     cfg.server.shutdown_grace_ms = 2_000;
     cfg.auth.jwt_hs256_secret = Some(SECRET.into());
+    // Tests time token expiry to the second: no clock leeway (its default is 30 s).
+    cfg.auth.jwt_leeway_s = 0;
     // Tests open many connections from one address and publish in bursts; the limits
     // themselves are tested in limits.rs with their defaults or small values.
     relax_limits(&mut cfg);
