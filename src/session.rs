@@ -1414,6 +1414,8 @@ mod tests {
             let auth = Authenticator::new(&AuthConfig {
                 api_keys: vec![key(VIEWER, Role::Viewer), key(DEVICE, Role::Device)],
                 jwt_hs256_secret: Some(SECRET.into()),
+                // Expiry to the second (the leeway is tested in auth.rs).
+                jwt_leeway_s: 0,
                 ..Default::default()
             })
             .unwrap();
