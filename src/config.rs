@@ -1477,4 +1477,87 @@ role = "service"
             "{e:?}"
         );
     }
+
+    #[test]
+    fn hashed_keys_are_checked_and_duplicates_found_across_clear_and_hashed() {
+        let hex = crate::auth::sha256_hex("shared-key-0123456789");
+        let entry = |body: &str, user: &str| {
+            format!(
+                "[[auth.api_keys]]\n{body}\nuser_id = \"{user}\"\ntenant = \"fleet_a\"\nrole = \"viewer\"\n"
+            )
+        };
+        let text = entry("key = \"shared-key-0123456789\"", "a")
+            + &entry(&format!("key_sha256 = \"{}\"", hex.to_uppercase()), "b");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("api key listed twice: lines 2 and 7"),
+            "{e:?}"
+        );
+        refused(
+            &entry("key_sha256 = \"abc\"", "c"),
+            "key_sha256 must be 64 hex digits",
+        );
+        refused(
+            &entry(
+                &format!("key = \"shared-key-0123456789\"\nkey_sha256 = \"{hex}\""),
+                "d",
+            ),
+            "not both",
+        );
+        refused(&entry("", "e"), "key must be at least 16");
+        let ok = Config::parse(&entry(&format!("key_sha256 = \"{hex}\""), "f")).unwrap();
+        assert!(ok.validate().is_ok());
+        assert_eq!(
+            ok.auth.api_keys[0].digest(),
+            Some(digest("shared-key-0123456789"))
+        );
+    }
+
+    #[test]
+    fn jwks_claims_and_revocation_settings_are_checked() {
+        refused(
+            "[auth]\njwks_url = \"http://x/j\"\njwks_file = \"/x\"",
+            "both set",
+        );
+        refused("[auth]\njwks_url = \"ftp://x/j\"", "auth.jwks_url");
+        refused(
+            "[auth]\njwks_file = \"/nonexistent/fleetcast/jwks.json\"",
+            "auth.jwks_file: cannot read /nonexistent/fleetcast/jwks.json",
+        );
+        refused(
+            &format!("[auth]\njwks_file = {:?}", fixture("rs256-public.pem")),
+            "not a JWK Set",
+        );
+        refused("[auth]\njwt_leeway_s = 601", "auth.jwt_leeway_s");
+        refused(
+            "[auth]\nrevoked_token_ids = [\"\"]",
+            "auth.revoked_token_ids[0]",
+        );
+        refused("[auth]\nrevoked_keys = [\"\"]", "auth.revoked_keys[0]");
+        refused(
+            "[auth]\njwks_refresh_interval_ms = 1000\njwks_min_refresh_interval_ms = 2000",
+            "auth.jwks_refresh_interval_ms",
+        );
+        // An origin pattern is parsed with the file: the error names the line and entry.
+        let e = Config::parse("[server]\nallowed_origins = [\"https://a.example/x\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("server.allowed_origins[0]"),
+            "{e}"
+        );
+        let c = Config::from_toml(
+            "[auth]\njwt_audience = \"fleetcast\"\n[server]\nallowed_origins = [\"https://*.a.example\"]",
+        )
+        .unwrap();
+        assert_eq!(c.auth.jwt_audience, vec!["fleetcast".to_string()]);
+        assert!(
+            c.server
+                .allowed_origins
+                .allows_upgrade(Some("https://x.a.example"))
+        );
+        let c = Config::from_toml("[auth]\njwt_audience = [\"a\", \"b\"]").unwrap();
+        assert_eq!(c.auth.jwt_audience.len(), 2);
+    }
 }
