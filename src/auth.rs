@@ -485,9 +485,12 @@ impl Authenticator {
     fn jwt(&self, token: &str, now: u64) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
-        // A token naming a `kid` is verified with that key of the JWK Set, when one is
-        // configured; others with the key configured for their algorithm.
-        if let (Some(kid), Some(jwks)) = (&header.kid, &self.jwks) {
+        // An asymmetric token naming a `kid` is verified with that key of the JWK Set,
+        // when one is configured; others (HS256 ones too: a JWK Set holds no shared
+        // secret here) with the key configured for their algorithm.
+        if let (Some(kid), Some(jwks)) = (&header.kid, &self.jwks)
+            && header.alg != Algorithm::HS256
+        {
             let set = jwks.snapshot();
             let Some((alg, key)) = set.get(kid) else {
                 // Never fetched here (a shard must not block): the refresher is asked.
@@ -1097,5 +1100,50 @@ mod claims_tests {
         cfg.api_keys.remove(0);
         a.reload_credentials(&cfg).unwrap();
         assert!(a.is_revoked(&clear));
+    }
+
+    #[test]
+    fn hs256_tokens_with_a_kid_use_the_secret_when_a_jwks_is_configured() {
+        let a = Authenticator::with_keys(
+            &AuthConfig {
+                jwt_hs256_secret: Some(SECRET.into()),
+                jwks_url: Some("http://127.0.0.1:9/jwks.json".into()),
+                ..Default::default()
+            },
+            JwtKeys::default(),
+        )
+        .unwrap();
+        let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+        h.kid = Some("hmac-1".into());
+        let t = jsonwebtoken::encode(
+            &h,
+            &base(),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(a.authenticate(Credential::Token(&t), 0).is_ok());
+        // An ES256 token's kid goes to the (here empty) JWK Set, which asks for a refresh.
+        let jwks = a.jwks().unwrap();
+        let ec = std::fs::read(format!(
+            "{}/tests/fixtures/es256-private.pem",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+        h.kid = Some("ec-1".into());
+        let t = jsonwebtoken::encode(
+            &h,
+            &base(),
+            &jsonwebtoken::EncodingKey::from_ec_pem(&ec).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            a.authenticate(Credential::Token(&t), 0),
+            Err(AuthError::UnknownKid("ec-1".into()))
+        );
+        assert_eq!(
+            jwks.unknown_kid.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }
