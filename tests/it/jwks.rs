@@ -450,3 +450,37 @@ fn issuer_audience_and_leeway_are_enforced() {
     );
     assert!(msg.contains("expired"), "{msg}");
 }
+
+#[test]
+fn a_jwks_file_is_read_at_start_and_reread_for_an_unknown_kid() {
+    let (first, second) = (ed_key("file-1"), rsa_key("file-2"));
+    let path = std::env::temp_dir().join(format!("fleetcast-it-{}-jwks.json", std::process::id()));
+    let write = |keys: &[&TestKey]| {
+        let set = json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()});
+        std::fs::write(&path, set.to_string()).unwrap();
+    };
+    write(&[&first]);
+    let mut cfg = config(1);
+    cfg.auth.jwt_hs256_secret = None;
+    cfg.auth.jwks_file = Some(path.display().to_string());
+    cfg.auth.jwks_min_refresh_interval_ms = 300;
+    let b = Broker::start(cfg);
+    accepted(&b, &first.viewer_token(), "key from the file");
+    write(&[&first, &second]);
+    refused(&b, &second.viewer_token(), "before the re-read");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connect(&b, &second.viewer_token()).is_err() {
+        assert!(Instant::now() < deadline, "the new key never accepted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A file that turns bad keeps the keys in use.
+    std::fs::write(&path, "{not json").unwrap();
+    refused(&b, &ec_key("nope").viewer_token(), "unknown kid, bad file");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.metric("fleetcast_jwks_fetches_total", "result=\"error\"") < 1 {
+        assert!(Instant::now() < deadline, "the bad file was never re-read");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    accepted(&b, &second.viewer_token(), "after a bad re-read");
+    let _ = std::fs::remove_file(&path);
+}
