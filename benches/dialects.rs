@@ -46,6 +46,7 @@ fn publication(d: DialectId, msg: &str) -> Publication {
         role: Role::Service,
         scope: DeviceScope::any(),
         expires_at: None,
+        credential: Default::default(),
     };
     let now = Now {
         mono: Instant::now(),

@@ -89,6 +89,7 @@ fn fanout(c: &mut Criterion) {
         role: Role::Viewer,
         scope: fleetcast::auth::DeviceScope::any(),
         expires_at: None,
+        credential: Default::default(),
     };
     let mut group = c.benchmark_group("fanout_one_event");
     for n in [1usize, 100, 10_000] {
@@ -204,6 +205,7 @@ fn end_to_end(c: &mut Criterion) {
     ] {
         cfg.auth.api_keys.push(ApiKeyConfig {
             key: key.into(),
+            key_sha256: None,
             user_id: key.into(),
             tenant: "fleet_001".into(),
             role,

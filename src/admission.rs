@@ -406,6 +406,7 @@ mod tests {
             role,
             scope: crate::auth::DeviceScope::any(),
             expires_at: None,
+            credential: Default::default(),
         }
     }
 

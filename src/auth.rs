@@ -4,13 +4,17 @@
 //! Pure: the caller passes the current UNIX time; no clock is read here.
 
 use crate::config::{AuthConfig, ItrackConfig};
+use crate::jwks::{Jwks, KeySet};
 use crate::model::Role;
+use crate::revocation::Revocations;
 use crate::sessions::{Logins, MemorySessions, SessionStore};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parking_lot::RwLock;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +26,21 @@ pub struct Principal {
     pub scope: Arc<DeviceScope>,
     /// UNIX seconds after which the credential is no longer valid.
     pub expires_at: Option<u64>,
+    /// Which credential this is, to find the connections of a revoked one.
+    pub credential: CredentialId,
+}
+
+/// The identity of the credential a principal was authenticated with: what a revocation
+/// names (`crate::revocation`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CredentialId {
+    /// A credential no revocation list names (iTrack session hashes, internal users).
+    #[default]
+    Other,
+    /// An API key, by the SHA-256 it is looked up by.
+    ApiKey([u8; 32]),
+    /// A JWT, by its `jti` claim when it has one.
+    Token { jti: Option<Arc<str>> },
 }
 
 /// The entities a device credential covers. It fails closed: a device whose credential
@@ -164,6 +183,12 @@ pub enum AuthError {
     NoExpiry,
     #[error("no JWT verification key configured for {0:?}")]
     NoKeyForAlgorithm(Algorithm),
+    /// A `kid` the JWK Set lacks: a refresh is asked for (rate limited), and a token
+    /// with that `kid` is accepted once the issuer's set has it.
+    #[error("unknown key id (kid) {0:?}: not in the issuer's key set (a refresh was requested)")]
+    UnknownKid(String),
+    #[error("credential revoked")]
+    Revoked,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +199,7 @@ struct Claims {
     role: Option<String>,
     exp: Option<u64>,
     nbf: Option<u64>,
+    jti: Option<String>,
     vehicle_id: Option<String>,
     vehicles: Option<Vec<String>>,
     driver_id: Option<String>,
@@ -184,12 +210,23 @@ struct Claims {
 
 /// Verifies credentials against the configured keys.
 pub struct Authenticator {
-    api_keys: HashMap<[u8; 32], Principal>,
+    /// API keys by digest; replaced whole when the config is reloaded (SIGHUP).
+    api_keys: RwLock<Arc<HashMap<[u8; 32], Principal>>>,
     hs256: Option<DecodingKey>,
     rs256: Option<DecodingKey>,
     es256: Option<DecodingKey>,
+    /// The issuer's JWK Set (`auth.jwks_file` or `jwks_url`), refreshed by its thread.
+    jwks: Option<Arc<Jwks>>,
     issuer: Option<String>,
+    audience: Vec<String>,
+    leeway_s: u64,
     require_exp: bool,
+    revoked: RwLock<Arc<Revocations>>,
+    /// Bumped at every reload of keys and revocations: shards then walk their
+    /// connections (`Authenticator::is_revoked`).
+    generation: AtomicU64,
+    /// Connections closed because their credential was revoked (`/metrics`).
+    pub revoked_closed: AtomicU64,
     /// iTrack login users, their session hashes, and how long a hash lives.
     logins: Logins,
     sessions: Arc<dyn SessionStore>,
@@ -201,12 +238,19 @@ impl Authenticator {
     /// configured for. (A token may name any fleet; one that names `tenant` is checked
     /// before this.)
     pub fn knows_tenant(&self, tenant: &str) -> bool {
-        self.api_keys.values().any(|p| &*p.tenant == tenant) || self.logins.knows_tenant(tenant)
+        self.api_keys.read().values().any(|p| &*p.tenant == tenant)
+            || self.logins.knows_tenant(tenant)
     }
 }
 
 fn key_digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// The SHA-256 of an API key in lowercase hex: the `key_sha256` of a config that does not
+/// hold the key itself (`fleetcast hash-key`).
+pub fn sha256_hex(key: &str) -> String {
+    key_digest(key).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Compares two secrets in time independent of where they differ (their digests, so
@@ -225,6 +269,39 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct JwtKeys {
     pub rs256: Option<DecodingKey>,
     pub es256: Option<DecodingKey>,
+    /// The set of `auth.jwks_file` (a URL's set is fetched when the node starts).
+    pub jwks: Option<KeySet>,
+}
+
+/// The configured API keys by digest (of `key`, or `key_sha256` decoded). Refuses an
+/// API key listed twice, and one with neither `key` nor a valid `key_sha256`.
+fn key_map(cfg: &AuthConfig) -> anyhow::Result<HashMap<[u8; 32], Principal>> {
+    // Keys are looked up by their SHA-256 digest: the comparison time depends only on the
+    // digest of the guess, never on how many leading bytes of a key a guess got right,
+    // and a config may hold the digest alone (`key_sha256`).
+    let mut api_keys = HashMap::with_capacity(cfg.api_keys.len());
+    for k in &cfg.api_keys {
+        let digest = k.digest().ok_or_else(|| {
+            anyhow::anyhow!("api key of user {:?} has no key nor key_sha256", k.user_id)
+        })?;
+        let scope = DeviceScope::from_lists(k.vehicles.clone(), k.drivers.clone(), k.trips.clone());
+        let p = Principal {
+            user_id: k.user_id.as_str().into(),
+            tenant: k.tenant.as_str().into(),
+            role: k.role,
+            scope: Arc::new(scope),
+            expires_at: None,
+            credential: CredentialId::ApiKey(digest),
+        };
+        if let Some(other) = api_keys.insert(digest, p) {
+            anyhow::bail!(
+                "api key listed twice (users {:?} and {:?})",
+                other.user_id,
+                k.user_id
+            );
+        }
+    }
+    Ok(api_keys)
 }
 
 impl Authenticator {
@@ -241,6 +318,7 @@ impl Authenticator {
                 "auth.jwt_es256_public_key_file",
                 &cfg.jwt_es256_public_key_file,
             ),
+            ("auth.jwks_file", &cfg.jwks_file),
         ] {
             anyhow::ensure!(
                 set.is_none(),
@@ -254,41 +332,76 @@ impl Authenticator {
     /// An authenticator for the config's API keys and HS256 secret and the given public
     /// keys (the paths in `cfg` are not read). Refuses an API key listed twice.
     pub fn with_keys(cfg: &AuthConfig, keys: JwtKeys) -> anyhow::Result<Authenticator> {
-        // Keys are looked up by their SHA-256 digest, so the comparison time does not
-        // depend on how many leading bytes of a guess were right.
-        let mut api_keys = HashMap::with_capacity(cfg.api_keys.len());
-        for k in &cfg.api_keys {
-            let scope =
-                DeviceScope::from_lists(k.vehicles.clone(), k.drivers.clone(), k.trips.clone());
-            let p = Principal {
-                user_id: k.user_id.as_str().into(),
-                tenant: k.tenant.as_str().into(),
-                role: k.role,
-                scope: Arc::new(scope),
-                expires_at: None,
-            };
-            if let Some(other) = api_keys.insert(key_digest(&k.key), p) {
-                anyhow::bail!(
-                    "api key listed twice (users {:?} and {:?})",
-                    other.user_id,
-                    k.user_id
-                );
-            }
-        }
+        let jwks = (cfg.jwks_file.is_some() || cfg.jwks_url.is_some())
+            .then(|| Arc::new(Jwks::new(keys.jwks.unwrap_or_default())));
         Ok(Authenticator {
-            api_keys,
+            api_keys: RwLock::new(Arc::new(key_map(cfg)?)),
             hs256: cfg
                 .jwt_hs256_secret
                 .as_ref()
                 .map(|s| DecodingKey::from_secret(s.as_bytes())),
             rs256: keys.rs256,
             es256: keys.es256,
+            jwks,
             issuer: cfg.jwt_issuer.clone(),
+            audience: cfg.jwt_audience.clone(),
+            leeway_s: cfg.jwt_leeway_s,
             require_exp: cfg.require_exp,
+            revoked: RwLock::new(Arc::new(Revocations::new(cfg))),
+            generation: AtomicU64::new(0),
+            revoked_closed: AtomicU64::new(0),
             logins: Logins::default(),
             sessions: Arc::new(MemorySessions::new()),
             session_ttl_ms: ItrackConfig::default().session_ttl_ms,
         })
+    }
+
+    /// The JWK Set, when one is configured (the node starts its refresher).
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.as_ref()
+    }
+
+    /// Replaces the API keys and the revocation lists with those of `cfg` (SIGHUP, after
+    /// the whole config validated), and bumps the generation shards watch. Everything
+    /// else in `cfg` is ignored.
+    pub fn reload_credentials(&self, cfg: &AuthConfig) -> anyhow::Result<()> {
+        let keys = key_map(cfg)?;
+        *self.api_keys.write() = Arc::new(keys);
+        *self.revoked.write() = Arc::new(Revocations::new(cfg));
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Changes at every reload of the credentials.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a connection authenticated as `p` must be closed: its credential is
+    /// revoked, or it is an API key the config no longer lists.
+    pub fn is_revoked(&self, p: &Principal) -> bool {
+        if let CredentialId::ApiKey(d) = &p.credential
+            && !self.api_keys.read().contains_key(d)
+        {
+            return true;
+        }
+        self.revoked.read().revokes(p)
+    }
+
+    /// Appends the credential counters (revocations, JWKS) to a `/metrics` body.
+    pub fn render_metrics(&self, out: &mut String) {
+        out.push_str(
+            "# HELP fleetcast_revoked_connections_closed_total Connections closed (4001) \
+             because their credential was revoked or removed.\n\
+             # TYPE fleetcast_revoked_connections_closed_total counter\n",
+        );
+        out.push_str(&format!(
+            "fleetcast_revoked_connections_closed_total {}\n",
+            self.revoked_closed.load(Ordering::Relaxed)
+        ));
+        if let Some(j) = &self.jwks {
+            j.render_metrics(out);
+        }
     }
 
     /// The same authenticator with the `[itrack]` login users, keeping their session
@@ -358,15 +471,40 @@ impl Authenticator {
     }
 
     fn api_key(&self, key: &str) -> Result<Principal, AuthError> {
-        self.api_keys
+        let keys = self.api_keys.read().clone();
+        let p = keys
             .get(&key_digest(key))
             .cloned()
-            .ok_or(AuthError::UnknownApiKey)
+            .ok_or(AuthError::UnknownApiKey)?;
+        if self.revoked.read().revokes(&p) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(p)
     }
 
     fn jwt(&self, token: &str, now: u64) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        // An asymmetric token naming a `kid` is verified with that key of the JWK Set,
+        // when one is configured; others (HS256 ones too: a JWK Set holds no shared
+        // secret here) with the key configured for their algorithm.
+        if let (Some(kid), Some(jwks)) = (&header.kid, &self.jwks)
+            && header.alg != Algorithm::HS256
+        {
+            let set = jwks.snapshot();
+            let Some((alg, key)) = set.get(kid) else {
+                // Never fetched here (a shard must not block): the refresher is asked.
+                jwks.ask_refresh();
+                return Err(AuthError::UnknownKid(kid.clone()));
+            };
+            if header.alg != *alg {
+                return Err(AuthError::InvalidToken(format!(
+                    "token algorithm {:?} is not {alg:?}, the algorithm of key {kid:?}",
+                    header.alg
+                )));
+            }
+            return self.verify(token, *alg, key, now);
+        }
         let key = match header.alg {
             Algorithm::HS256 => self.hs256.as_ref(),
             Algorithm::RS256 => self.rs256.as_ref(),
@@ -378,13 +516,35 @@ impl Authenticator {
             }
         }
         .ok_or(AuthError::NoKeyForAlgorithm(header.alg))?;
-        let mut v = Validation::new(header.alg);
+        self.verify(token, header.alg, key, now)
+    }
+
+    /// Checks the signature with `key`, then `iss`, `aud`, and `exp`/`nbf` against
+    /// `now` with the configured leeway.
+    fn verify(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        key: &DecodingKey,
+        now: u64,
+    ) -> Result<Principal, AuthError> {
+        let mut v = Validation::new(alg);
         // Time claims are checked below against the caller's clock.
         v.validate_exp = false;
         v.validate_nbf = false;
         v.required_spec_claims.clear();
         if let Some(iss) = &self.issuer {
+            // Configured: a token must carry it (jsonwebtoken checks only one present).
             v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
+        }
+        if self.audience.is_empty() {
+            // Not configured: a token's `aud` is not checked (jsonwebtoken would refuse
+            // every token that has one).
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audience);
+            v.required_spec_claims.insert("aud".into());
         }
         let data = jsonwebtoken::decode::<Claims>(token, key, &v)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
@@ -392,15 +552,23 @@ impl Authenticator {
         if self.require_exp && c.exp.is_none() {
             return Err(AuthError::NoExpiry);
         }
-        if let Some(exp) = c.exp
+        // The leeway allows for the issuer's clock being off from ours: a token is valid
+        // from `nbf - leeway` until `exp + leeway` (when its connection is closed).
+        let expires_at = c.exp.map(|exp| exp.saturating_add(self.leeway_s));
+        if let Some(exp) = expires_at
             && now >= exp
         {
             return Err(AuthError::Expired);
         }
         if let Some(nbf) = c.nbf
-            && now < nbf
+            && now.saturating_add(self.leeway_s) < nbf
         {
             return Err(AuthError::NotYetValid);
+        }
+        if let Some(jti) = &c.jti
+            && self.revoked.read().revokes_token_id(jti)
+        {
+            return Err(AuthError::Revoked);
         }
         let tenant = c
             .tenant
@@ -426,7 +594,10 @@ impl Authenticator {
             tenant: tenant.into(),
             role,
             scope: Arc::new(scope),
-            expires_at: c.exp,
+            expires_at,
+            credential: CredentialId::Token {
+                jti: c.jti.map(Into::into),
+            },
         })
     }
 }
@@ -471,8 +642,11 @@ mod tests {
     fn auth() -> Authenticator {
         Authenticator::new(&AuthConfig {
             jwt_hs256_secret: Some("s3cret-s3cret-s3cret".into()),
+            // Expiry to the second here; the leeway has its own test.
+            jwt_leeway_s: 0,
             api_keys: vec![ApiKeyConfig {
                 key: "dev-viewer-0123456789".into(),
+                key_sha256: None,
                 user_id: "v1".into(),
                 tenant: "fleet_001".into(),
                 role: Role::Viewer,
@@ -554,6 +728,7 @@ mod construction_tests {
     fn key(key: &str, user: &str) -> ApiKeyConfig {
         ApiKeyConfig {
             key: key.into(),
+            key_sha256: None,
             user_id: user.into(),
             tenant: "fleet_001".into(),
             role: Role::Viewer,
@@ -619,6 +794,7 @@ mod asymmetric_tests {
         let keys = JwtKeys {
             rs256: Some(DecodingKey::from_rsa_pem(&pem("rs256-public.pem")).unwrap()),
             es256: Some(DecodingKey::from_ec_pem(&pem("es256-public.pem")).unwrap()),
+            jwks: None,
         };
         let a = Authenticator::with_keys(&AuthConfig::default(), keys).unwrap();
         let rsa = std::fs::read(fixture("rs256-private.pem")).unwrap();
@@ -759,7 +935,215 @@ mod session_tests {
             role: Role::Viewer,
             scope: Arc::new(DeviceScope::default()),
             expires_at: None,
+            credential: Default::default(),
         };
         assert_eq!(key_viewer.refusal_to_follow(true, &v(&["99"]), true), None);
+    }
+}
+
+#[cfg(test)]
+mod claims_tests {
+    use super::*;
+    use crate::config::ApiKeyConfig;
+
+    const SECRET: &str = "claims-secret-claims-secret-0123";
+
+    fn token(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn auth(cfg: AuthConfig) -> Authenticator {
+        Authenticator::new(&AuthConfig {
+            jwt_hs256_secret: Some(SECRET.into()),
+            ..cfg
+        })
+        .unwrap()
+    }
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({"sub":"s","tenant":"fleet_a","role":"viewer","exp":1000})
+    }
+
+    fn with(mut v: serde_json::Value, k: &str, x: serde_json::Value) -> serde_json::Value {
+        v[k] = x;
+        v
+    }
+
+    #[test]
+    fn the_leeway_extends_exp_and_nbf_and_the_connection_expiry() {
+        let a = auth(AuthConfig::default());
+        assert_eq!(AuthConfig::default().jwt_leeway_s, 30);
+        let t = token(base());
+        let p = a.authenticate(Credential::Token(&t), 1029).unwrap();
+        assert_eq!(p.expires_at, Some(1030));
+        assert_eq!(
+            a.authenticate(Credential::Token(&t), 1030),
+            Err(AuthError::Expired)
+        );
+        let early = token(with(base(), "nbf", 500.into()));
+        assert!(a.authenticate(Credential::Token(&early), 470).is_ok());
+        assert_eq!(
+            a.authenticate(Credential::Token(&early), 469),
+            Err(AuthError::NotYetValid)
+        );
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let open = auth(AuthConfig::default());
+        let with_aud = token(with(base(), "aud", "someone".into()));
+        // Not configured: a token's aud is not checked.
+        assert!(open.authenticate(Credential::Token(&with_aud), 0).is_ok());
+        let strict = auth(AuthConfig {
+            jwt_issuer: Some("https://issuer.example".into()),
+            jwt_audience: vec!["fleetcast".into(), "other".into()],
+            ..Default::default()
+        });
+        let good = with(
+            with(base(), "iss", "https://issuer.example".into()),
+            "aud",
+            serde_json::json!(["x", "fleetcast"]),
+        );
+        assert!(
+            strict
+                .authenticate(Credential::Token(&token(good.clone())), 0)
+                .is_ok()
+        );
+        for bad in [
+            with(good.clone(), "iss", "https://evil.example".into()),
+            with(good.clone(), "aud", "someone".into()),
+            {
+                let mut g = good.clone();
+                g.as_object_mut().unwrap().remove("aud");
+                g
+            },
+            {
+                let mut g = good.clone();
+                g.as_object_mut().unwrap().remove("iss");
+                g
+            },
+        ] {
+            assert!(
+                matches!(
+                    strict.authenticate(Credential::Token(&token(bad.clone())), 0),
+                    Err(AuthError::InvalidToken(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn revoked_token_ids_and_keys_are_refused_and_reload_swaps_the_lists() {
+        let key = |key: &str, hash: bool, user: &str| ApiKeyConfig {
+            key: if hash { String::new() } else { key.into() },
+            key_sha256: hash.then(|| {
+                Sha256::digest(key.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            }),
+            user_id: user.into(),
+            tenant: "fleet_a".into(),
+            role: Role::Viewer,
+            vehicles: vec![],
+            drivers: vec![],
+            trips: vec![],
+        };
+        let mut cfg = AuthConfig {
+            api_keys: vec![
+                key("clear-key-0123456789", false, "clear"),
+                key("hashed-key-0123456789", true, "hashed"),
+            ],
+            ..Default::default()
+        };
+        let a = auth(cfg.clone());
+        let hashed = a
+            .authenticate(Credential::ApiKey("hashed-key-0123456789"), 0)
+            .unwrap();
+        assert_eq!(&*hashed.user_id, "hashed");
+        assert_eq!(
+            a.authenticate(Credential::ApiKey("hashed-key-012345678"), 0),
+            Err(AuthError::UnknownApiKey)
+        );
+        let t = token(with(base(), "jti", "j-1".into()));
+        let by_token = a.authenticate(Credential::Token(&t), 0).unwrap();
+        assert!(!a.is_revoked(&by_token) && !a.is_revoked(&hashed));
+        let g = a.generation();
+        cfg.revoked_token_ids = vec!["j-1".into()];
+        cfg.revoked_keys = vec!["hashed".into()];
+        a.reload_credentials(&AuthConfig {
+            jwt_hs256_secret: Some(SECRET.into()),
+            ..cfg.clone()
+        })
+        .unwrap();
+        assert_ne!(a.generation(), g);
+        assert!(a.is_revoked(&by_token) && a.is_revoked(&hashed));
+        assert_eq!(
+            a.authenticate(Credential::Token(&t), 0),
+            Err(AuthError::Revoked)
+        );
+        assert_eq!(
+            a.authenticate(Credential::ApiKey("hashed-key-0123456789"), 0),
+            Err(AuthError::Revoked)
+        );
+        let clear = a
+            .authenticate(Credential::ApiKey("clear-key-0123456789"), 0)
+            .unwrap();
+        assert!(!a.is_revoked(&clear));
+        // A key no longer listed is as good as revoked for its open connections.
+        cfg.api_keys.remove(0);
+        a.reload_credentials(&cfg).unwrap();
+        assert!(a.is_revoked(&clear));
+    }
+
+    #[test]
+    fn hs256_tokens_with_a_kid_use_the_secret_when_a_jwks_is_configured() {
+        let a = Authenticator::with_keys(
+            &AuthConfig {
+                jwt_hs256_secret: Some(SECRET.into()),
+                jwks_url: Some("http://127.0.0.1:9/jwks.json".into()),
+                ..Default::default()
+            },
+            JwtKeys::default(),
+        )
+        .unwrap();
+        let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+        h.kid = Some("hmac-1".into());
+        let t = jsonwebtoken::encode(
+            &h,
+            &base(),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(a.authenticate(Credential::Token(&t), 0).is_ok());
+        // An ES256 token's kid goes to the (here empty) JWK Set, which asks for a refresh.
+        let jwks = a.jwks().unwrap();
+        let ec = std::fs::read(format!(
+            "{}/tests/fixtures/es256-private.pem",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+        h.kid = Some("ec-1".into());
+        let t = jsonwebtoken::encode(
+            &h,
+            &base(),
+            &jsonwebtoken::EncodingKey::from_ec_pem(&ec).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            a.authenticate(Credential::Token(&t), 0),
+            Err(AuthError::UnknownKid("ec-1".into()))
+        );
+        assert_eq!(
+            jwks.unknown_kid.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }

@@ -264,6 +264,9 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// When set, `GET /metrics` requires `Authorization: Bearer <metrics_token>`.
     pub metrics_token: Option<String>,
+    /// Web origins allowed to open a WebSocket (and to call the HTTP API, CORS); empty:
+    /// any (see `crate::origin`).
+    pub allowed_origins: crate::origin::AllowedOrigins,
 }
 
 impl Default for ServerConfig {
@@ -273,6 +276,7 @@ impl Default for ServerConfig {
             shards: 0,
             shutdown_grace_ms: 5_000,
             metrics_token: None,
+            allowed_origins: Default::default(),
         }
     }
 }
@@ -465,7 +469,7 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Shared secret for HS256 tokens.
@@ -476,15 +480,63 @@ pub struct AuthConfig {
     pub jwt_es256_public_key_file: Option<String>,
     /// Expected `iss` claim, when set.
     pub jwt_issuer: Option<String>,
+    /// Accepted `aud` values (a string or a list); when set, a token must name one.
+    #[serde(deserialize_with = "one_or_many")]
+    pub jwt_audience: Vec<String>,
+    /// Clock skew allowed between the token issuer and this node for `exp` and `nbf`.
+    pub jwt_leeway_s: u64,
     /// Refuse tokens without an `exp` claim (recommended in production).
     pub require_exp: bool,
+    /// A JWK Set file (RFC 7517) with the issuer's public keys, chosen by `kid`.
+    pub jwks_file: Option<String>,
+    /// The issuer's JWK Set URL (`http` or `https`).
+    pub jwks_url: Option<String>,
+    /// Interval of the periodic JWKS refresh.
+    pub jwks_refresh_interval_ms: u64,
+    /// At most one JWKS fetch per this interval, whatever asks for it (a token with an
+    /// unknown `kid`, the periodic refresh, a failed fetch's retry).
+    pub jwks_min_refresh_interval_ms: u64,
+    /// Time allowed for one JWKS fetch (connect and read).
+    pub jwks_timeout_ms: u64,
+    /// Token ids (`jti`) refused, and whose connections are closed (4001) on SIGHUP.
+    pub revoked_token_ids: Vec<String>,
+    /// API keys refused, by `user_id` or by the key's SHA-256 (hex); their connections
+    /// are closed (4001) on SIGHUP.
+    pub revoked_keys: Vec<String>,
     pub api_keys: Vec<ApiKeyConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_hs256_secret: None,
+            jwt_rs256_public_key_file: None,
+            jwt_es256_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: Vec::new(),
+            jwt_leeway_s: 30,
+            require_exp: false,
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh_interval_ms: 300_000,
+            jwks_min_refresh_interval_ms: 10_000,
+            jwks_timeout_ms: 5_000,
+            revoked_token_ids: Vec::new(),
+            revoked_keys: Vec::new(),
+            api_keys: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
+    /// The key in clear; empty when `key_sha256` is given instead.
+    #[serde(default)]
     pub key: String,
+    /// The key's SHA-256 in hex (`fleetcast hash-key` prints it), instead of `key`.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
     pub user_id: String,
     pub tenant: String,
     pub role: Role,
@@ -506,7 +558,7 @@ pub struct ApiKeyConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct KeyLine {
     line: usize,
-    digest: [u8; 32],
+    digest: Option<[u8; 32]>,
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -537,7 +589,8 @@ fn api_key_lines(text: &str) -> Vec<KeyLine> {
     }
     #[derive(Deserialize)]
     struct Key {
-        key: toml::Spanned<String>,
+        key: Option<toml::Spanned<String>>,
+        key_sha256: Option<toml::Spanned<String>>,
     }
     let Ok(file) = toml::from_str::<File>(text) else {
         return Vec::new();
@@ -545,11 +598,47 @@ fn api_key_lines(text: &str) -> Vec<KeyLine> {
     file.auth
         .api_keys
         .iter()
-        .map(|k| KeyLine {
-            line: line_of(text, k.key.span().start),
-            digest: digest(k.key.get_ref()),
+        .map(|k| {
+            let (start, digest) = match (&k.key, &k.key_sha256) {
+                (Some(key), _) if !key.get_ref().is_empty() => {
+                    (key.span().start, Some(digest(key.get_ref())))
+                }
+                (_, Some(hex)) => (hex.span().start, parse_sha256_hex(hex.get_ref())),
+                (Some(key), None) => (key.span().start, None),
+                (None, None) => (0, None),
+            };
+            KeyLine {
+                line: line_of(text, start),
+                digest,
+            }
         })
         .collect()
+}
+
+/// A SHA-256 digest written as 64 hex digits (either case).
+pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl ApiKeyConfig {
+    /// The SHA-256 the key is looked up by: of `key`, or `key_sha256` decoded. `None`
+    /// when neither is usable (validation says why).
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        if !self.key.is_empty() {
+            Some(digest(&self.key))
+        } else {
+            self.key_sha256.as_deref().and_then(parse_sha256_hex)
+        }
+    }
 }
 
 /// Every semantic problem found in a config, one message per problem, each naming the
@@ -889,7 +978,9 @@ impl Config {
     /// and the entry is still the one parsed there, else its index.
     fn api_key_origin(&self, i: usize) -> Origin {
         match (self.api_key_lines.get(i), self.auth.api_keys.get(i)) {
-            (Some(at), Some(k)) if at.digest == digest(&k.key) => Origin::Line(at.line),
+            (Some(at), Some(k)) if at.digest.is_some() && at.digest == k.digest() => {
+                Origin::Line(at.line)
+            }
             _ => Origin::Index(i),
         }
     }
@@ -928,20 +1019,39 @@ impl Config {
                 "an EC public key",
                 DecodingKey::from_ec_pem,
             ),
+            jwks: None,
         };
-        let mut first_at: HashMap<&str, usize> = HashMap::new();
+        let keys = JwtKeys {
+            jwks: self.check_jwt_claims_and_jwks(p),
+            ..keys
+        };
+        let mut first_at: HashMap<[u8; 32], usize> = HashMap::new();
         for (i, k) in a.api_keys.iter().enumerate() {
-            p.ensure(k.key.len() >= 16, || {
-                format!(
-                    "{}: key must be at least 16 characters (it is {})",
-                    self.describe_api_key(i),
-                    k.key.len()
-                )
-            });
+            match (&k.key, &k.key_sha256) {
+                (key, None) => p.ensure(key.len() >= 16, || {
+                    format!(
+                        "{}: key must be at least 16 characters (it is {})",
+                        self.describe_api_key(i),
+                        key.len()
+                    )
+                }),
+                (key, Some(_)) if !key.is_empty() => p.errors.push(format!(
+                    "{}: give key or key_sha256, not both",
+                    self.describe_api_key(i)
+                )),
+                (_, Some(hex)) => p.ensure(parse_sha256_hex(hex).is_some(), || {
+                    format!(
+                        "{}: key_sha256 must be 64 hex digits (`fleetcast hash-key` prints \
+                         them)",
+                        self.describe_api_key(i)
+                    )
+                }),
+            }
             p.ensure(!k.tenant.is_empty(), || {
                 format!("{}: tenant is empty", self.describe_api_key(i))
             });
-            if let Some(&first) = first_at.get(k.key.as_str()) {
+            let Some(d) = k.digest() else { continue };
+            if let Some(&first) = first_at.get(&d) {
                 let users = (&a.api_keys[first].user_id, &k.user_id);
                 p.errors
                     .push(match (self.api_key_origin(first), self.api_key_origin(i)) {
@@ -955,7 +1065,7 @@ impl Config {
                         ),
                     });
             } else {
-                first_at.insert(&k.key, i);
+                first_at.insert(d, i);
             }
             if k.role == Role::Device && k.vehicles.is_empty() {
                 p.warnings.push(format!(
@@ -966,6 +1076,58 @@ impl Config {
             }
         }
         keys
+    }
+
+    /// The JWT claim settings, the JWKS source (a file is read and parsed here, like the
+    /// PEM keys) and the revocation lists.
+    fn check_jwt_claims_and_jwks(&self, p: &mut Problems) -> Option<crate::jwks::KeySet> {
+        let a = &self.auth;
+        p.at_most("auth.jwt_leeway_s", a.jwt_leeway_s, 600);
+        p.ensure(a.jwt_audience.iter().all(|x| !x.is_empty()), || {
+            "auth.jwt_audience: an audience must not be empty".into()
+        });
+        for (i, r) in a.revoked_token_ids.iter().enumerate() {
+            p.ensure(!r.is_empty(), || {
+                format!("auth.revoked_token_ids[{i}] is empty")
+            });
+        }
+        for (i, r) in a.revoked_keys.iter().enumerate() {
+            p.ensure(!r.is_empty(), || format!("auth.revoked_keys[{i}] is empty"));
+        }
+        p.at_least(
+            "auth.jwks_min_refresh_interval_ms",
+            a.jwks_min_refresh_interval_ms,
+            100,
+        );
+        p.ensure(
+            a.jwks_refresh_interval_ms >= a.jwks_min_refresh_interval_ms,
+            || {
+                format!(
+                    "auth.jwks_refresh_interval_ms ({}) must be at least \
+                     auth.jwks_min_refresh_interval_ms ({})",
+                    a.jwks_refresh_interval_ms, a.jwks_min_refresh_interval_ms
+                )
+            },
+        );
+        p.at_least("auth.jwks_timeout_ms", a.jwks_timeout_ms, 1);
+        if let Some(url) = &a.jwks_url {
+            p.ensure(a.jwks_file.is_none(), || {
+                "auth.jwks_file and auth.jwks_url are both set: give one".into()
+            });
+            p.ensure(
+                url.starts_with("http://") || url.starts_with("https://"),
+                || format!("auth.jwks_url {url:?} must be an http:// or https:// URL"),
+            );
+            return None;
+        }
+        let path = a.jwks_file.as_deref()?;
+        match crate::jwks::KeySet::read(std::path::Path::new(path)) {
+            Ok(set) => Some(set),
+            Err(e) => {
+                p.errors.push(format!("auth.jwks_file: {e}"));
+                None
+            }
+        }
     }
 
     pub fn shard_count(&self) -> usize {
@@ -1264,6 +1426,7 @@ role = "service"
         let mut c = Config::default();
         let k = |key: &str, user: &str| ApiKeyConfig {
             key: key.into(),
+            key_sha256: None,
             user_id: user.into(),
             tenant: "fleet_a".into(),
             role: Role::Viewer,
@@ -1382,5 +1545,88 @@ role = "service"
             e[1].contains("rs256-public.pem") && e[1].contains("not an EC public key"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn hashed_keys_are_checked_and_duplicates_found_across_clear_and_hashed() {
+        let hex = crate::auth::sha256_hex("shared-key-0123456789");
+        let entry = |body: &str, user: &str| {
+            format!(
+                "[[auth.api_keys]]\n{body}\nuser_id = \"{user}\"\ntenant = \"fleet_a\"\nrole = \"viewer\"\n"
+            )
+        };
+        let text = entry("key = \"shared-key-0123456789\"", "a")
+            + &entry(&format!("key_sha256 = \"{}\"", hex.to_uppercase()), "b");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("api key listed twice: lines 2 and 7"),
+            "{e:?}"
+        );
+        refused(
+            &entry("key_sha256 = \"abc\"", "c"),
+            "key_sha256 must be 64 hex digits",
+        );
+        refused(
+            &entry(
+                &format!("key = \"shared-key-0123456789\"\nkey_sha256 = \"{hex}\""),
+                "d",
+            ),
+            "not both",
+        );
+        refused(&entry("", "e"), "key must be at least 16");
+        let ok = Config::parse(&entry(&format!("key_sha256 = \"{hex}\""), "f")).unwrap();
+        assert!(ok.validate().is_ok());
+        assert_eq!(
+            ok.auth.api_keys[0].digest(),
+            Some(digest("shared-key-0123456789"))
+        );
+    }
+
+    #[test]
+    fn jwks_claims_and_revocation_settings_are_checked() {
+        refused(
+            "[auth]\njwks_url = \"http://x/j\"\njwks_file = \"/x\"",
+            "both set",
+        );
+        refused("[auth]\njwks_url = \"ftp://x/j\"", "auth.jwks_url");
+        refused(
+            "[auth]\njwks_file = \"/nonexistent/fleetcast/jwks.json\"",
+            "auth.jwks_file: cannot read /nonexistent/fleetcast/jwks.json",
+        );
+        refused(
+            &format!("[auth]\njwks_file = {:?}", fixture("rs256-public.pem")),
+            "not a JWK Set",
+        );
+        refused("[auth]\njwt_leeway_s = 601", "auth.jwt_leeway_s");
+        refused(
+            "[auth]\nrevoked_token_ids = [\"\"]",
+            "auth.revoked_token_ids[0]",
+        );
+        refused("[auth]\nrevoked_keys = [\"\"]", "auth.revoked_keys[0]");
+        refused(
+            "[auth]\njwks_refresh_interval_ms = 1000\njwks_min_refresh_interval_ms = 2000",
+            "auth.jwks_refresh_interval_ms",
+        );
+        // An origin pattern is parsed with the file: the error names the line and entry.
+        let e = Config::parse("[server]\nallowed_origins = [\"https://a.example/x\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("server.allowed_origins[0]"),
+            "{e}"
+        );
+        let c = Config::from_toml(
+            "[auth]\njwt_audience = \"fleetcast\"\n[server]\nallowed_origins = [\"https://*.a.example\"]",
+        )
+        .unwrap();
+        assert_eq!(c.auth.jwt_audience, vec!["fleetcast".to_string()]);
+        assert!(
+            c.server
+                .allowed_origins
+                .allows_upgrade(Some("https://x.a.example"))
+        );
+        let c = Config::from_toml("[auth]\njwt_audience = [\"a\", \"b\"]").unwrap();
+        assert_eq!(c.auth.jwt_audience.len(), 2);
     }
 }

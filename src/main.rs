@@ -63,6 +63,15 @@ enum Command {
         #[arg(long)]
         password: Option<String>,
     },
+    /// Print the SHA-256 (hex) of an API key, for `[[auth.api_keys]] key_sha256`, so that
+    /// the config need not hold the key. The key is read from standard input (one line;
+    /// not echoed on a terminal).
+    HashKey {
+        /// The key itself, instead of standard input (it then stays in the shell's
+        /// history: prefer stdin).
+        #[arg(long)]
+        key: Option<String>,
+    },
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -91,6 +100,7 @@ fn dev_config(mut cfg: Config) -> anyhow::Result<(Config, String)> {
         };
         cfg.auth.api_keys.push(ApiKeyConfig {
             key: format!("dev-{}-{}", role.name(), random_hex(12)),
+            key_sha256: None,
             user_id: format!("dev-{}", role.name()),
             tenant: "fleet_001".into(),
             role,
@@ -186,6 +196,7 @@ fn serve(
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])?;
     let node = Node::start(cfg)?;
     let addr = node.local_addr();
@@ -194,12 +205,45 @@ fn serve(
     }
     tracing::info!(%addr, shards = node.shard_count(), "fleetcast listening");
     println!("listening on {addr} with {} shards", node.shard_count());
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            reload_credentials(&node, config.as_deref());
+            continue;
+        }
         tracing::info!(signal = sig, "shutting down");
+        break;
     }
     node.shutdown();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP, credentials part: re-reads the config file and, when the whole file is valid,
+/// takes its API keys and revocation lists (nothing else); the open connections of
+/// revoked or removed credentials are closed with 4001. A bad file changes nothing.
+fn reload_credentials(node: &Node, config: Option<&Path>) {
+    let Some(path) = config else {
+        tracing::warn!("SIGHUP: development mode has no config file to reload");
+        return;
+    };
+    let cfg = match Config::read(path) {
+        Ok(c) => c,
+        Err(e) => return tracing::error!("SIGHUP: credentials not reloaded: {e}"),
+    };
+    if let Err(e) = cfg.validate() {
+        let e = e.to_string().replace('\n', "; ");
+        return tracing::error!("SIGHUP: credentials not reloaded, {}: {e}", path.display());
+    }
+    match node.reload_credentials(&cfg) {
+        Ok(()) => tracing::info!(
+            keys = cfg.auth.api_keys.len(),
+            revoked_token_ids = cfg.auth.revoked_token_ids.len(),
+            revoked_keys = cfg.auth.revoked_keys.len(),
+            "SIGHUP: credentials reloaded from {}",
+            path.display()
+        ),
+        Err(e) => tracing::error!("SIGHUP: credentials not reloaded: {e}"),
+    }
 }
 
 /// `check-config`: parses the file and runs the validation `serve` runs (key files
@@ -232,8 +276,8 @@ fn check_config(path: &Path) -> ExitCode {
 }
 
 /// One line of standard input without its line ending. On a terminal it asks on stderr
-/// and turns echo off meanwhile (`stty`; if that fails the password is echoed).
-fn read_password() -> anyhow::Result<String> {
+/// (`prompt`) and turns echo off meanwhile (`stty`; if that fails the secret is echoed).
+fn read_secret(prompt: &str) -> anyhow::Result<String> {
     use std::io::{BufRead, IsTerminal, Write};
     let stdin = std::io::stdin();
     let tty = stdin.is_terminal();
@@ -246,7 +290,7 @@ fn read_password() -> anyhow::Result<String> {
     };
     let mut echo_off = false;
     if tty {
-        eprint!("password: ");
+        eprint!("{prompt}: ");
         std::io::stderr().flush()?;
         echo_off = stty("-echo");
     }
@@ -305,10 +349,23 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::HashPassword { password } => {
             let password = match password {
                 Some(p) => p,
-                None => read_password()?,
+                None => read_secret("password")?,
             };
             anyhow::ensure!(!password.is_empty(), "the password is empty");
             println!("{}", fleetcast::sessions::hash_password(&password)?);
+        }
+        Command::HashKey { key } => {
+            let key = match key {
+                Some(k) => k,
+                None => read_secret("api key")?,
+            };
+            // The rule `check-config` applies to a key given in clear.
+            anyhow::ensure!(
+                key.len() >= 16,
+                "an API key must be at least 16 characters (it is {})",
+                key.len()
+            );
+            println!("{}", fleetcast::auth::sha256_hex(&key));
         }
     }
     Ok(ExitCode::SUCCESS)

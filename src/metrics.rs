@@ -61,7 +61,7 @@ impl Outcome {
     pub fn from_status(status: u16) -> Outcome {
         match status {
             101 => Outcome::Upgraded,
-            200 => Outcome::Http,
+            200 | 204 => Outcome::Http,
             401 => Outcome::Unauthorized,
             403 => Outcome::Forbidden,
             404 => Outcome::NotFound,

@@ -95,6 +95,8 @@ impl Node {
                 })
                 .collect(),
         });
+        // Before the shards accept: a URL's set is fetched first.
+        start_jwks(&shared.auth, &shared.config.auth)?;
         let mut threads = Vec::new();
         // Cluster mode: connected (or, if allowed, connecting) before the first client.
         if let Some(ends) = link_ends {
@@ -136,9 +138,23 @@ impl Node {
         self.shared.mesh.len()
     }
 
+    /// Replaces the API keys and revocation lists with those of `config` (already
+    /// validated: SIGHUP) and wakes the shards, which close the connections of revoked
+    /// credentials (4001).
+    pub fn reload_credentials(&self, config: &Config) -> anyhow::Result<()> {
+        self.shared.auth.reload_credentials(&config.auth)?;
+        for waker in &self.shared.wakers {
+            let _ = waker.wake();
+        }
+        Ok(())
+    }
+
     /// Stops accepting, closes every client with 1001 and waits for the shards to finish
     /// (at most the configured grace period).
     pub fn shutdown(self) {
+        if let Some(jwks) = self.shared.auth.jwks() {
+            jwks.stop();
+        }
         self.shared.stopping.store(true, Ordering::Release);
         for waker in &self.shared.wakers {
             let _ = waker.wake();
@@ -147,4 +163,32 @@ impl Node {
             let _ = t.join();
         }
     }
+}
+
+/// Starts the JWKS refresher when `[auth]` names a set. A URL is fetched once before the
+/// node listens (so that it accepts tokens from its first connection; a failure is logged
+/// and retried in the background); a file was read by validation.
+fn start_jwks(auth: &Authenticator, cfg: &crate::config::AuthConfig) -> anyhow::Result<()> {
+    use crate::jwks::refresher::{self, Settings, Source};
+    use std::time::{Duration, Instant};
+    let Some(jwks) = auth.jwks() else {
+        return Ok(());
+    };
+    let source = match (&cfg.jwks_url, &cfg.jwks_file) {
+        (Some(url), _) => Source::Url(url.clone()),
+        (None, Some(path)) => Source::File(path.into()),
+        (None, None) => return Ok(()),
+    };
+    let settings = Settings {
+        source,
+        every: Duration::from_millis(cfg.jwks_refresh_interval_ms),
+        min_gap: Duration::from_millis(cfg.jwks_min_refresh_interval_ms),
+        timeout: Duration::from_millis(cfg.jwks_timeout_ms),
+    };
+    let ok = match settings.source {
+        Source::Url(_) => refresher::fetch_at_start(jwks, &settings),
+        Source::File(_) => true,
+    };
+    refresher::spawn(jwks.clone(), settings, Some((Instant::now(), ok)))?;
+    Ok(())
 }

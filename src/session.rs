@@ -643,6 +643,16 @@ impl Session {
         Some(at)
     }
 
+    /// The credential this session authenticated with was revoked (the shard asks the
+    /// authenticator after a reload): error 401, then close 4001, as for an expired token.
+    pub fn handle_revoked(&mut self, now: Now) {
+        if self.is_closed() {
+            return;
+        }
+        self.send_error(now, None, &ProtoError::new(401, "credential revoked"));
+        self.close(close::CREDENTIAL_REVOKED, "credential revoked");
+    }
+
     pub fn handle_tick(&mut self, now: Now) {
         match self.state {
             State::Closed => return,
@@ -1389,6 +1399,7 @@ mod tests {
         fn new() -> Fixture {
             let key = |k: &str, role| ApiKeyConfig {
                 key: k.into(),
+                key_sha256: None,
                 user_id: format!("u-{k}"),
                 tenant: "fleet_a".into(),
                 role,
@@ -1403,6 +1414,8 @@ mod tests {
             let auth = Authenticator::new(&AuthConfig {
                 api_keys: vec![key(VIEWER, Role::Viewer), key(DEVICE, Role::Device)],
                 jwt_hs256_secret: Some(SECRET.into()),
+                // Expiry to the second (the leeway is tested in auth.rs).
+                jwt_leeway_s: 0,
                 ..Default::default()
             })
             .unwrap();

@@ -306,6 +306,7 @@ impl Logins {
                 role: Role::Viewer,
                 scope: Arc::new(DeviceScope::listed_trackers(&u.trackers)),
                 expires_at: None,
+                credential: Default::default(),
             };
             let user = User {
                 phc: u.password_hash.clone(),

@@ -2110,6 +2110,7 @@ impl Harness {
     fn new() -> Harness {
         let key = |k: &str, role| ApiKeyConfig {
             key: k.into(),
+            key_sha256: None,
             user_id: format!("u-{role:?}"),
             tenant: "fleet_a".into(),
             role,

@@ -767,6 +767,7 @@ mod tests {
             role,
             scope: DeviceScope::any(),
             expires_at: None,
+            credential: Default::default(),
         };
         let ok = |role, acting_as: Option<&str>| Reply::AuthOk {
             id: None,

@@ -48,6 +48,8 @@ pub struct Conn {
     pub http_body: Option<Box<PendingBody>>,
     /// When this connection's entry in the shard's timer heap fires.
     pub timer_at: Option<Instant>,
+    /// An allowed browser origin its HTTP answer echoes in CORS headers.
+    pub cors: Option<Box<str>>,
 }
 
 /// What a request still waiting for its body has already decided, so that the head is
@@ -93,6 +95,7 @@ impl Conn {
             pending: true,
             http_body: None,
             timer_at: None,
+            cors: None,
         }
     }
 

@@ -13,9 +13,11 @@
 //! Work per loop turn is bounded: accepts, bytes read per connection, inbox messages.
 
 mod api;
+mod browser;
 mod clustered;
 pub mod conn;
 pub mod outbox;
+mod revoke;
 pub mod shared;
 pub mod snapshot;
 
@@ -137,6 +139,8 @@ pub struct Shard {
     /// Shard 0 publishes derived `fleet_metrics` and `system` status at this time.
     next_metrics: Instant,
     derived: crate::store::derived::Derived,
+    /// The walk that closes connections of revoked credentials after a reload.
+    revocation: revoke::RevocationWalk,
 }
 
 fn now() -> Now {
@@ -193,6 +197,7 @@ impl Shard {
             shutdown_deadline: None,
             next_metrics: Instant::now(),
             derived: Default::default(),
+            revocation: Default::default(),
         })
     }
 
@@ -214,7 +219,8 @@ impl Shard {
                 || !self.pending_reads.is_empty()
                 || !self.dirty.is_empty()
                 || !self.inbox.is_empty()
-                || !self.ctl.is_empty();
+                || !self.ctl.is_empty()
+                || self.revocation_walk_pending();
             let mut wake_at = match self.accept_retry_at {
                 Some(t) => t.min(self.next_tick),
                 None => self.next_tick,
@@ -272,6 +278,7 @@ impl Shard {
             self.drain_inbox();
             self.flush_dirty();
             self.fire_timers();
+            self.check_revocations();
             if Instant::now() >= self.next_tick {
                 self.on_tick();
                 // While shutting down, tick fast to pace the close frames.
@@ -576,6 +583,9 @@ impl Shard {
             Endpoint::Echo if !shared.config.testing.echo_endpoint => Endpoint::NotFound,
             e => e,
         };
+        if self.browser_gate(slot, &req, &endpoint) {
+            return;
+        }
         if endpoint != Endpoint::NotFound && !endpoint.allows(&req.method) {
             return self.http_error(slot, 405, "method not allowed");
         }
@@ -735,13 +745,36 @@ impl Shard {
     }
 
     fn http_reply(&mut self, slot: usize, status: u16, content_type: &str, body: &[u8]) {
+        self.http_reply_with(slot, status, content_type, "", body);
+    }
+
+    /// An HTTP answer with extra header lines; CORS headers too when the request came
+    /// from an allowed origin (`browser_gate`).
+    fn http_reply_with(
+        &mut self,
+        slot: usize,
+        status: u16,
+        content_type: &str,
+        extra: &str,
+        body: &[u8],
+    ) {
         self.stats().handshake(Outcome::from_status(status));
         self.not_pending(slot);
         let conn = &mut self.conns[slot];
         conn.rbuf = Vec::new();
         conn.http_body = None;
-        conn.out
-            .push_owned(handshake::response(status, content_type, body));
+        let mut headers = conn
+            .cors
+            .take()
+            .map(|o| crate::origin::cors_headers(&o))
+            .unwrap_or_default();
+        headers.push_str(extra);
+        conn.out.push_owned(handshake::response_with_headers(
+            status,
+            content_type,
+            &headers,
+            body,
+        ));
         let deadline = Instant::now() + CLOSE_LINGER;
         conn.phase = Phase::HttpClose { deadline };
         self.mark_dirty(slot);

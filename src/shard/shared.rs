@@ -79,6 +79,7 @@ impl Shared {
 
     pub fn render_metrics(&self) -> String {
         let mut out = metrics::render(&self.stats);
+        self.auth.render_metrics(&mut out);
         if let Some(link) = &self.cluster {
             link.render(&mut out);
         }

@@ -22,6 +22,8 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The credential expired while the connection was open.
     pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The credential was revoked (`[auth] revoked_*`, on SIGHUP) while it was open.
+    pub const CREDENTIAL_REVOKED: u16 = 4001;
     /// Nothing was heard from the client for two heartbeat intervals.
     pub const HEARTBEAT_TIMEOUT: u16 = 4008;
 }

@@ -91,6 +91,15 @@ impl Endpoint {
         )
     }
 
+    /// The methods this endpoint answers, as a CORS preflight lists them.
+    pub fn methods(&self) -> &'static str {
+        match self {
+            Endpoint::Publish => "POST",
+            Endpoint::User(_) => "GET, POST",
+            _ => "GET",
+        }
+    }
+
     /// Whether this endpoint answers `method` (405 otherwise).
     pub fn allows(&self, method: &str) -> bool {
         match self {
@@ -122,6 +131,10 @@ pub struct Request {
     pub authorization: Option<String>,
     pub content_length: Option<usize>,
     pub chunked: bool,
+    /// The `Origin` header: sent by browsers (`crate::origin`).
+    pub origin: Option<String>,
+    /// `Access-Control-Request-Method`: an `OPTIONS` request with it is a CORS preflight.
+    pub cors_request_method: Option<String>,
 }
 
 impl Request {
@@ -213,6 +226,12 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
                 out.content_length = Some(v.parse().map_err(|_| HeadError::Malformed)?)
             }
             "transfer-encoding" => out.chunked = has_token("chunked"),
+            // Two origins cannot both be checked against the allow-list: refused.
+            "origin" if out.origin.is_some() => return Err(HeadError::Malformed),
+            "origin" => out.origin = Some(value.trim().to_string()),
+            "access-control-request-method" => {
+                out.cors_request_method = Some(value.trim().to_string())
+            }
             _ => {}
         }
     }
@@ -224,8 +243,13 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
 
 /// A complete HTTP/1.1 response that closes the connection.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    response_with_headers(status, content_type, "", body)
+}
+
+/// The same with extra header lines (each ending with CRLF), such as CORS headers.
+pub fn response_with_headers(status: u16, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}",
         reason(status),
         body.len()
     );
@@ -265,6 +289,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         403 => "Forbidden",
         202 => "Accepted",
+        204 => "No Content",
         404 => "Not Found",
         405 => "Method Not Allowed",
         411 => "Length Required",
@@ -329,6 +354,31 @@ mod tests {
         assert_eq!(req.bearer(), Some("abc"));
         let resp = String::from_utf8(switching_protocols(req.ws_key.as_deref().unwrap())).unwrap();
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn origin_and_preflight_headers() {
+        let raw = b"OPTIONS /v1/publish HTTP/1.1\r\nOrigin:  https://a.example \r\nAccess-Control-Request-Method: POST\r\n\r\n";
+        let (_, req) = parse_request(raw, 8192).unwrap();
+        assert_eq!(req.origin.as_deref(), Some("https://a.example"));
+        assert_eq!(req.cors_request_method.as_deref(), Some("POST"));
+        let twice =
+            b"GET / HTTP/1.1\r\nOrigin: https://a.example\r\nOrigin: https://b.example\r\n\r\n";
+        assert_eq!(
+            parse_request(twice, 8192).unwrap_err(),
+            HeadError::Malformed
+        );
+        let r = String::from_utf8(response_with_headers(
+            204,
+            "text/plain",
+            "Vary: Origin\r\n",
+            b"",
+        ))
+        .unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 204 No Content\r\n") && r.contains("\r\nVary: Origin\r\n\r\n"),
+            "{r}"
+        );
     }
 
     #[test]

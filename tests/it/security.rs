@@ -52,6 +52,7 @@ pub(crate) fn add_key(
     let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     cfg.auth.api_keys.push(ApiKeyConfig {
         key: key.into(),
+        key_sha256: None,
         user_id: format!("user-{key}"),
         tenant: tenant.into(),
         role,

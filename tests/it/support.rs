@@ -26,6 +26,8 @@ pub fn config(shards: usize) -> Config {
     cfg.server.shards = shards;
     cfg.server.shutdown_grace_ms = 2_000;
     cfg.auth.jwt_hs256_secret = Some(SECRET.into());
+    // Tests time token expiry to the second: no clock leeway (its default is 30 s).
+    cfg.auth.jwt_leeway_s = 0;
     // Tests open many connections from one address and publish in bursts; the limits
     // themselves are tested in limits.rs with their defaults or small values.
     relax_limits(&mut cfg);
@@ -33,6 +35,7 @@ pub fn config(shards: usize) -> Config {
         for role in [Role::Device, Role::Viewer, Role::Service, Role::Admin] {
             cfg.auth.api_keys.push(ApiKeyConfig {
                 key: key(tenant, role),
+                key_sha256: None,
                 user_id: format!("{tenant}-{}", role.name()),
                 tenant: tenant.into(),
                 role,
@@ -45,6 +48,7 @@ pub fn config(shards: usize) -> Config {
         }
         cfg.auth.api_keys.push(ApiKeyConfig {
             key: format!("key-{tenant}-device-v1-0123456789"),
+            key_sha256: None,
             user_id: format!("{tenant}-device-v1"),
             tenant: tenant.into(),
             role: Role::Device,
