@@ -208,6 +208,8 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// When set, `GET /metrics` requires `Authorization: Bearer <metrics_token>`.
     pub metrics_token: Option<String>,
+    /// `[server.tls]`: a TLS listener beside `listen` (see `crate::tls`).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -217,6 +219,7 @@ impl Default for ServerConfig {
             shards: 0,
             shutdown_grace_ms: 5_000,
             metrics_token: None,
+            tls: None,
         }
     }
 }
@@ -620,6 +623,16 @@ impl Config {
 
     fn check_server(&self, p: &mut Problems) {
         let s = &self.server;
+        if let Some(tls) = &s.tls {
+            p.at_least(
+                "server.tls.handshakes_per_turn",
+                tls.handshakes_per_turn as u64,
+                1,
+            );
+            if let Err(e) = crate::tls::load(tls) {
+                p.errors.push(e);
+            }
+        }
         p.at_most("server.shards", s.shards as u64, 64);
         p.ensure(s.shutdown_grace_ms <= MAX_SHUTDOWN_GRACE_MS, || {
             format!(

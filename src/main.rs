@@ -186,6 +186,7 @@ fn serve(
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])?;
     let node = Node::start(cfg)?;
     let addr = node.local_addr();
@@ -194,12 +195,29 @@ fn serve(
     }
     tracing::info!(%addr, shards = node.shard_count(), "fleetcast listening");
     println!("listening on {addr} with {} shards", node.shard_count());
-    if let Some(sig) = signals.forever().next() {
+    if let Some(tls) = node.tls_addr() {
+        tracing::info!(%tls, "fleetcast listening for TLS (wss://, https://)");
+        println!("listening for TLS on {tls}");
+    }
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            reload_tls_on_sighup(&node);
+            continue;
+        }
         tracing::info!(signal = sig, "shutting down");
+        break;
     }
     node.shutdown();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP, TLS part: new connections get the certificate and key read again; open ones
+/// keep theirs. A file that does not load is refused (logged) and the old one stays.
+fn reload_tls_on_sighup(node: &Node) {
+    if node.tls_addr().is_some() && node.reload_tls().is_err() {
+        eprintln!("TLS reload refused: the previous certificate stays in use (see the log)");
+    }
 }
 
 /// `check-config`: parses the file and runs the validation `serve` runs (key files

@@ -29,4 +29,5 @@ mod smoke;
 mod snapshot;
 mod subscribe;
 mod telematics;
+mod tls;
 mod tracking;
