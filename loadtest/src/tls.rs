@@ -31,9 +31,13 @@ impl TlsTarget {
             "--ca-file {}: no certificate",
             ca_file.display()
         );
-        // ring: the broker's provider too (no cmake for aws-lc-rs).
+        // ring, as the broker (no cmake for aws-lc-rs); X25519 first, as browsers (ring's
+        // default order starts with P-384, several times as costly).
+        use rustls::crypto::ring::kx_group;
         #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+        let provider = Arc::new(provider);
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_root_certificates(roots)
