@@ -229,3 +229,95 @@ pub fn render<'a>(out: &mut String, shards: impl Iterator<Item = &'a TlsStats> +
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate and its key as PEM; a second key that does not match.
+    fn pems() -> (String, String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        (cert.pem(), key.serialize_pem(), other.serialize_pem())
+    }
+
+    fn files(tag: &str, cert: &str, key: &str) -> TlsConfig {
+        let dir = std::env::temp_dir().join(format!("fleetcast-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+        TlsConfig {
+            listen: default_listen(),
+            cert_file: dir.join("cert.pem"),
+            key_file: dir.join("key.pem"),
+            handshakes_per_turn: default_handshakes_per_turn(),
+        }
+    }
+
+    #[test]
+    fn tls_load_accepts_a_matching_pair_with_alpn_http11() {
+        let (cert, key, _) = pems();
+        let config = load(&files("good", &cert, &key)).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn tls_load_refuses_bad_files_naming_them() {
+        let (cert, key, other) = pems();
+        let e = load(&files("nocert", "not a certificate\n", &key)).unwrap_err();
+        assert!(
+            e.contains("server.tls.cert_file") && e.contains("cert.pem"),
+            "{e}"
+        );
+        let e = load(&files("nokey", &cert, "")).unwrap_err();
+        assert!(
+            e.contains("server.tls.key_file") && e.contains("key.pem"),
+            "{e}"
+        );
+        let e = load(&files("mismatch", &cert, &other)).unwrap_err();
+        assert!(e.contains("not usable together"), "{e}");
+        let mut missing = files("missing", &cert, &key);
+        missing.cert_file = missing.cert_file.with_file_name("absent.pem");
+        let e = load(&missing).unwrap_err();
+        assert!(e.contains("absent.pem"), "{e}");
+    }
+
+    #[test]
+    fn tls_reload_keeps_the_current_config_when_the_new_files_fail() {
+        let (cert, key, other) = pems();
+        let settings = files("reload", &cert, &key);
+        let state = TlsState::new(settings.clone()).unwrap();
+        let before = state.current();
+        std::fs::write(&settings.key_file, other).unwrap();
+        assert!(state.reload().is_err());
+        assert!(Arc::ptr_eq(&before, &state.current()));
+        std::fs::write(&settings.key_file, key).unwrap();
+        state.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &state.current()));
+    }
+
+    #[test]
+    fn tls_refusal_reasons_of_rustls_errors() {
+        use rustls::{Error, InvalidMessage, PeerIncompatible};
+        let of = |e: Error| Refusal::of(&e);
+        assert_eq!(
+            of(Error::InvalidMessage(InvalidMessage::MessageTooLarge)),
+            Refusal::Oversized
+        );
+        assert_eq!(
+            of(Error::InvalidMessage(InvalidMessage::InvalidContentType)),
+            Refusal::Garbage
+        );
+        assert_eq!(
+            of(Error::PeerIncompatible(
+                PeerIncompatible::SupportedVersionsExtensionRequired
+            )),
+            Refusal::Protocol
+        );
+        assert_eq!(of(Error::NoApplicationProtocol), Refusal::Protocol);
+    }
+}
