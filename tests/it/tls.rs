@@ -709,6 +709,158 @@ fn tls_handshake_storm_does_not_starve_subscribers() {
     assert_eq!(n.metric("fleetcast_tls_refused_total", ""), 0);
 }
 
+// ---------------------------------------------------------------- backpressure, shutdown
+
+/// A wss subscriber that stops reading is closed as a slow consumer (1013) once its
+/// queue passes the hard bound, behind TLS records as behind a plain socket: what it had
+/// been sent decrypts and parses to the end (no record or frame cut), and a healthy wss
+/// subscriber receives every alert.
+#[test]
+fn tls_slow_consumer_is_closed_and_others_receive_everything() {
+    const ALERTS: usize = 3_000;
+    let pki = Pki::new("slow");
+    let n = TlsNode::start(&pki, 2, 32, |c| {
+        c.limits.soft_outbound_bytes = 16 * 1024;
+        c.limits.max_outbound_bytes = 64 * 1024;
+    });
+    let cfg = pki.client();
+    let path = format!(
+        "/v1/streaming/websocket?api_key={}",
+        key("fleet_a", Role::Viewer)
+    );
+    // The stalled client's kernel buffers are kept small (see slow_consumer.rs), so that
+    // the broker's own bounds are what fills.
+    let stalled = {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.set_tcp_mss(536).unwrap();
+        socket.connect(&SockAddr::from(n.tls)).unwrap();
+        let sock = TcpStream::from(socket);
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let conn =
+            ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut tls = StreamOwned::new(conn, sock);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        let url = format!("wss://localhost:{}{path}", n.tls.port());
+        let (ws, _) = tungstenite::client(url.as_str(), tls).unwrap();
+        let mut w = Wss { ws };
+        w.subscribe("alerts");
+        w
+    };
+    let mut healthy = Wss::connect(n.tls, &cfg, &path);
+    healthy.subscribe("alerts");
+    let reader = thread::spawn(move || {
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < ALERTS && Instant::now() < deadline {
+            match healthy.next_text(Duration::from_secs(5)) {
+                Some(t) if t.contains("\"safety_alert\"") => got += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        got
+    });
+    let url = format!(
+        "ws://{}/v1/streaming/websocket?api_key={}",
+        n.plain,
+        key("fleet_a", Role::Service)
+    );
+    let mut svc = Client::connect(&url);
+    let padding = "x".repeat(300);
+    for i in 0..ALERTS {
+        let mut a = alert(&format!("a{i}"), "v1", "high");
+        a["payload"]["note"] = json!(padding);
+        svc.send(a);
+    }
+    svc.expect_nothing_more("service");
+    assert_eq!(reader.join().unwrap(), ALERTS, "the healthy wss subscriber");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.metric("fleetcast_limit_breaches_total", "kind=\"slow_consumer\"") < 1
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        n.metric("fleetcast_limit_breaches_total", "kind=\"slow_consumer\""),
+        1
+    );
+    // Everything the stalled client can still read is intact, and ends with 1013 (or the
+    // socket, once the close linger passed).
+    let mut stalled = stalled;
+    let mut got = 0;
+    let mut code = None;
+    let end = Instant::now() + Duration::from_secs(10);
+    stalled
+        .ws
+        .get_ref()
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    while Instant::now() < end {
+        match stalled.ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: Value = serde_json::from_str(t.as_str())
+                    .unwrap_or_else(|e| panic!("corrupt message after {got}: {e}"));
+                got += (v["type"] == "safety_alert") as usize;
+            }
+            Ok(Message::Close(f)) => {
+                code = f.map(|f| u16::from(f.code));
+                break;
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                panic!("the stalled client was not closed (read {got} alerts)")
+            }
+            Err(_) => break, // the socket ended after the linger
+        }
+    }
+    assert!(
+        got < ALERTS,
+        "the stalled client got everything: not stalled"
+    );
+    assert!(matches!(code, Some(1013) | None), "{code:?} after {got}");
+    assert_eq!(n.metric("fleetcast_tls_refused_total", ""), 0);
+}
+
+/// Shutdown closes wss clients with 1001 through their TLS session, like ws clients.
+#[test]
+fn tls_shutdown_closes_wss_clients_with_1001() {
+    let pki = Pki::new("shutdown");
+    let mut n = TlsNode::start(&pki, 2, 32, |_| {});
+    let cfg = pki.client();
+    let path = format!(
+        "/v1/streaming/websocket?api_key={}",
+        key("fleet_a", Role::Viewer)
+    );
+    let mut clients: Vec<Wss> = (0..3).map(|_| Wss::connect(n.tls, &cfg, &path)).collect();
+    for c in &mut clients {
+        c.subscribe("alerts");
+    }
+    let node = n.node.take().unwrap();
+    let stopper = thread::spawn(move || node.shutdown());
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.ws.get_ref()
+            .sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let code = loop {
+            match c.ws.read() {
+                Ok(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(e) => panic!("client {i}: {e}"),
+            }
+        };
+        assert_eq!(code, Some(1001), "client {i}");
+    }
+    stopper.join().unwrap();
+}
+
 // ---------------------------------------------------------------- the binary
 
 /// `fleetcast serve --config` with TLS, killed when dropped.
