@@ -267,6 +267,8 @@ pub struct ServerConfig {
     /// Web origins allowed to open a WebSocket (and to call the HTTP API, CORS); empty:
     /// any (see `crate::origin`).
     pub allowed_origins: crate::origin::AllowedOrigins,
+    /// `[server.tls]`: a TLS listener beside `listen` (see `crate::tls`).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -277,6 +279,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 5_000,
             metrics_token: None,
             allowed_origins: Default::default(),
+            tls: None,
         }
     }
 }
@@ -766,6 +769,16 @@ impl Config {
 
     fn check_server(&self, p: &mut Problems) {
         let s = &self.server;
+        if let Some(tls) = &s.tls {
+            p.at_least(
+                "server.tls.handshakes_per_turn",
+                tls.handshakes_per_turn as u64,
+                1,
+            );
+            if let Err(e) = crate::tls::load(tls) {
+                p.errors.push(e);
+            }
+        }
         p.at_most("server.shards", s.shards as u64, 64);
         p.ensure(s.shutdown_grace_ms <= MAX_SHUTDOWN_GRACE_MS, || {
             format!(

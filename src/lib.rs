@@ -31,4 +31,5 @@ pub mod session;
 pub mod sessions;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod wire;

@@ -205,9 +205,14 @@ fn serve(
     }
     tracing::info!(%addr, shards = node.shard_count(), "fleetcast listening");
     println!("listening on {addr} with {} shards", node.shard_count());
+    if let Some(tls) = node.tls_addr() {
+        tracing::info!(%tls, "fleetcast listening for TLS (wss://, https://)");
+        println!("listening for TLS on {tls}");
+    }
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
             reload_credentials(&node, config.as_deref());
+            reload_tls_on_sighup(&node);
             continue;
         }
         tracing::info!(signal = sig, "shutting down");
@@ -243,6 +248,14 @@ fn reload_credentials(node: &Node, config: Option<&Path>) {
             path.display()
         ),
         Err(e) => tracing::error!("SIGHUP: credentials not reloaded: {e}"),
+    }
+}
+
+/// SIGHUP, TLS part: new connections get the certificate and key read again; open ones
+/// keep theirs. A file that does not load is refused (logged) and the old one stays.
+fn reload_tls_on_sighup(node: &Node) {
+    if node.tls_addr().is_some() && node.reload_tls().is_err() {
+        eprintln!("TLS reload refused: the previous certificate stays in use (see the log)");
     }
 }
 

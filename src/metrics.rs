@@ -181,6 +181,7 @@ pub struct ShardStats {
     pub busy_ns: AtomicU64,
     /// UNIX ms at the end of the last loop turn (readiness).
     pub last_turn_ms: AtomicU64,
+    pub tls: crate::tls::TlsStats,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -393,5 +394,6 @@ pub fn render(stats: &[ShardStats]) -> String {
         s.loop_iteration
             .render(&mut out, "fleetcast_loop_iteration_seconds", i);
     }
+    crate::tls::render(&mut out, stats.iter().map(|s| &s.tls));
     out
 }

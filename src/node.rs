@@ -25,8 +25,31 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// The TLS state and one SO_REUSEPORT TLS listener per shard, if configured.
+type TlsListeners = (
+    Option<(SocketAddr, Arc<crate::tls::TlsState>)>,
+    Vec<std::net::TcpListener>,
+);
+
+fn bind_tls(config: &Config, n: usize) -> anyhow::Result<TlsListeners> {
+    let Some(settings) = &config.server.tls else {
+        return Ok((None, Vec::new()));
+    };
+    let state = crate::tls::TlsState::new(settings.clone()).map_err(anyhow::Error::msg)?;
+    let first = bind(settings.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (TLS): {e}", settings.listen))?;
+    let addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..n {
+        listeners.push(bind(addr)?);
+    }
+    Ok((Some((addr, Arc::new(state))), listeners))
+}
+
 pub struct Node {
     addr: SocketAddr,
+    /// The TLS listener's address and live certificate (`[server.tls]`).
+    tls: Option<(SocketAddr, Arc<crate::tls::TlsState>)>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -58,6 +81,7 @@ impl Node {
         for _ in 1..n {
             listeners.push(bind(addr)?);
         }
+        let (tls, mut tls_listeners) = bind_tls(&config, n)?;
         let mut polls = Vec::new();
         let mut wakers = Vec::new();
         let mut mesh = Vec::new();
@@ -109,7 +133,7 @@ impl Node {
             .zip(ctl_rx)
             .enumerate()
         {
-            let shard = Shard::new(
+            let mut shard = Shard::new(
                 id,
                 poll,
                 mio::net::TcpListener::from_std(listener),
@@ -117,6 +141,9 @@ impl Node {
                 ctl,
                 shared.clone(),
             )?;
+            if let (Some((_, state)), Some(l)) = (&tls, tls_listeners.pop()) {
+                shard = shard.with_tls(mio::net::TcpListener::from_std(l), state.clone())?;
+            }
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("fleetcast-shard-{id}"))
@@ -125,6 +152,7 @@ impl Node {
         }
         Ok(Node {
             addr,
+            tls,
             shared,
             threads,
         })
@@ -132,6 +160,20 @@ impl Node {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The TLS listener's address, when `[server.tls]` is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(a, _)| *a)
+    }
+
+    /// SIGHUP: reloads the TLS certificate and key (no-op without TLS). On error the
+    /// current certificate stays in use; the error is logged and returned.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        match &self.tls {
+            Some((_, state)) => state.reload(),
+            None => Ok(()),
+        }
     }
 
     pub fn shard_count(&self) -> usize {

@@ -136,6 +136,8 @@ pub struct Target {
     pub sources: u32,
     /// Request target (path and query) per tenant: [device, viewer, service].
     pub requests: Vec<[String; 3]>,
+    /// `wss://`: every connection runs TLS.
+    pub tls: Option<crate::tls::TlsTarget>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +263,8 @@ struct Conn {
     tenant: u32,
     state: State,
     sock: Option<TcpStream>,
+    /// The TLS session (`wss://`).
+    tls: Option<Box<rustls::ClientConnection>>,
     start_at_ns: u64,
     started_ns: u64,
     accept: String,
@@ -294,6 +298,14 @@ impl Conn {
         let Some(sock) = self.sock.as_mut() else {
             return Ok(());
         };
+        if let Some(tls) = self.tls.as_mut() {
+            self.out_pos += crate::tls::write(tls, sock, &self.out[self.out_pos..])?;
+            if self.out_pos == self.out.len() {
+                self.out.clear();
+                self.out_pos = 0;
+            }
+            return Ok(());
+        }
         while self.out_pos < self.out.len() {
             match sock.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -309,7 +321,7 @@ impl Conn {
     }
 
     fn pending_out(&self) -> bool {
-        self.out_pos < self.out.len()
+        self.out_pos < self.out.len() || self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 }
 
@@ -492,6 +504,7 @@ impl Worker {
                 tenant: cp.tenant,
                 state: State::Waiting,
                 sock: None,
+                tls: None,
                 start_at_ns: shared.t0_ns + ramp_ns * g as u64 / total,
                 started_ns: 0,
                 accept: String::new(),
@@ -774,6 +787,10 @@ impl Worker {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         c.sock = Some(stream);
+        c.tls = match &self.target.tls {
+            Some(t) => Some(Box::new(t.session()?)),
+            None => None,
+        };
         Ok(())
     }
 
@@ -843,7 +860,9 @@ impl Worker {
             let space = rbuf.len() - carry;
             let is_dash = matches!(c.role, Role::Dashboard(_));
             let mut arrived_ns = None;
-            let got = if is_dash && ctx.socket_timestamps {
+            let got = if let Some(tls) = c.tls.as_mut() {
+                crate::tls::read(tls, sock, &mut rbuf[carry..])
+            } else if is_dash && ctx.socket_timestamps {
                 recv_stamped(sock, &mut rbuf[carry..], &mut arrived_ns)
             } else {
                 sock.read(&mut rbuf[carry..])
@@ -893,7 +912,8 @@ impl Worker {
                 c.in_flight = false;
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
-            if n < space {
+            // A TLS read returns one record at a time: read until WouldBlock.
+            if n < space && c.tls.is_none() {
                 return;
             }
             if round + 1 == READS_PER_EVENT {
@@ -911,6 +931,7 @@ impl Worker {
         if let Some(mut s) = c.sock.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
+        c.tls = None;
         if c.state == State::Open {
             self.ctx.shared.open.fetch_sub(1, Ordering::Relaxed);
         }

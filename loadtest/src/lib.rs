@@ -24,4 +24,5 @@ pub mod scenario;
 pub mod schedule;
 pub mod svg;
 pub mod sys;
+pub mod tls;
 pub mod ws;

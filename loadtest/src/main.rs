@@ -69,6 +69,9 @@ struct Common {
     /// Do not read the broker's /metrics (a fleetcast extra) before and after.
     #[arg(long)]
     no_metrics: bool,
+    /// PEM file of the CA that signed the broker's certificate (for a wss:// url).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 impl Common {
@@ -94,6 +97,7 @@ impl Common {
             progress: !self.quiet,
             scrape_metrics: !self.no_metrics,
             label: String::new(),
+            ca_file: self.ca_file.clone(),
         }
     }
 }

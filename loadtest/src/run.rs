@@ -27,13 +27,21 @@ pub struct RunOptions {
     pub scrape_metrics: bool,
     /// Shown in reports (capacity steps).
     pub label: String,
+    /// PEM file of the CA(s) to trust for `wss://` URLs.
+    pub ca_file: Option<PathBuf>,
 }
 
-/// Splits `ws://host:port/path?query` into (host:port, path-and-query or "").
+/// Splits `ws://host:port/path?query` (or `wss://`) into (host:port, path-and-query or
+/// "").
 pub fn split_url(url: &str) -> anyhow::Result<(String, String)> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| anyhow!("url must start with ws:// : {url:?}"))?;
+    let (rest, port) = match url.strip_prefix("wss://") {
+        Some(rest) => (rest, 443),
+        None => (
+            url.strip_prefix("ws://")
+                .ok_or_else(|| anyhow!("url must start with ws:// or wss:// : {url:?}"))?,
+            80,
+        ),
+    };
     let (host, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -42,7 +50,7 @@ pub fn split_url(url: &str) -> anyhow::Result<(String, String)> {
     let host = if host.contains(':') && !host.ends_with(']') {
         host.to_string()
     } else {
-        format!("{host}:80")
+        format!("{host}:{port}")
     };
     let path = if path == "/" { "" } else { path };
     Ok((host, path.to_string()))
@@ -61,10 +69,11 @@ pub fn query_encode(s: &str) -> String {
     o
 }
 
-pub fn target(plan: &Plan) -> anyhow::Result<Target> {
+pub fn target(plan: &Plan, ca_file: Option<&Path>) -> anyhow::Result<Target> {
     let s = &plan.scenario;
     // Several brokers (a cluster): `ws://a:8000,ws://b:8001`; connection i goes to the
-    // (i mod n)-th, publishers and dashboards alike. They share the first one's path.
+    // (i mod n)-th, publishers and dashboards alike. They share the first one's path
+    // (and scheme).
     let urls: Vec<&str> = s.url.split(',').map(str::trim).collect();
     let resolve = |host: &str| -> anyhow::Result<SocketAddr> {
         host.to_socket_addrs()
@@ -73,6 +82,16 @@ pub fn target(plan: &Plan) -> anyhow::Result<Target> {
             .ok_or_else(|| anyhow!("{host} has no IPv4 address"))
     };
     let (host, url_path) = split_url(urls[0])?;
+    let tls = match (s.url.starts_with("wss://"), ca_file) {
+        (false, _) => None,
+        (true, None) => {
+            bail!("a wss:// url needs --ca-file (the CA that signed the broker's certificate)")
+        }
+        (true, Some(ca)) => {
+            let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+            Some(crate::tls::TlsTarget::new(ca, name)?)
+        }
+    };
     let addr = resolve(&host)?;
     let mut addrs = vec![addr];
     for u in &urls[1..] {
@@ -98,6 +117,7 @@ pub fn target(plan: &Plan) -> anyhow::Result<Target> {
         host,
         sources: if loopback { s.source_addresses } else { 0 },
         requests,
+        tls,
     })
 }
 
@@ -171,7 +191,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Report> {
     let needed = plan.conns.len() as u64;
     let budget = sys::fd_budget(&fd, needed).map_err(|e| anyhow!(e))?;
     eprintln!("{budget}");
-    let target = target(&plan)?;
+    let target = target(&plan, opts.ca_file.as_deref())?;
     if target.sources > 0 {
         let (lo, hi) = sys::port_range();
         let per_source = needed.div_ceil(target.sources as u64);
@@ -210,7 +230,10 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Report> {
         loc + al + tr,
         plan.offered_deliveries()
     );
-    let metrics_before = if opts.scrape_metrics {
+    // /metrics is read in plaintext: not over a wss:// target (the broker's plain
+    // listener may be elsewhere).
+    let scrape = opts.scrape_metrics && target.tls.is_none();
+    let metrics_before = if scrape {
         sys::scrape_metrics(target.addr, &target.host)
     } else {
         Default::default()
@@ -404,7 +427,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Report> {
     for h in handles {
         workers.push(h.join().map_err(|_| anyhow!("an I/O thread panicked"))?);
     }
-    let metrics = if opts.scrape_metrics {
+    let metrics = if scrape {
         sys::metrics_delta(
             &metrics_before,
             &sys::scrape_metrics(target.addr, &target.host),
@@ -600,7 +623,10 @@ mod tests {
             split_url("ws://example.test/").unwrap(),
             ("example.test:80".into(), "".into())
         );
-        assert!(split_url("wss://x").is_err());
+        assert_eq!(
+            split_url("wss://localhost/x").unwrap(),
+            ("localhost:443".into(), "/x".into())
+        );
         assert!(split_url("ws:///x").is_err());
         assert_eq!(query_encode("ab-C_9.~"), "ab-C_9.~");
         assert_eq!(query_encode("a b&c"), "a%20b%26c");
@@ -610,7 +636,7 @@ mod tests {
     fn targets_carry_keys_per_tenant_and_role() {
         let s = Scenario::from_toml(crate::report::tests::SCEN).unwrap();
         let plan = Plan::build(&s).unwrap();
-        let t = target(&plan).unwrap();
+        let t = target(&plan, None).unwrap();
         assert_eq!(t.addr, "127.0.0.1:8000".parse().unwrap());
         assert_eq!(t.sources, 4);
         assert_eq!(

@@ -288,8 +288,8 @@ impl Scenario {
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(!self.name.is_empty(), "name must not be empty");
         ensure!(
-            self.url.starts_with("ws://"),
-            "url must start with ws:// (wss is not supported): {:?}",
+            self.url.starts_with("ws://") || self.url.starts_with("wss://"),
+            "url must start with ws:// or wss:// (wss needs --ca-file): {:?}",
             self.url
         );
         ensure!(self.path.starts_with('/'), "path must start with /");

@@ -2,10 +2,13 @@
 
 use super::outbox::Outbox;
 use super::snapshot::PendingSnapshot;
+use super::tls::TlsConn;
+use crate::event::Event;
 use crate::hub::TenantHub;
 use crate::session::Session;
 use crate::wire::frame::FrameReader;
 use mio::net::TcpStream;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,6 +53,8 @@ pub struct Conn {
     pub timer_at: Option<Instant>,
     /// An allowed browser origin its HTTP answer echoes in CORS headers.
     pub cors: Option<Box<str>>,
+    /// Accepted on the TLS listener: its record layer (`None`: plaintext).
+    pub tls: Option<Box<TlsConn>>,
 }
 
 /// What a request still waiting for its body has already decided, so that the head is
@@ -96,7 +101,30 @@ impl Conn {
             http_body: None,
             timer_at: None,
             cors: None,
+            tls: None,
         }
+    }
+
+    /// Writes the outbox to the socket (through the record layer on TLS: the one branch
+    /// the plaintext path pays). Ok(true) when everything was written.
+    pub fn flush(&mut self, on_written: impl FnMut(&Event)) -> io::Result<bool> {
+        match &mut self.tls {
+            None => self.out.flush(&mut self.stream, on_written),
+            Some(tls) => tls.flush(&mut self.out, &mut self.stream, on_written),
+        }
+    }
+
+    /// Something is waiting for the socket: queued frames, or TLS records.
+    pub fn wants_write(&self) -> bool {
+        self.out.bytes() > 0 || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Ends our half of the stream (after `close_notify` on TLS).
+    pub fn shutdown_write(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            tls.close_notify(&mut self.stream);
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
     pub fn is_open(&self) -> bool {

@@ -20,6 +20,7 @@ pub mod outbox;
 mod revoke;
 pub mod shared;
 pub mod snapshot;
+pub mod tls;
 
 use crate::dialect::native::{self, Parser, ProtoError};
 use crate::dialect::view::View;
@@ -141,6 +142,8 @@ pub struct Shard {
     derived: crate::store::derived::Derived,
     /// The walk that closes connections of revoked credentials after a reload.
     revocation: revoke::RevocationWalk,
+    /// The TLS listener and handshake budget (`[server.tls]`; see `tls.rs`).
+    tls: Option<Box<tls::ShardTls>>,
 }
 
 fn now() -> Now {
@@ -198,6 +201,7 @@ impl Shard {
             next_metrics: Instant::now(),
             derived: Default::default(),
             revocation: Default::default(),
+            tls: None,
         })
     }
 
@@ -220,7 +224,8 @@ impl Shard {
                 || !self.dirty.is_empty()
                 || !self.inbox.is_empty()
                 || !self.ctl.is_empty()
-                || self.revocation_walk_pending();
+                || self.revocation_walk_pending()
+                || self.tls.as_ref().is_some_and(|t| t.busy());
             let mut wake_at = match self.accept_retry_at {
                 Some(t) => t.min(self.next_tick),
                 None => self.next_tick,
@@ -240,9 +245,11 @@ impl Shard {
                 return;
             }
             let turn_start = Instant::now();
+            self.tls_turn();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_pending = true,
+                    tls::TLS_LISTENER => self.tls_listener_ready(),
                     WAKER => {}
                     Token(slot) => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -253,8 +260,7 @@ impl Shard {
                         {
                             conn.out.set_writable();
                             // Edge-triggered: a readable event often says writable too.
-                            if conn.out.bytes() > 0 || !conn.snapshots.is_empty() || !conn.is_open()
-                            {
+                            if conn.wants_write() || !conn.snapshots.is_empty() || !conn.is_open() {
                                 self.mark_dirty(slot);
                             }
                         }
@@ -264,10 +270,12 @@ impl Shard {
             if self.accept_retry_at.is_some_and(|t| Instant::now() >= t) {
                 self.accept_retry_at = None;
                 self.accept_pending = true;
+                self.tls_listener_ready();
             }
             if self.accept_pending {
                 self.accept();
             }
+            self.accept_tls();
             for slot in std::mem::take(&mut self.pending_reads) {
                 self.on_readable(slot);
             }
@@ -318,7 +326,9 @@ impl Shard {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.add_conn(stream, peer),
+                Ok((stream, peer)) => {
+                    self.add_conn(stream, peer);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_pending = false;
                     return;
@@ -337,19 +347,20 @@ impl Shard {
         // Budget spent with connections possibly still queued: continue next turn.
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) {
+    /// Registers an accepted socket; its slot, unless it was refused.
+    fn add_conn(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) -> Option<usize> {
         // Connections that have not upgraded yet (or are still sending an HTTP request)
         // are capped per node and per address: beyond it the socket is closed at once.
         if let Err(limit) = self.shared.admission.pending_open(peer.ip()) {
             self.stats().breach(limit);
-            return;
+            return None;
         }
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
-        if slot >= WAKER.0 {
+        if slot >= tls::TLS_LISTENER.0 {
             self.shared.admission.pending_done(peer.ip());
-            return;
+            return None;
         }
         if let Err(e) = self.poll.registry().register(
             &mut stream,
@@ -358,7 +369,7 @@ impl Shard {
         ) {
             tracing::warn!("register failed: {e}");
             self.shared.admission.pending_done(peer.ip());
-            return;
+            return None;
         }
         self.next_generation = self.next_generation.wrapping_add(1);
         let limits = &self.shared.config.limits;
@@ -374,6 +385,7 @@ impl Shard {
         self.stats()
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
+        Some(slot)
     }
 
     fn drop_conn(&mut self, slot: usize) {
@@ -382,6 +394,9 @@ impl Shard {
         }
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if let Some(tls) = &mut conn.tls {
+            tls.close_notify(&mut conn.stream);
+        }
         if conn.pending {
             self.shared.admission.pending_done(conn.peer.ip());
         }
@@ -411,6 +426,9 @@ impl Shard {
     // ------------------------------------------------------------------ read
 
     fn on_readable(&mut self, slot: usize) {
+        if self.conns.get(slot).is_some_and(|c| c.tls.is_some()) {
+            return self.on_readable_tls(slot);
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut budget = READ_BUDGET;
         while let Some(conn) = self.conns.get_mut(slot) {
@@ -1226,9 +1244,7 @@ impl Shard {
             let before = conn.out.bytes();
             let mut written_at = WriteStamp::default();
             // A write error is left to the next flush, which drops the connection.
-            let _ = conn.out.flush(&mut conn.stream, |e| {
-                stats.publish_to_write.observe(written_at.since(e))
-            });
+            let _ = conn.flush(|e| stats.publish_to_write.observe(written_at.since(e)));
             stats
                 .bytes_out
                 .fetch_add((before - conn.out.bytes()) as u64, Ordering::Relaxed);
@@ -1348,12 +1364,9 @@ impl Shard {
                     .hub
                     .as_ref()
                     .is_some_and(|h| Arc::ptr_eq(&h.id, &ev.tenant));
-                if !conn.is_open() || !same_tenant {
+                if !conn.is_open() || !same_tenant || conn.session.is_none() {
                     return;
                 }
-                let Some(session) = conn.session.as_mut() else {
-                    return;
-                };
                 for pending in conn.snapshots.iter_mut() {
                     if pending.channel == ev.channel {
                         pending.supersede(ev);
@@ -1366,11 +1379,12 @@ impl Shard {
                     let before = conn.out.bytes();
                     // A write error is left to the next flush, which drops the connection.
                     let mut written_at = WriteStamp::default();
-                    let _ = conn.out.flush(&mut conn.stream, |e| {
-                        stats.publish_to_write.observe(written_at.since(e))
-                    });
+                    let _ = conn.flush(|e| stats.publish_to_write.observe(written_at.since(e)));
                     written += (before - conn.out.bytes()) as u64;
                 }
+                let Some(session) = conn.session.as_mut() else {
+                    return;
+                };
                 let d = conn.out.dialect();
                 match session.verdict(ev, marked_at) {
                     Verdict::Skip => return,
@@ -1446,9 +1460,7 @@ impl Shard {
             }
             let before = conn.out.bytes();
             let mut written_at = WriteStamp::default();
-            let flushed = conn.out.flush(&mut conn.stream, |ev| {
-                stats.publish_to_write.observe(written_at.since(ev))
-            });
+            let flushed = conn.flush(|ev| stats.publish_to_write.observe(written_at.since(ev)));
             let done = match flushed {
                 Ok(done) => done,
                 Err(_) => {
@@ -1476,7 +1488,7 @@ impl Shard {
                     shut: false,
                     deadline,
                 } => {
-                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    conn.shutdown_write();
                     conn.phase = Phase::Closing {
                         deadline,
                         shut: true,
@@ -1576,6 +1588,7 @@ impl Shard {
                 Phase::Handshake { deadline } if now.mono >= deadline => {
                     self.stats().breach(Limit::HandshakeTimeout);
                     self.stats().handshake(Outcome::Timeout);
+                    self.note_handshake_timeout(slot);
                     self.drop_conn(slot);
                     continue;
                 }
@@ -1632,6 +1645,7 @@ impl Shard {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
+        self.stop_tls_listener();
         self.shutdown_deadline = Some(
             Instant::now() + Duration::from_millis(self.shared.config.server.shutdown_grace_ms),
         );

@@ -144,6 +144,11 @@ impl Outbox {
         self.blocked
     }
 
+    /// The socket was found full by a writer in front of it (TLS records).
+    pub fn set_blocked(&mut self) {
+        self.blocked = true;
+    }
+
     /// The socket reported writable again.
     pub fn set_writable(&mut self) {
         self.blocked = false;

@@ -33,4 +33,5 @@ mod smoke;
 mod snapshot;
 mod subscribe;
 mod telematics;
+mod tls;
 mod tracking;
