@@ -14,6 +14,8 @@
 pub mod admission;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
+pub mod demo;
 pub mod dialect;
 pub mod event;
 pub mod hub;

@@ -27,7 +27,7 @@ use crate::metrics::{Drop as StatDrop, Limit, Outcome, ShardStats};
 use crate::session::{Action, Ctx, Now, Reply, Selection, Session, Verdict};
 use crate::store::{Counted, Joining, Positioned, Published, Store};
 use crate::wire::frame::{self, FrameError, FrameReader, Message, close};
-use crate::wire::handshake::{self, Endpoint, Head, HeadError};
+use crate::wire::handshake::{self, Endpoint, Head, HeadError, Request};
 use crate::{auth::Credential, model::Channel};
 use conn::{Conn, Phase};
 use crossbeam_channel::Receiver;
@@ -574,11 +574,12 @@ impl Shard {
                 return self.api_request(slot, head, &req, &endpoint);
             }
             Endpoint::User(call) => return self.user_request(slot, head, &req, call),
-            Endpoint::Healthz => return self.http_reply(slot, 200, "text/plain", b"ok\n"),
+            Endpoint::Healthz => return self.http_answer(slot, &req, 200, "text/plain", b"ok\n"),
             Endpoint::Readyz => {
                 let (status, body) = shared.readiness();
-                return self.http_reply(slot, status, "text/plain", body.as_bytes());
+                return self.http_answer(slot, &req, status, "text/plain", body.as_bytes());
             }
+            Endpoint::Asset(a) => return self.http_answer(slot, &req, 200, a.content_type, a.body),
             Endpoint::Metrics => {
                 if let Some(token) = &shared.config.server.metrics_token
                     && !req.bearer().is_some_and(|b| {
@@ -724,14 +725,30 @@ impl Shard {
         }
     }
 
+    /// `http_reply`, or for `HEAD` its headers only.
+    fn http_answer(&mut self, slot: usize, req: &Request, status: u16, ct: &str, body: &[u8]) {
+        let mut response = handshake::response(status, ct, body);
+        if req.method == "HEAD" {
+            response = handshake::head_only(response);
+        }
+        self.http_send(slot, status, response);
+    }
+
     fn http_reply(&mut self, slot: usize, status: u16, content_type: &str, body: &[u8]) {
+        self.http_send(
+            slot,
+            status,
+            handshake::response(status, content_type, body),
+        );
+    }
+
+    fn http_send(&mut self, slot: usize, status: u16, response: Vec<u8>) {
         self.stats().handshake(Outcome::from_status(status));
         self.not_pending(slot);
         let conn = &mut self.conns[slot];
         conn.rbuf = Vec::new();
         conn.http_body = None;
-        conn.out
-            .push_owned(handshake::response(status, content_type, body));
+        conn.out.push_owned(response);
         let deadline = Instant::now() + CLOSE_LINGER;
         conn.phase = Phase::HttpClose { deadline };
         self.mark_dirty(slot);

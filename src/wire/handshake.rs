@@ -7,6 +7,8 @@
 pub enum Endpoint {
     Healthz,
     Readyz,
+    /// A file of the dashboard (`GET /` and its assets, embedded in the binary).
+    Asset(&'static crate::dashboard::Asset),
     Metrics,
     /// The echo endpoint (a testing aid, off unless `testing.echo_endpoint`).
     Echo,
@@ -39,6 +41,9 @@ pub enum Scope {
 impl Endpoint {
     pub fn classify(path: &str) -> Endpoint {
         const NATIVE: &str = "/v1/streaming/websocket";
+        if let Some(a) = crate::dashboard::asset(path) {
+            return Endpoint::Asset(a);
+        }
         match path {
             "/healthz" => return Endpoint::Healthz,
             "/readyz" => return Endpoint::Readyz,
@@ -97,6 +102,10 @@ impl Endpoint {
             Endpoint::Publish => method == "POST",
             // Navixy-style calls take their parameters by GET or POST.
             Endpoint::User(_) => method == "GET" || method == "POST",
+            // Health checks and the page answer HEAD too (load balancers probe with it).
+            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Asset(_) => {
+                method == "GET" || method == "HEAD"
+            }
             _ => method == "GET",
         }
     }
@@ -232,10 +241,23 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     if status == 426 {
         out.push_str("Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n");
     }
+    // Every refusal for load or rate says when to try again at the earliest (RFC 9110
+    // §10.2.3); a client backs off further if it is refused again.
+    if status == 429 || status == 503 {
+        out.push_str("Retry-After: 1\r\n");
+    }
     out.push_str("\r\n");
     let mut out = out.into_bytes();
     out.extend_from_slice(body);
     out
+}
+
+/// A response to `HEAD`: the headers of `response`, without its body.
+pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
 }
 
 /// A JSON error body: `{"error":{"code":..,"message":..}}`.

@@ -8,6 +8,7 @@ mod support;
 mod auth;
 mod batch;
 mod config;
+mod demo;
 mod derived;
 mod dialects;
 mod echo;
