@@ -23,6 +23,8 @@ const fc = (window.fc = {
   alertReloads: 0,
   following: null,
   followLog: [],
+  followForeign: 0,
+  liveAt: 0,
   followTelemetry: null,
   system: [],
   fleetMetrics: null,
@@ -127,9 +129,9 @@ function connect() {
   };
 }
 
-// Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... at most 15 s.
+// Exponential backoff with jitter: about 1 s, 2 s, 4 s ... at most 15 s.
 function reconnectLater(code) {
-  const base = Math.min(15000, 500 * Math.pow(2, fc.attempt++));
+  const base = Math.min(15000, 1000 * Math.pow(2, fc.attempt++));
   const wait = Math.round(base / 2 + Math.random() * base / 2);
   let left = Math.ceil(wait / 1000);
   setState('reconnecting', `closed (${code}); reconnecting in ${left} s`);
@@ -139,6 +141,7 @@ function reconnectLater(code) {
 
 function onAuthenticated(p) {
   fc.attempt = 0;
+  fc.liveAt = Date.now();
   fc.role = p.role;
   fc.fleet = p.fleet_id;
   setState('live', 'live');
@@ -273,7 +276,8 @@ function addAlert(m, fromHistory) {
 
 function onFollowed(m) {
   const p = m.payload || {};
-  if (!fc.following) return;
+  // Only the followed vehicle is subscribed: anything else means a subscription leaked.
+  if (!fc.following || String(p.vehicle_id || '') !== fc.following) { fc.followForeign++; return; }
   fc.followLog.unshift({ type: m.type, vehicle_id: String(p.vehicle_id || ''), ts: m.timestamp, p });
   if (fc.followLog.length > FOLLOW_LOG) fc.followLog.pop();
   if (m.type === 'telemetry_update') fc.followTelemetry = p.telemetry || p;
@@ -463,18 +467,28 @@ function drawNode() {
   if (m) $('fleetstats').textContent = `${m.active_vehicles} active · ${m.active_trips} trips · ${m.average_speed} km/h avg · ${m.messages_per_second} msg/s`;
   if (fc.role !== 'admin' || !fc.system.length) return;
   const last = fc.system[fc.system.length - 1].p;
-  const figs = Object.entries(last).filter(([, v]) => typeof v !== 'object');
+  const figs = Object.entries(last).filter(([, v]) => typeof v !== 'object' || v === null);
   for (const [k, v] of Object.entries(last)) {
-    if (v && typeof v === 'object') figs.push([k, Object.entries(v).map(([a, b]) => `${a} ${b}`).join(', ')]);
+    if (Array.isArray(v)) figs.push([k, v.join(' · ')]);
+    else if (v && typeof v === 'object') figs.push([k, Object.entries(v).map(([a, b]) => `${a} ${b}`).join(', ')]);
   }
   $('nodefigs').innerHTML = figs.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join('');
-  const series = ['messages_in_per_second', 'deliveries_per_second', 'active_connections', 'publish_to_write_p99_ms', 'cpu_percent'];
+  // Live charts over the last ten minutes: one per figure, one per shard's loop load,
+  // and drops of every reason together.
+  const series = [
+    ['messages in/s', (p) => p.messages_in_per_second],
+    ['deliveries/s', (p) => p.deliveries_per_second],
+    ['connections', (p) => p.active_connections],
+    ['publish→write p99 ms', (p) => p.publish_to_write_p99_ms],
+    ['drops/s', (p) => p.drops_per_second && Object.values(p.drops_per_second).reduce((a, b) => a + b, 0)],
+  ];
+  (last.shard_busy_percent || []).forEach((_, i) => series.push([`shard ${i} busy %`, (p) => (p.shard_busy_percent || [])[i]]));
   const box = $('charts');
-  for (const key of series) {
-    if (last[key] === undefined) continue;
-    let c = box.querySelector(`canvas[data-k="${key}"]`);
-    if (!c) { c = document.createElement('canvas'); c.dataset.k = key; box.appendChild(c); }
-    sparkline(c, fc.system.map((s) => Number(s.p[key]) || 0), key);
+  for (const [label, get] of series) {
+    if (get(last) === undefined || get(last) === null) continue;
+    let c = box.querySelector(`canvas[data-k="${label}"]`);
+    if (!c) { c = document.createElement('canvas'); c.dataset.k = label; box.appendChild(c); }
+    sparkline(c, fc.system.map((s) => Math.round((Number(get(s.p)) || 0) * 10) / 10), label);
   }
 }
 

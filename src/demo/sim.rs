@@ -16,10 +16,11 @@ pub const HARSH_BRAKING_MS2: f64 = 4.0;
 /// Comfortable acceleration and braking (m/s²).
 const ACCEL_MS2: f64 = 2.0;
 const BRAKE_MS2: f64 = 2.5;
-/// An emergency stop (m/s²): a pedestrian, a car pulling out.
-const EMERGENCY_MS2: f64 = 6.5;
+/// An emergency stop's deceleration (m/s²): a pedestrian, a car pulling out; from a
+/// firm stop to full braking on dry asphalt.
+const EMERGENCY_MS2: std::ops::Range<f64> = 3.0..8.0;
 /// Chance per second, while moving faster than 30 km/h, of an emergency stop.
-const EMERGENCY_PER_S: f64 = 0.004;
+const EMERGENCY_PER_S: f64 = 0.002;
 /// Over the limit by this factor for [`SPEEDING_FOR_S`] seconds: a speeding alert.
 const SPEEDING_FACTOR: f64 = 1.1;
 const SPEEDING_FOR_S: f64 = 3.0;
@@ -62,8 +63,9 @@ struct Vehicle {
     heading: f64,
     /// How this driver treats limits (1.0: exactly at the limit).
     temper: f64,
-    /// Seconds of emergency braking left.
+    /// Seconds of emergency braking left, and how hard.
     emergency_s: f64,
+    emergency_ms2: f64,
     over_limit_s: f64,
     last_speeding_s: f64,
     trips: u32,
@@ -130,6 +132,7 @@ impl Fleet {
                     speed_ms: 0.0,
                     heading: 0.0,
                     emergency_s: 0.0,
+                    emergency_ms2: 0.0,
                     over_limit_s: 0.0,
                     last_speeding_s: -SPEEDING_COOLDOWN_S,
                     trips: 0,
@@ -377,6 +380,7 @@ fn drive(v: &mut Vehicle, roads: &Roads, dt: f64) {
         target = 0.0;
     } else if v.speed_ms > 30.0 / 3.6 && v.rng.gen_bool((EMERGENCY_PER_S * dt).min(1.0)) {
         v.emergency_s = v.rng.gen_range(1.0..2.5);
+        v.emergency_ms2 = v.rng.gen_range(EMERGENCY_MS2);
         target = 0.0;
     }
     let old = v.speed_ms;
@@ -384,7 +388,7 @@ fn drive(v: &mut Vehicle, roads: &Roads, dt: f64) {
         (old + ACCEL_MS2 * dt).min(target)
     } else {
         let brake = if v.emergency_s > 0.0 {
-            EMERGENCY_MS2
+            v.emergency_ms2
         } else {
             BRAKE_MS2
         };

@@ -185,7 +185,7 @@ fn demo_motion_is_physically_plausible() {
             assert!((0.0..360.0).contains(&b.heading), "heading {}", b.heading);
             let accel = (b.kmh - a.kmh) / 3.6 / dt;
             assert!(
-                (-7.0..=2.2).contains(&accel),
+                (-8.1..=2.1).contains(&accel),
                 "vehicle {i} step {}: {accel:.2} m/s² ({} -> {} km/h)",
                 b.step,
                 a.kmh,

@@ -7,6 +7,7 @@ mod support;
 
 mod auth;
 mod batch;
+mod browser;
 mod config;
 mod demo;
 mod derived;
