@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod auth;
 pub mod config;
+pub mod config_errors;
 pub mod dashboard;
 pub mod demo;
 pub mod dialect;

@@ -306,15 +306,29 @@ fn serve(
 /// included), printing every problem on its own line; fails exactly when `serve` would
 /// refuse the file.
 fn check_config(path: &Path) -> ExitCode {
-    let cfg = match Config::read(path) {
-        Ok(c) => c,
+    let origin = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
         Err(e) => {
-            // TOML syntax, types and unknown keys: serde stops at the first.
-            eprintln!("{e}");
+            eprintln!("error: cannot read {origin}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let origin = path.display().to_string();
+    // TOML syntax, types and unknown keys: every one (serde alone stops at the first),
+    // then the checks of the lines without such errors.
+    let (parse_errors, cfg) = fleetcast::config_errors::parse_all(&text);
+    let cfg = match cfg {
+        Some(c) if parse_errors.is_empty() => c,
+        rest => {
+            let mut all = parse_errors;
+            if let Some(Err(e)) = rest.map(|c| c.validate()) {
+                all.extend(e.0);
+            }
+            eprintln!("{}", with_origin(&origin, "error: ", &all));
+            eprintln!("{origin}: {} error(s)", all.len());
+            return ExitCode::FAILURE;
+        }
+    };
     match cfg.validate() {
         Ok(checked) => {
             if !checked.warnings.is_empty() {
