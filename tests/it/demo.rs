@@ -294,3 +294,153 @@ fn demo_publishes_through_the_broker_within_its_limits() {
         "the broker refused {refused} of {sent} demo messages"
     );
 }
+
+// ---------------------------------------------------------------- newcomer polish
+
+fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn demo_newcomer_http_head_page_and_retry_after() {
+    let mut cfg = crate::support::config(1);
+    cfg.limits.new_connections_per_minute_per_ip = 1;
+    let b = Broker::start(cfg);
+    for path in ["/healthz", "/readyz", "/"] {
+        let r = raw(b.addr, &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(r.starts_with("HTTP/1.1 200"), "HEAD {path}: {r}");
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(body.is_empty(), "HEAD {path} has a body: {body:?}");
+        assert!(!head.contains("Content-Length: 0"), "HEAD {path}: {head}");
+    }
+    let page = raw(b.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        page.contains("text/html") && page.contains("/dashboard/app.js"),
+        "{page}"
+    );
+    let script = raw(b.addr, "GET /dashboard/app.js HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(script.starts_with("HTTP/1.1 200") && script.contains("text/javascript"));
+    assert!(
+        raw(
+            b.addr,
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        .starts_with("HTTP/1.1 405")
+    );
+    // The second upgrade in a minute from this address: 429 with Retry-After.
+    let upgrade = format!(
+        "GET /v1/streaming/websocket?api_key={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        crate::support::key("fleet_a", fleetcast::model::Role::Viewer)
+    );
+    let _first = Client::connect(&b.url(&format!(
+        "/v1/streaming/websocket?api_key={}",
+        crate::support::key("fleet_a", fleetcast::model::Role::Viewer)
+    )));
+    let r = raw(b.addr, &upgrade);
+    assert!(
+        r.starts_with("HTTP/1.1 429") && r.contains("\r\nRetry-After: 1\r\n"),
+        "{r}"
+    );
+}
+
+#[test]
+fn demo_newcomer_banner_logs_and_errors() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_fleetcast");
+    // Development mode with --demo: paste-able export lines, the dashboard URL with the
+    // key in the fragment, the limits in force; logs without colour codes into a pipe.
+    let mut child = Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--demo",
+            "--demo-vehicles",
+            "3",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && !banner.contains("listening on") {
+        if out.read_line(&mut banner).unwrap_or(0) == 0 {
+            break;
+        }
+    }
+    // The simulation connects (and logs it) right after the listening line.
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    for role in ["DEVICE", "VIEWER", "SERVICE", "ADMIN"] {
+        let line = format!("  export {role}_KEY=dev-{}-", role.to_ascii_lowercase());
+        assert!(banner.contains(&line), "no {line:?} in {banner}");
+    }
+    assert!(banner.contains("/#key=dev-admin-"), "{banner}");
+    assert!(
+        banner.contains("Limits in force: 600 new connections per minute"),
+        "{banner}"
+    );
+    assert!(banner.contains("Demo: 3 simulated vehicles"), "{banner}");
+    assert!(err.contains("demo fleet connected"), "stderr: {err}");
+    assert!(!err.contains('\u{1b}'), "ANSI codes in piped logs: {err:?}");
+
+    // An error: one line, no backtrace unless asked.
+    let o = Command::new(bin)
+        .args(["serve", "--config", "/nonexistent/fleetcast.toml"])
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.starts_with("error: cannot read /nonexistent/fleetcast.toml"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("backtrace") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    // check-config: every error of the file, each with its line.
+    let dir = std::env::temp_dir().join(format!("fleetcast-demo-cc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = 5\n[limits]\nmax_batch = \"x\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let o = Command::new(bin)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    for at in ["line 2,", "line 4,", "line 5,", "3 error(s)"] {
+        assert!(err.contains(at), "{at} missing from {err}");
+    }
+}
