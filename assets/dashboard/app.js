@@ -470,9 +470,13 @@ function drawNode() {
   const figs = Object.entries(last).filter(([, v]) => typeof v !== 'object' || v === null);
   for (const [k, v] of Object.entries(last)) {
     if (Array.isArray(v)) figs.push([k, v.join(' · ')]);
-    else if (v && typeof v === 'object') figs.push([k, Object.entries(v).map(([a, b]) => `${a} ${b}`).join(', ')]);
+    else if (v && typeof v === 'object') {
+      const nonzero = Object.entries(v).filter(([, b]) => b);
+      figs.push([k, nonzero.length ? nonzero.map(([a, b]) => `${a} ${b}`).join(', ') : 'none']);
+    }
   }
-  $('nodefigs').innerHTML = figs.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join('');
+  const label = (k) => k.replace(/_per_second/, '/s').replace(/_/g, ' ');
+  $('nodefigs').innerHTML = figs.map(([k, v]) => `<dt>${esc(label(k))}</dt><dd>${esc(v)}</dd>`).join('');
   // Live charts over the last ten minutes: one per figure, one per shard's loop load,
   // and drops of every reason together.
   const series = [
