@@ -27,6 +27,10 @@ const SPEEDING_FOR_S: f64 = 3.0;
 /// At most one speeding alert per vehicle in this time.
 const SPEEDING_COOLDOWN_S: f64 = 90.0;
 const TELEMETRY_EVERY_S: f64 = 5.0;
+/// Tyre pressure (kPa) below which a maintenance alert is raised; one vehicle in ten has
+/// a slow leak, and its tyres are pumped up at the end of the trip after the alert.
+const TYRE_LOW_KPA: f64 = 200.0;
+const TYRE_FULL_KPA: f64 = 240.0;
 const PROGRESS_EVERY_S: f64 = 10.0;
 
 /// One outgoing message: its native `type` and the complete message text.
@@ -72,6 +76,10 @@ struct Vehicle {
     trip_m: f64,
     trip_total_m: f64,
     fuel: f64,
+    tyre_kpa: f64,
+    /// kPa lost per second (a slow puncture), 0 for most.
+    leak_kpa_s: f64,
+    tyre_warned: bool,
     engine_temp: f64,
     odometer_m: f64,
     next_telemetry_s: f64,
@@ -125,6 +133,13 @@ impl Fleet {
                     engine_temp: rng.gen_range(20.0..40.0),
                     odometer_m: rng.gen_range(10_000.0..250_000.0) * 1000.0,
                     next_status_s: rng.gen_range(60.0..600.0),
+                    tyre_kpa: rng.gen_range(215.0..TYRE_FULL_KPA),
+                    leak_kpa_s: if rng.gen_bool(0.1) {
+                        rng.gen_range(0.03..0.12)
+                    } else {
+                        0.0
+                    },
+                    tyre_warned: false,
                     rng,
                     t: 0.0,
                     route: Vec::new(),
@@ -206,6 +221,13 @@ impl Fleet {
         let v = &mut self.vehicles[i];
         fuel_and_engine(v, dt);
         let mut msgs = vec![location(v, &roads, limit, now_ms)];
+        if v.tyre_kpa < TYRE_LOW_KPA && !v.tyre_warned {
+            v.tyre_warned = true;
+            let p = json!({"vehicle_id": v.id, "severity": "medium",
+                "alert_type": "tire_pressure",
+                "message": format!("tyre pressure {:.0} kPa: check for a puncture", v.tyre_kpa)});
+            push(&mut msgs, "maintenance_alert", None, now_ms, p);
+        }
         if v.t >= v.next_telemetry_s {
             v.next_telemetry_s = v.t + TELEMETRY_EVERY_S;
             msgs.push(telemetry(v, now_ms));
@@ -357,6 +379,10 @@ fn end_trip(v: &mut Vehicle, now_ms: i64, out: &mut Vec<Msg>) {
         push(out, "maintenance_alert", None, now_ms, p);
         v.fuel = v.rng.gen_range(85.0..100.0);
     }
+    if v.tyre_warned {
+        v.tyre_warned = false;
+        v.tyre_kpa = TYRE_FULL_KPA;
+    }
 }
 
 /// Moves a driving vehicle along its route for `dt` seconds.
@@ -424,6 +450,7 @@ fn fuel_and_engine(v: &mut Vehicle, dt: f64) {
         v.fuel -= 0.0005 * dt;
     }
     v.fuel = v.fuel.max(2.0);
+    v.tyre_kpa = (v.tyre_kpa - v.leak_kpa_s * dt).max(80.0);
     let warm = if matches!(v.mode, Mode::Driving) {
         90.0
     } else {
@@ -466,9 +493,10 @@ fn telemetry(v: &mut Vehicle, now_ms: i64) -> Msg {
     let p = json!({"vehicle_id": v.id, "telemetry": {
         "fuel_level": round1(v.fuel), "engine_rpm": rpm.round(),
         "engine_temp": round1(v.engine_temp), "speed": round1(v.speed_ms * 3.6),
+        "tire_pressure": round1(v.tyre_kpa),
         "odometer": (v.odometer_m / 1000.0).round()},
         "units": {"fuel_level": "%", "engine_rpm": "rpm", "engine_temp": "celsius",
-            "speed": "km/h", "odometer": "km"}});
+            "speed": "km/h", "odometer": "km", "tire_pressure": "kPa"}});
     let mut out = Vec::new();
     push(&mut out, "telemetry_update", None, now_ms, p);
     out.pop().expect("pushed")

@@ -65,8 +65,8 @@ fn demo_fixed_seed_gives_fixed_routes() {
     // Recorded from the first run of this test (seed 7).
     let expected = json!({
         "origin": {"latitude": 52.510298, "longitude": 13.423365},
-        "destination": {"latitude": 52.524492, "longitude": 13.425019},
-        "planned_distance_km": 1.6});
+        "destination": {"latitude": 52.52521, "longitude": 13.431455},
+        "planned_distance_km": 2.2});
     assert_eq!(pinned, expected, "seed 7's first route changed");
 }
 
@@ -113,6 +113,7 @@ fn demo_messages_pass_the_broker_validation() {
     // Every vehicle reports its location once a simulated second.
     assert_eq!(kinds["location_update"], 120 * 900);
     for kind in [
+        "maintenance_alert",
         "telemetry_update",
         "trip_event",
         "driver_status",
@@ -443,4 +444,88 @@ fn demo_newcomer_banner_logs_and_errors() {
     for at in ["line 2,", "line 4,", "line 5,", "3 error(s)"] {
         assert!(err.contains(at), "{at} missing from {err}");
     }
+}
+
+/// `--demo` with a config file: the fleet publishes into the tenant named by
+/// `--demo-tenant`, where that tenant's own viewer sees it; the simulator's key is never
+/// printed.
+#[test]
+fn demo_with_a_config_file_publishes_into_the_named_tenant() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!("fleetcast-demo-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fleetcast.toml");
+    std::fs::write(
+        &file,
+        "[[auth.api_keys]]\nkey = \"acme-viewer-key-0123456789\"\nuser_id = \"acme-viewer\"\n\
+         tenant = \"acme\"\nrole = \"viewer\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--demo",
+            "--demo-tenant",
+            "acme",
+            "--demo-vehicles",
+            "5",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut addr = None;
+    while addr.is_none() && Instant::now() < deadline {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        printed.push_str(&line);
+        addr = line
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some(addr) = addr else {
+        let _ = child.kill();
+        panic!("no listening line: {printed}");
+    };
+    let url = format!("ws://{addr}/v1/streaming/websocket?api_key=acme-viewer-key-0123456789");
+    let mut viewer = Client::connect(&url);
+    viewer.send(json!({"type":"subscribe","id":"s","payload":{"channel":"vehicle_locations"}}));
+    let mut vehicles = HashSet::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while vehicles.len() < 5 && Instant::now() < until {
+        if let Ok(m) = viewer.next(Duration::from_millis(500))
+            && m["type"] == "location_update"
+        {
+            vehicles.insert(m["payload"]["vehicle_id"].as_str().unwrap().to_string());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(vehicles.len(), 5, "acme's viewer saw {vehicles:?}");
+    assert!(
+        printed.contains("Demo: 5 simulated vehicles publishing into tenant acme"),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains("demo-sim-"),
+        "the simulator's key was printed: {printed}"
+    );
+    assert!(
+        !printed.contains("export "),
+        "no development banner with a config: {printed}"
+    );
 }
