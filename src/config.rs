@@ -22,6 +22,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub itrack: ItrackConfig,
     pub testing: TestingConfig,
+    pub dashboard: crate::dashboard::DashboardConfig,
     /// Lines of the `[[auth.api_keys]]` entries when parsed from text (`Config::parse`).
     #[serde(skip)]
     api_key_lines: Vec<KeyLine>,
@@ -607,6 +608,7 @@ impl Config {
                 )
             });
         }
+        p.errors.extend(self.dashboard.problems());
         let keys = self.check_auth(&mut p);
         if p.errors.is_empty() {
             Ok(Validated {

@@ -35,6 +35,9 @@ enum Command {
         /// Shard threads (overrides server.shards; 0 = one per core).
         #[arg(long, env = "FLEETCAST_SHARDS")]
         shards: Option<usize>,
+        /// Map tiles under the dashboard's map (overrides dashboard.tile_url).
+        #[arg(long, env = "FLEETCAST_DASHBOARD_TILE_URL")]
+        dashboard_tile_url: Option<String>,
         #[command(flatten)]
         demo: DemoArgs,
     },
@@ -229,6 +232,7 @@ fn serve(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     shards: Option<usize>,
+    tile_url: Option<String>,
     demo: DemoArgs,
 ) -> anyhow::Result<ExitCode> {
     let dev = config.is_none();
@@ -241,6 +245,9 @@ fn serve(
     }
     if let Some(s) = shards {
         cfg.server.shards = s;
+    }
+    if tile_url.is_some() {
+        cfg.dashboard.tile_url = tile_url;
     }
     if dev {
         dev_loopback_limits(&mut cfg);
@@ -418,8 +425,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             listen,
             shards,
+            dashboard_tile_url,
             demo,
-        } => return serve(config, listen, shards, demo),
+        } => return serve(config, listen, shards, dashboard_tile_url, demo),
         Command::Token {
             secret,
             sub,

@@ -31,7 +31,8 @@ const fc = (window.fc = {
   reconnects: 0,
   attempt: 0,
   lastClose: null,
-  stats: { messages: 0, positionChanges: 0, frames: 0, drawMs: [], frameGapMs: [], handlerMs: 0 },
+  stats: { messages: 0, positionChanges: 0, frames: 0, drawMs: [], frameGapMs: [], handlerMs: 0, tilesDrawn: 0 },
+  config: { tile_url: null, tile_attribution: null },
 });
 
 const $ = (id) => document.getElementById(id);
@@ -324,6 +325,63 @@ function project(lat, lon, ref) {
 
 let view = null; // {ref, cx, cy, scale}
 
+// Optional map tiles (`[dashboard] tile_url`, Web Mercator z/x/y), drawn under the plane
+// where they fall on it; none unless the operator configured a tile server.
+const tiles = new Map();
+function tileImage(url) {
+  let t = tiles.get(url);
+  if (!t) {
+    if (tiles.size > 400) tiles.clear();
+    t = { img: new Image(), ok: false };
+    t.img.onload = () => { t.ok = true; dirty.map = true; };
+    t.img.src = url;
+    tiles.set(url, t);
+  }
+  return t.ok ? t.img : null;
+}
+const tileLon = (x, z) => x / 2 ** z * 360 - 180;
+const tileLat = (y, z) => {
+  const n = Math.PI - 2 * Math.PI * y / 2 ** z;
+  return 180 / Math.PI * Math.atan(0.5 * (Math.exp(n) - Math.exp(-n)));
+};
+const lonTile = (lon, z) => Math.floor((lon + 180) / 360 * 2 ** z);
+const latTile = (lat, z) => {
+  const r = lat * Math.PI / 180;
+  return Math.floor((1 - Math.log(Math.tan(r) + 1 / Math.cos(r)) / Math.PI) / 2 * 2 ** z);
+};
+
+function drawTiles(g, w, h, ref, toScreen) {
+  const url = fc.config.tile_url;
+  if (!url) return;
+  const cos = Math.cos(ref.lat * Math.PI / 180);
+  // The zoom whose tiles are closest to 256 px at this scale.
+  const z = Math.max(0, Math.min(19, Math.round(Math.log2(156543.03 * cos * view.scale))));
+  const unproject = (sx, sy) => {
+    const x = view.cx + (sx - w / 2) / view.scale, y = view.cy - (sy - h / 2) / view.scale;
+    return [ref.lat + y / 111320, ref.lon + x / (111320 * cos)];
+  };
+  const [latN, lonW] = unproject(0, 0), [latS, lonE] = unproject(w, h);
+  const x0 = lonTile(lonW, z), x1 = lonTile(lonE, z), y0 = latTile(latN, z), y1 = latTile(latS, z);
+  if ((x1 - x0 + 1) * (y1 - y0 + 1) > 200) return;
+  for (let x = x0; x <= x1; x++) {
+    for (let y = y0; y <= y1; y++) {
+      const img = tileImage(url.replace('{z}', z).replace('{x}', x).replace('{y}', y));
+      if (!img) continue;
+      const [ax, ay] = toScreen(...project(tileLat(y, z), tileLon(x, z), ref));
+      const [bx, by] = toScreen(...project(tileLat(y + 1, z), tileLon(x + 1, z), ref));
+      g.drawImage(img, ax, ay, bx - ax, by - ay);
+      fc.stats.tilesDrawn++;
+    }
+  }
+  // Darken them so that vehicles and the grid stay readable.
+  g.fillStyle = 'rgba(14,20,27,0.55)';
+  g.fillRect(0, 0, w, h);
+  if (fc.config.tile_attribution) {
+    g.fillStyle = '#9fb0c3';
+    g.fillText(fc.config.tile_attribution, w - 8 - g.measureText(fc.config.tile_attribution).width, h - 28);
+  }
+}
+
 function drawMap() {
   const c = $('map');
   const dpr = window.devicePixelRatio || 1;
@@ -357,6 +415,7 @@ function drawMap() {
     view.scale += (target.scale - view.scale) * 0.1;
   }
   const toScreen = (x, y) => [w / 2 + (x - view.cx) * view.scale, h / 2 - (y - view.cy) * view.scale];
+  drawTiles(g, w, h, ref, toScreen);
   // Grid: a round step giving lines about every 80 px; a scale bar of one step.
   const steps = [50, 100, 200, 250, 500, 1000, 2000, 2500, 5000, 10000, 20000, 50000];
   const step = steps.find((s) => s * view.scale >= 80) || steps[steps.length - 1];
@@ -546,6 +605,11 @@ $('map').addEventListener('click', (e) => {
   }
   if (best) follow(best.id);
 });
+
+fetch('/dashboard/config.json')
+  .then((r) => (r.ok ? r.json() : {}))
+  .then((c) => { fc.config = Object.assign(fc.config, c); dirty.map = true; })
+  .catch(() => {});
 
 const initial = credentialFromFragment() || sessionStorage.getItem('fleetcast.cred');
 if (initial) signIn(initial); else showSignin();

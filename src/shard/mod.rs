@@ -580,6 +580,10 @@ impl Shard {
                 return self.http_answer(slot, &req, status, "text/plain", body.as_bytes());
             }
             Endpoint::Asset(a) => return self.http_answer(slot, &req, 200, a.content_type, a.body),
+            Endpoint::DashboardConfig => {
+                let body = shared.config.dashboard.json();
+                return self.http_answer(slot, &req, 200, "application/json", &body);
+            }
             Endpoint::Metrics => {
                 if let Some(token) = &shared.config.server.metrics_token
                     && !req.bearer().is_some_and(|b| {

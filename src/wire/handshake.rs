@@ -9,6 +9,8 @@ pub enum Endpoint {
     Readyz,
     /// A file of the dashboard (`GET /` and its assets, embedded in the binary).
     Asset(&'static crate::dashboard::Asset),
+    /// The dashboard's settings (`[dashboard]`), `GET /dashboard/config.json`.
+    DashboardConfig,
     Metrics,
     /// The echo endpoint (a testing aid, off unless `testing.echo_endpoint`).
     Echo,
@@ -45,6 +47,7 @@ impl Endpoint {
             return Endpoint::Asset(a);
         }
         match path {
+            "/dashboard/config.json" => return Endpoint::DashboardConfig,
             "/healthz" => return Endpoint::Healthz,
             "/readyz" => return Endpoint::Readyz,
             "/metrics" => return Endpoint::Metrics,

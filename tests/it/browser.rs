@@ -93,7 +93,7 @@ struct Broker {
     admin_url: String,
 }
 
-fn start_broker() -> Broker {
+fn start_broker(vehicles: usize, extra: &[&str]) -> Broker {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
         .args([
             "serve",
@@ -102,7 +102,8 @@ fn start_broker() -> Broker {
             "--demo",
             "--demo-vehicles",
         ])
-        .arg(VEHICLES.to_string())
+        .arg(vehicles.to_string())
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -296,19 +297,27 @@ const SUMMARY: &str = "JSON.stringify({state: fc.state, vehicles: fc.vehicles.si
     reconnects: fc.reconnects, lastClose: fc.lastClose, following: fc.following, \
     followLog: fc.followLog.length, foreign: fc.followForeign, frames: fc.frameStats()})";
 
-#[test]
-fn browser_dashboard_shows_the_demo_fleet_live() {
-    let Some(chrome) = chromium() else {
+/// Chromium, or `None` (the test then skips) unless it is required.
+fn browser(test: &str) -> Option<PathBuf> {
+    let found = chromium();
+    if found.is_none() {
         if std::env::var_os(REQUIRE).is_some_and(|v| v == "1") {
             panic!("chromium is not installed ({REQUIRE}=1: the browser test must run)");
         }
         eprintln!(
-            "SKIPPED browser_dashboard_shows_the_demo_fleet_live: chromium is not installed \
+            "SKIPPED {test}: chromium is not installed \
              (.ci/run installs it; {REQUIRE}=1 turns this into a failure)"
         );
+    }
+    found
+}
+
+#[test]
+fn browser_dashboard_shows_the_demo_fleet_live() {
+    let Some(chrome) = browser("browser_dashboard_shows_the_demo_fleet_live") else {
         return;
     };
-    let broker = start_broker();
+    let broker = start_broker(VEHICLES, &[]);
     let mut page = Page::open(&chrome);
     assert!(
         broker
@@ -469,4 +478,83 @@ fn browser_dashboard_shows_the_demo_fleet_live() {
 
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard.png");
     page.screenshot(&shot);
+}
+
+/// A tile server on loopback: answers every request with a 256 px SVG tile and records the
+/// paths asked for. Stops after `for_how_long`.
+fn tile_server(
+    for_how_long: Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = paths.clone();
+    std::thread::spawn(move || {
+        let tile = "<svg xmlns='http://www.w3.org/2000/svg' width='256' height='256'>\
+                    <rect width='256' height='256' fill='#2a4d3a'/>\
+                    <path d='M0 128H256M128 0V256' stroke='#8fbc8f' stroke-width='6'/></svg>";
+        let deadline = Instant::now() + for_how_long;
+        while Instant::now() < deadline {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]);
+            if let Some(path) = head.split_whitespace().nth(1) {
+                seen.lock().unwrap().push(path.to_string());
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: image/svg+xml\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{tile}",
+                tile.len()
+            );
+        }
+    });
+    (addr, paths)
+}
+
+/// `--dashboard-tile-url`: the page asks the configured tile server for the Web Mercator
+/// tiles under the fleet and draws them.
+#[test]
+fn browser_dashboard_draws_configured_map_tiles() {
+    let Some(chrome) = browser("browser_dashboard_draws_configured_map_tiles") else {
+        return;
+    };
+    let (tiles, paths) = tile_server(Duration::from_secs(60));
+    let url = format!("http://{tiles}/{{z}}/{{x}}/{{y}}.svg");
+    let broker = start_broker(30, &["--dashboard-tile-url", &url]);
+    let mut page = Page::open(&chrome);
+    page.call("Page.navigate", json!({"url": broker.admin_url}));
+    page.wait_for(
+        "typeof fc === 'object' && fc.vehicles.size >= 30 && fc.stats.tilesDrawn > 0",
+        Duration::from_secs(30),
+        "no tile drawn",
+        "JSON.stringify({config: fc.config, vehicles: fc.vehicles.size, tiles: fc.stats.tilesDrawn})",
+    );
+    let asked = paths.lock().unwrap().clone();
+    // The demo city lies around 52.52 N, 13.405 E: the tile holding it at the zoom the
+    // page chose is among those asked for.
+    let hit = asked.iter().any(|p| {
+        let parts: Vec<f64> = p
+            .trim_start_matches('/')
+            .trim_end_matches(".svg")
+            .split('/')
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let [z, x, y] = parts[..] else { return false };
+        let n = 2f64.powf(z);
+        let cx = ((13.405 + 180.0) / 360.0 * n).floor();
+        let lat = 52.52f64.to_radians();
+        let cy =
+            ((1.0 - (lat.tan() + 1.0 / lat.cos()).ln() / std::f64::consts::PI) / 2.0 * n).floor();
+        (12.0..=17.0).contains(&z) && (x - cx).abs() <= 1.0 && (y - cy).abs() <= 1.0
+    });
+    assert!(hit, "no tile near the demo city among {asked:?}");
+    page.screenshot(&Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-tiles.png"));
 }
