@@ -746,7 +746,7 @@ impl Shard {
         );
     }
 
-    fn http_send(&mut self, slot: usize, status: u16, response: Vec<u8>) {
+    pub(super) fn http_send(&mut self, slot: usize, status: u16, response: Vec<u8>) {
         self.stats().handshake(Outcome::from_status(status));
         self.not_pending(slot);
         let conn = &mut self.conns[slot];

@@ -236,6 +236,16 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
 
 /// A complete HTTP/1.1 response that closes the connection.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    response_retry(status, content_type, body, 1)
+}
+
+/// [`response`], with `Retry-After: retry_after_secs` on a 429 or 503.
+pub fn response_retry(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    retry_after_secs: u64,
+) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
         reason(status),
@@ -247,7 +257,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     // Every refusal for load or rate says when to try again at the earliest (RFC 9110
     // §10.2.3); a client backs off further if it is refused again.
     if status == 429 || status == 503 {
-        out.push_str("Retry-After: 1\r\n");
+        out.push_str(&format!("Retry-After: {}\r\n", retry_after_secs.max(1)));
     }
     out.push_str("\r\n");
     let mut out = out.into_bytes();

@@ -349,6 +349,20 @@ fn demo_newcomer_http_head_page_and_retry_after() {
         r.starts_with("HTTP/1.1 429") && r.contains("\r\nRetry-After: 1\r\n"),
         "{r}"
     );
+    // A login over its failure limit: Retry-After says when an attempt may succeed.
+    let attempt = "GET /v2/user/auth?login=nobody&password=x HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..5 {
+        let r = raw(b.addr, attempt);
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    }
+    let r = raw(b.addr, attempt);
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    let wait: u64 = r
+        .lines()
+        .find_map(|l| l.strip_prefix("Retry-After: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {r}"));
+    assert!((50..=60).contains(&wait), "Retry-After: {wait}");
 }
 
 #[test]
