@@ -49,10 +49,17 @@ impl DashboardConfig {
 }
 
 /// One embedded file.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub struct Asset {
     pub content_type: &'static str,
     pub body: &'static [u8],
+}
+
+impl std::fmt::Debug for Asset {
+    /// Its type and size, not its bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Asset({}, {} bytes)", self.content_type, self.body.len())
+    }
 }
 
 static INDEX: Asset = Asset {

@@ -343,8 +343,16 @@ mod tests {
         assert!(Endpoint::classify("/user/logout/").allows("POST"));
         assert!(!Endpoint::classify("/user/auth").allows("PUT"));
         assert!(!Endpoint::Publish.allows("GET") && !Endpoint::Healthz.allows("POST"));
+        // The dashboard (src/dashboard.rs) and health checks answer HEAD.
+        assert!(matches!(Endpoint::classify("/"), Endpoint::Asset(_)));
+        assert!(Endpoint::classify("/").allows("HEAD") && Endpoint::Readyz.allows("HEAD"));
+        assert!(!Endpoint::classify("/metrics").allows("HEAD"));
+        assert_eq!(
+            head_only(response(200, "text/plain", b"ok\n")),
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+        );
         for p in [
-            "/",
+            "/favicon.ico",
             "/v1/streaming/websocketx",
             "/v1/streaming/websocket/fleet/",
             "/v1/streaming/websocket/car/1",
