@@ -24,6 +24,7 @@ pub struct Config {
     pub testing: TestingConfig,
     /// Cluster mode on NATS JetStream; absent: the node runs alone.
     pub cluster: Option<ClusterConfig>,
+    pub dashboard: crate::dashboard::DashboardConfig,
     /// Lines of the `[[auth.api_keys]]` entries when parsed from text (`Config::parse`).
     #[serde(skip)]
     api_key_lines: Vec<KeyLine>,
@@ -756,6 +757,7 @@ impl Config {
                 )
             });
         }
+        p.errors.extend(self.dashboard.problems());
         let keys = self.check_auth(&mut p);
         if p.errors.is_empty() {
             Ok(Validated {

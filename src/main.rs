@@ -35,6 +35,11 @@ enum Command {
         /// Shard threads (overrides server.shards; 0 = one per core).
         #[arg(long, env = "FLEETCAST_SHARDS")]
         shards: Option<usize>,
+        /// Map tiles under the dashboard's map (overrides dashboard.tile_url).
+        #[arg(long, env = "FLEETCAST_DASHBOARD_TILE_URL")]
+        dashboard_tile_url: Option<String>,
+        #[command(flatten)]
+        demo: DemoArgs,
     },
     /// Mint an HS256 JWT for development.
     Token {
@@ -74,6 +79,23 @@ enum Command {
     },
 }
 
+/// `serve --demo`: a simulated fleet publishing into the node (src/demo/).
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Run a built-in simulated fleet that publishes live data (SPEC §9).
+    #[arg(long, env = "FLEETCAST_DEMO")]
+    demo: bool,
+    /// Vehicles in the simulated fleet.
+    #[arg(long, default_value_t = fleetcast::demo::DEFAULT_VEHICLES, requires = "demo")]
+    demo_vehicles: usize,
+    /// The tenant the simulated fleet publishes into (development mode's is fleet_001).
+    #[arg(long, default_value = DEV_TENANT, requires = "demo")]
+    demo_tenant: String,
+    /// Seed of the simulation: the same seed drives the same routes.
+    #[arg(long, default_value_t = 1, requires = "demo")]
+    demo_seed: u64,
+}
+
 fn parse_role(s: &str) -> Result<Role, String> {
     Role::parse(s).ok_or_else(|| format!("unknown role {s:?} (device, viewer, service, admin)"))
 }
@@ -83,6 +105,12 @@ fn random_hex(bytes: usize) -> String {
     getrandom::fill(&mut buf).expect("the OS random source is available");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Development mode's tenant.
+const DEV_TENANT: &str = "fleet_001";
+/// New connections per minute, per address and per user, that development mode allows
+/// when it listens on loopback only (the SPEC's 10 stop a newcomer trying examples).
+const DEV_LOOPBACK_CONNECTIONS_PER_MINUTE: u32 = 600;
 
 /// The login of development mode's iTrack user.
 const DEV_LOGIN: &str = "demo";
@@ -102,7 +130,7 @@ fn dev_config(mut cfg: Config) -> anyhow::Result<(Config, String)> {
             key: format!("dev-{}-{}", role.name(), random_hex(12)),
             key_sha256: None,
             user_id: format!("dev-{}", role.name()),
-            tenant: "fleet_001".into(),
+            tenant: DEV_TENANT.into(),
             role,
             // Explicitly every vehicle of the tenant (a device key with no vehicles may
             // publish for none); the banner says so.
@@ -122,13 +150,62 @@ fn dev_config(mut cfg: Config) -> anyhow::Result<(Config, String)> {
     Ok((cfg, password))
 }
 
+/// Development mode listening on loopback only: only this machine connects, so the
+/// new-connection rates are raised for the person trying it (other limits stay).
+fn dev_loopback_limits(cfg: &mut Config) {
+    if cfg.server.listen.ip().is_loopback() {
+        let l = &mut cfg.limits;
+        l.new_connections_per_minute_per_ip = DEV_LOOPBACK_CONNECTIONS_PER_MINUTE;
+        l.new_connections_per_minute_per_user = DEV_LOOPBACK_CONNECTIONS_PER_MINUTE;
+    }
+}
+
 fn print_dev_banner(cfg: &Config, addr: SocketAddr, password: &str) {
     println!("fleetcast development mode: no config file given, tenant fleet_001 created.");
     println!("API keys (valid until this process exits):");
-    for k in &cfg.auth.api_keys {
+    for k in cfg
+        .auth
+        .api_keys
+        .iter()
+        .filter(|k| k.user_id.starts_with("dev-"))
+    {
         println!("  {:<8} {}", k.role.name(), k.key);
     }
     println!("  (the device key may publish for any vehicle, driver and trip of fleet_001)");
+    println!("Paste these into a shell to run the README's examples:");
+    for k in cfg
+        .auth
+        .api_keys
+        .iter()
+        .filter(|k| k.user_id.starts_with("dev-"))
+    {
+        println!(
+            "  export {}_KEY={}",
+            k.role.name().to_ascii_uppercase(),
+            k.key
+        );
+    }
+    println!("  export FLEETCAST=http://{addr}");
+    let admin = &cfg.auth.api_keys[3].key;
+    println!("Dashboard (signed in as admin; the key is in the URL fragment, never sent):");
+    println!("  http://{addr}/#key={admin}");
+    let l = &cfg.limits;
+    println!(
+        "Limits in force: {} new connections per minute per address and per user{}, \
+         {} connections per user, {} messages per second per connection ({} for services), \
+         one location update per vehicle per {} ms, messages up to {} bytes.",
+        l.new_connections_per_minute_per_ip,
+        if addr.ip().is_loopback() {
+            " (raised for loopback in development mode)"
+        } else {
+            ""
+        },
+        l.max_connections_per_user,
+        l.messages_per_second,
+        l.for_role(Role::Service).messages_per_second,
+        l.location_update_interval_ms,
+        l.max_message_bytes,
+    );
     let viewer = &cfg.auth.api_keys[1].key;
     println!(
         "JWT secret (fleetcast token --secret ...): {}",
@@ -165,6 +242,8 @@ fn serve(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     shards: Option<usize>,
+    tile_url: Option<String>,
+    demo: DemoArgs,
 ) -> anyhow::Result<ExitCode> {
     let dev = config.is_none();
     let (mut cfg, dev_password) = match &config {
@@ -177,6 +256,15 @@ fn serve(
     if let Some(s) = shards {
         cfg.server.shards = s;
     }
+    if tile_url.is_some() {
+        cfg.dashboard.tile_url = tile_url;
+    }
+    if dev {
+        dev_loopback_limits(&mut cfg);
+    }
+    let demo_key = demo
+        .demo
+        .then(|| fleetcast::demo::add_credential(&mut cfg, &demo.demo_tenant, &random_hex(16)));
     // The validation `check-config` runs (`Node::start` runs it again).
     let origin = match &config {
         Some(p) => p.display().to_string(),
@@ -203,6 +291,22 @@ fn serve(
     if dev {
         print_dev_banner(&shown, addr, &dev_password);
     }
+    let sim = match demo_key {
+        Some(key) => {
+            println!(
+                "Demo: {} simulated vehicles publishing into tenant {} (seed {}).",
+                demo.demo_vehicles, demo.demo_tenant, demo.demo_seed
+            );
+            Some(fleetcast::demo::Demo::start(fleetcast::demo::Settings {
+                addr,
+                key,
+                vehicles: demo.demo_vehicles,
+                seed: demo.demo_seed,
+                interval: shown.limits.location_update_interval(),
+            })?)
+        }
+        None => None,
+    };
     tracing::info!(%addr, shards = node.shard_count(), "fleetcast listening");
     println!("listening on {addr} with {} shards", node.shard_count());
     if let Some(tls) = node.tls_addr() {
@@ -217,6 +321,9 @@ fn serve(
         }
         tracing::info!(signal = sig, "shutting down");
         break;
+    }
+    if let Some(sim) = sim {
+        sim.stop();
     }
     node.shutdown();
     tracing::info!("stopped");
@@ -263,15 +370,29 @@ fn reload_tls_on_sighup(node: &Node) {
 /// included), printing every problem on its own line; fails exactly when `serve` would
 /// refuse the file.
 fn check_config(path: &Path) -> ExitCode {
-    let cfg = match Config::read(path) {
-        Ok(c) => c,
+    let origin = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
         Err(e) => {
-            // TOML syntax, types and unknown keys: serde stops at the first.
-            eprintln!("{e}");
+            eprintln!("error: cannot read {origin}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let origin = path.display().to_string();
+    // TOML syntax, types and unknown keys: every one (serde alone stops at the first),
+    // then the checks of the lines without such errors.
+    let (parse_errors, cfg) = fleetcast::config_errors::parse_all(&text);
+    let cfg = match cfg {
+        Some(c) if parse_errors.is_empty() => c,
+        rest => {
+            let mut all = parse_errors;
+            if let Some(Err(e)) = rest.map(|c| c.validate()) {
+                all.extend(e.0);
+            }
+            eprintln!("{}", with_origin(&origin, "error: ", &all));
+            eprintln!("{origin}: {} error(s)", all.len());
+            return ExitCode::FAILURE;
+        }
+    };
     match cfg.validate() {
         Ok(checked) => {
             if !checked.warnings.is_empty() {
@@ -327,20 +448,43 @@ fn with_origin(origin: &str, kind: &str, messages: &[String]) -> String {
         .join("\n")
 }
 
-fn main() -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in files and journals.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            // The message and its causes on one line; the backtrace only when asked for.
+            let asked = ["RUST_BACKTRACE", "RUST_LIB_BACKTRACE"]
+                .iter()
+                .any(|v| std::env::var(v).is_ok_and(|v| v != "0"));
+            if asked {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
         Command::Serve {
             config,
             listen,
             shards,
-        } => return serve(config, listen, shards),
+            dashboard_tile_url,
+            demo,
+        } => return serve(config, listen, shards, dashboard_tile_url, demo),
         Command::Token {
             secret,
             sub,

@@ -135,6 +135,12 @@ impl Histogram {
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
+    /// The count in each bucket so far (for a quantile over an interval: the difference
+    /// of two snapshots, see [`quantile_ms`]).
+    pub fn snapshot(&self) -> [u64; BUCKETS_US.len()] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
     fn render(&self, out: &mut String, name: &str, shard: usize) {
         let mut cumulative = 0;
         for (i, b) in BUCKETS_US.iter().enumerate() {
@@ -154,6 +160,27 @@ impl Histogram {
         let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum}");
         let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
     }
+}
+
+/// Buckets of [`Histogram::snapshot`].
+pub type Buckets = [u64; BUCKETS_US.len()];
+
+/// The upper bound (ms) of the bucket holding quantile `q` of the observations counted
+/// in `counts`; `None` without observations.
+pub fn quantile_ms(counts: &Buckets, q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(BUCKETS_US[i] as f64 / 1000.0);
+        }
+    }
+    BUCKETS_US.last().map(|b| *b as f64 / 1000.0)
 }
 
 #[derive(Debug, Default)]

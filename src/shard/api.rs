@@ -322,7 +322,17 @@ impl Shard {
     }
 
     fn user_error(&mut self, slot: usize, e: &UserApiError) {
-        self.http_reply(slot, e.code().1, "application/json", &e.body());
+        let status = e.code().1;
+        // A login over its failure limit knows when an attempt may succeed again.
+        let retry = match e {
+            UserApiError::TooManyFailures {
+                retry_after_secs, ..
+            } => *retry_after_secs,
+            _ => 1,
+        };
+        let response =
+            crate::wire::handshake::response_retry(status, "application/json", &e.body(), retry);
+        self.http_send(slot, status, response);
     }
 
     fn api_publish_body(

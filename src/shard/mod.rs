@@ -31,7 +31,7 @@ use crate::metrics::{Drop as StatDrop, Limit, Outcome, ShardStats};
 use crate::session::{Action, Ctx, Now, Reply, Selection, Session, Verdict};
 use crate::store::{Counted, Joining, Positioned, Published, Store};
 use crate::wire::frame::{self, FrameError, FrameReader, Message, close};
-use crate::wire::handshake::{self, Endpoint, Head, HeadError};
+use crate::wire::handshake::{self, Endpoint, Head, HeadError, Request};
 use crate::{auth::Credential, model::Channel};
 use conn::{Conn, Phase};
 use crossbeam_channel::Receiver;
@@ -612,10 +612,15 @@ impl Shard {
                 return self.api_request(slot, head, &req, &endpoint);
             }
             Endpoint::User(call) => return self.user_request(slot, head, &req, call),
-            Endpoint::Healthz => return self.http_reply(slot, 200, "text/plain", b"ok\n"),
+            Endpoint::Healthz => return self.http_answer(slot, &req, 200, "text/plain", b"ok\n"),
             Endpoint::Readyz => {
                 let (status, body) = shared.readiness();
-                return self.http_reply(slot, status, "text/plain", body.as_bytes());
+                return self.http_answer(slot, &req, status, "text/plain", body.as_bytes());
+            }
+            Endpoint::Asset(a) => return self.http_answer(slot, &req, 200, a.content_type, a.body),
+            Endpoint::DashboardConfig => {
+                let body = shared.config.dashboard.json();
+                return self.http_answer(slot, &req, 200, "application/json", &body);
             }
             Endpoint::Metrics => {
                 if let Some(token) = &shared.config.server.metrics_token
@@ -762,6 +767,15 @@ impl Shard {
         }
     }
 
+    /// `http_reply`, or for `HEAD` its headers only.
+    fn http_answer(&mut self, slot: usize, req: &Request, status: u16, ct: &str, body: &[u8]) {
+        let mut response = handshake::response(status, ct, body);
+        if req.method == "HEAD" {
+            response = handshake::head_only(response);
+        }
+        self.http_send(slot, status, response);
+    }
+
     fn http_reply(&mut self, slot: usize, status: u16, content_type: &str, body: &[u8]) {
         self.http_reply_with(slot, status, content_type, "", body);
     }
@@ -776,23 +790,27 @@ impl Shard {
         extra: &str,
         body: &[u8],
     ) {
+        let headers = {
+            let conn = &mut self.conns[slot];
+            let mut h = conn
+                .cors
+                .take()
+                .map(|o| crate::origin::cors_headers(&o))
+                .unwrap_or_default();
+            h.push_str(extra);
+            h
+        };
+        let response = handshake::response_with_headers(status, content_type, &headers, body);
+        self.http_send(slot, status, response);
+    }
+
+    pub(super) fn http_send(&mut self, slot: usize, status: u16, response: Vec<u8>) {
         self.stats().handshake(Outcome::from_status(status));
         self.not_pending(slot);
         let conn = &mut self.conns[slot];
         conn.rbuf = Vec::new();
         conn.http_body = None;
-        let mut headers = conn
-            .cors
-            .take()
-            .map(|o| crate::origin::cors_headers(&o))
-            .unwrap_or_default();
-        headers.push_str(extra);
-        conn.out.push_owned(handshake::response_with_headers(
-            status,
-            content_type,
-            &headers,
-            body,
-        ));
+        conn.out.push_owned(response);
         let deadline = Instant::now() + CLOSE_LINGER;
         conn.phase = Phase::HttpClose { deadline };
         self.mark_dirty(slot);

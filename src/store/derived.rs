@@ -25,13 +25,18 @@ pub struct Derived {
     node: Option<NodeReading>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct NodeReading {
     at: Instant,
     cpu_ticks: u64,
     messages_in: u64,
     deliveries: u64,
     publishes: u64,
+    /// Publish-to-write latency buckets, summed over shards.
+    publish_to_write: crate::metrics::Buckets,
+    drops: [u64; crate::metrics::Drop::ALL.len()],
+    /// Time each shard's loop spent working (not waiting in poll).
+    busy_ns: Vec<u64>,
 }
 
 impl Derived {
@@ -161,8 +166,24 @@ impl Derived {
             messages_in: sum(|s| s.messages_in.load(Ordering::Relaxed)),
             deliveries: sum(|s| s.deliveries_total()),
             publishes: sum(|s| s.publishes.iter().map(|a| a.load(Ordering::Relaxed)).sum()),
+            publish_to_write: stats.iter().fold([0; 14], |mut acc, s| {
+                for (a, b) in acc.iter_mut().zip(s.publish_to_write.snapshot()) {
+                    *a += b;
+                }
+                acc
+            }),
+            drops: std::array::from_fn(|i| {
+                stats
+                    .iter()
+                    .map(|s| s.drops[i].load(Ordering::Relaxed))
+                    .sum()
+            }),
+            busy_ns: stats
+                .iter()
+                .map(|s| s.busy_ns.load(Ordering::Relaxed))
+                .collect(),
         };
-        let prev = self.node.replace(reading);
+        let prev = self.node.replace(reading.clone());
         let per_sec = |cur: u64, old: u64, secs: f64| {
             if secs > 0.0 {
                 (cur.saturating_sub(old)) as f64 / secs
@@ -170,6 +191,7 @@ impl Derived {
                 0.0
             }
         };
+        let node = node_figures(stats, &reading, prev.as_ref());
         let (cpu, msgs, dels, pubs) = match prev {
             Some(p) => {
                 let secs = reading.at.saturating_duration_since(p.at).as_secs_f64();
@@ -206,6 +228,7 @@ impl Derived {
         json::write_u64(&mut o, stats.len() as u64);
         o.extend_from_slice(b",\"tenants\":");
         json::write_u64(&mut o, store.hubs.all().len() as u64);
+        o.extend_from_slice(&node);
         o.extend_from_slice(b",\"uptime_seconds\":");
         json::write_u64(
             &mut o,
@@ -216,6 +239,60 @@ impl Derived {
         o.push(b'}');
         o
     }
+}
+
+/// The node panel's figures of `system_status` (the dashboard's charts), as members to
+/// append: connections by dialect; over the interval since `prev`, publish-to-write p99,
+/// drops per second by reason and each shard loop's busy percentage.
+fn node_figures(stats: &[ShardStats], cur: &NodeReading, prev: Option<&NodeReading>) -> Vec<u8> {
+    let mut o = Vec::with_capacity(256);
+    o.extend_from_slice(b",\"connections_by_dialect\":{");
+    for (i, codec) in crate::dialect::CODECS.iter().enumerate() {
+        if i > 0 {
+            o.push(b',');
+        }
+        json::write_str(&mut o, codec.name());
+        o.push(b':');
+        let n = stats
+            .iter()
+            .map(|s| s.connections[i].load(Ordering::Relaxed))
+            .sum();
+        json::write_u64(&mut o, n);
+    }
+    o.push(b'}');
+    let Some(p) = prev else {
+        return o;
+    };
+    let secs = cur.at.saturating_duration_since(p.at).as_secs_f64();
+    if secs <= 0.0 {
+        return o;
+    }
+    let delta: crate::metrics::Buckets =
+        std::array::from_fn(|i| cur.publish_to_write[i].saturating_sub(p.publish_to_write[i]));
+    o.extend_from_slice(b",\"publish_to_write_p99_ms\":");
+    match crate::metrics::quantile_ms(&delta, 0.99) {
+        Some(ms) => o.extend_from_slice(format!("{ms}").as_bytes()),
+        None => o.extend_from_slice(b"null"),
+    }
+    o.extend_from_slice(b",\"drops_per_second\":{");
+    for (i, d) in crate::metrics::Drop::ALL.iter().enumerate() {
+        if i > 0 {
+            o.push(b',');
+        }
+        json::write_str(&mut o, d.name());
+        let rate = cur.drops[i].saturating_sub(p.drops[i]) as f64 / secs;
+        o.extend_from_slice(format!(":{rate:.1}").as_bytes());
+    }
+    o.extend_from_slice(b"},\"shard_busy_percent\":[");
+    for (i, (c, old)) in cur.busy_ns.iter().zip(&p.busy_ns).enumerate() {
+        if i > 0 {
+            o.push(b',');
+        }
+        let pct = c.saturating_sub(*old) as f64 / 1e9 / secs * 100.0;
+        o.extend_from_slice(format!("{pct:.1}").as_bytes());
+    }
+    o.push(b']');
+    o
 }
 
 /// A broker-made event: no id (a fresh one is given), the broker's time.

@@ -7,6 +7,10 @@
 pub enum Endpoint {
     Healthz,
     Readyz,
+    /// A file of the dashboard (`GET /` and its assets, embedded in the binary).
+    Asset(&'static crate::dashboard::Asset),
+    /// The dashboard's settings (`[dashboard]`), `GET /dashboard/config.json`.
+    DashboardConfig,
     Metrics,
     /// The echo endpoint (a testing aid, off unless `testing.echo_endpoint`).
     Echo,
@@ -39,7 +43,11 @@ pub enum Scope {
 impl Endpoint {
     pub fn classify(path: &str) -> Endpoint {
         const NATIVE: &str = "/v1/streaming/websocket";
+        if let Some(a) = crate::dashboard::asset(path) {
+            return Endpoint::Asset(a);
+        }
         match path {
+            "/dashboard/config.json" => return Endpoint::DashboardConfig,
             "/healthz" => return Endpoint::Healthz,
             "/readyz" => return Endpoint::Readyz,
             "/metrics" => return Endpoint::Metrics,
@@ -106,6 +114,10 @@ impl Endpoint {
             Endpoint::Publish => method == "POST",
             // Navixy-style calls take their parameters by GET or POST.
             Endpoint::User(_) => method == "GET" || method == "POST",
+            // Health checks and the page answer HEAD too (load balancers probe with it).
+            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Asset(_) => {
+                method == "GET" || method == "HEAD"
+            }
             _ => method == "GET",
         }
     }
@@ -243,11 +255,31 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
 
 /// A complete HTTP/1.1 response that closes the connection.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
-    response_with_headers(status, content_type, "", body)
+    response_full(status, content_type, "", body, 1)
 }
 
 /// The same with extra header lines (each ending with CRLF), such as CORS headers.
 pub fn response_with_headers(status: u16, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+    response_full(status, content_type, extra, body, 1)
+}
+
+/// [`response`], with `Retry-After: retry_after_secs` on a 429 or 503.
+pub fn response_retry(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    retry_after_secs: u64,
+) -> Vec<u8> {
+    response_full(status, content_type, "", body, retry_after_secs)
+}
+
+fn response_full(
+    status: u16,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+    retry_after_secs: u64,
+) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}",
         reason(status),
@@ -256,10 +288,23 @@ pub fn response_with_headers(status: u16, content_type: &str, extra: &str, body:
     if status == 426 {
         out.push_str("Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n");
     }
+    // Every refusal for load or rate says when to try again at the earliest (RFC 9110
+    // §10.2.3); a client backs off further if it is refused again.
+    if status == 429 || status == 503 {
+        out.push_str(&format!("Retry-After: {}\r\n", retry_after_secs.max(1)));
+    }
     out.push_str("\r\n");
     let mut out = out.into_bytes();
     out.extend_from_slice(body);
     out
+}
+
+/// A response to `HEAD`: the headers of `response`, without its body.
+pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
 }
 
 /// A JSON error body: `{"error":{"code":..,"message":..}}`.
@@ -333,8 +378,16 @@ mod tests {
         assert!(Endpoint::classify("/user/logout/").allows("POST"));
         assert!(!Endpoint::classify("/user/auth").allows("PUT"));
         assert!(!Endpoint::Publish.allows("GET") && !Endpoint::Healthz.allows("POST"));
+        // The dashboard (src/dashboard.rs) and health checks answer HEAD.
+        assert!(matches!(Endpoint::classify("/"), Endpoint::Asset(_)));
+        assert!(Endpoint::classify("/").allows("HEAD") && Endpoint::Readyz.allows("HEAD"));
+        assert!(!Endpoint::classify("/metrics").allows("HEAD"));
+        assert_eq!(
+            head_only(response(200, "text/plain", b"ok\n")),
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+        );
         for p in [
-            "/",
+            "/favicon.ico",
             "/v1/streaming/websocketx",
             "/v1/streaming/websocket/fleet/",
             "/v1/streaming/websocket/car/1",

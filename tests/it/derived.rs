@@ -79,4 +79,17 @@ fn admins_receive_system_status() {
     assert_eq!(p["active_connections"], 1);
     assert_eq!(p["shards"], 2);
     assert!(p["deliveries_per_second"].as_f64().is_some());
+    // The dashboard's node panel: connections by dialect, loop load per shard, drops by
+    // reason, publish-to-write p99 (null in an interval without publishes).
+    assert_eq!(p["connections_by_dialect"]["native"], 1, "{m}");
+    assert_eq!(p["connections_by_dialect"]["valtronics"], 0, "{m}");
+    let busy = p["shard_busy_percent"].as_array().unwrap();
+    assert_eq!(busy.len(), 2, "{m}");
+    assert!(
+        busy.iter()
+            .all(|b| (0.0..=100.0).contains(&b.as_f64().unwrap())),
+        "{m}"
+    );
+    assert_eq!(p["drops_per_second"]["slow_consumer"], 0.0, "{m}");
+    assert!(p.get("publish_to_write_p99_ms").is_some(), "{m}");
 }

@@ -7,8 +7,10 @@ mod support;
 
 mod auth;
 mod batch;
+mod browser;
 mod cluster;
 mod config;
+mod demo;
 mod derived;
 mod dialects;
 mod echo;
