@@ -21,7 +21,7 @@
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 use tungstenite::Message;
@@ -108,8 +108,12 @@ fn main() {
     let subscribed = Arc::new(Barrier::new(a.dashboards + 1));
     let all: Arc<Mutex<Vec<u32>>> = Arc::new(Mutex::new(Vec::new()));
     let received = Arc::new(AtomicUsize::new(0));
+    // Snapshots (a subscribe's last known values, older runs' events) carry older
+    // stamps: only events stamped from the first publish on count.
+    let from_us = Arc::new(AtomicU64::new(u64::MAX));
     let mut threads = Vec::new();
     for _ in 0..a.dashboards {
+        let from_us = from_us.clone();
         let (a, stop, subscribed, all, received) = (
             a.clone(),
             stop.clone(),
@@ -144,7 +148,9 @@ fn main() {
                                 if a.delayed_acks {
                                     quickack_off(ws.get_ref());
                                 }
-                                if let Some(t) = t_us_of(&t) {
+                                if let Some(t) = t_us_of(&t)
+                                    && t >= from_us.load(Ordering::Relaxed)
+                                {
                                     lat.push(now.saturating_sub(t).min(u32::MAX as u64) as u32);
                                 }
                             }
@@ -168,6 +174,10 @@ fn main() {
     let tag = std::process::id();
     let interval = Duration::from_secs_f64(1.0 / a.rate);
     let start = Instant::now() + Duration::from_millis(100);
+    from_us.store(
+        start.duration_since(t0).as_micros() as u64,
+        Ordering::Relaxed,
+    );
     let total = (a.duration_s * a.rate) as u64;
     let mut sent = 0u64;
     for k in 0..total {
