@@ -102,8 +102,14 @@ fn t_us_of(msg: &str) -> Option<u64> {
 
 fn main() {
     let a = Arc::new(args());
-    let t0 = Instant::now();
-    let us = move || t0.elapsed().as_micros() as u64;
+    // Unix microseconds: a later run never mistakes an earlier run's events (which come
+    // back as the subscribe's snapshot) for its own.
+    let us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_micros() as u64
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let subscribed = Arc::new(Barrier::new(a.dashboards + 1));
     let all: Arc<Mutex<Vec<u32>>> = Arc::new(Mutex::new(Vec::new()));
@@ -174,10 +180,8 @@ fn main() {
     let tag = std::process::id();
     let interval = Duration::from_secs_f64(1.0 / a.rate);
     let start = Instant::now() + Duration::from_millis(100);
-    from_us.store(
-        start.duration_since(t0).as_micros() as u64,
-        Ordering::Relaxed,
-    );
+    let start_us = us() + 100_000;
+    from_us.store(start_us, Ordering::Relaxed);
     let total = (a.duration_s * a.rate) as u64;
     let mut sent = 0u64;
     for k in 0..total {
@@ -187,7 +191,7 @@ fn main() {
         }
         let v = (k as usize) % a.vehicles;
         let t_us = if a.scheduled {
-            due.duration_since(t0).as_micros() as u64
+            start_us + (interval * k as u32).as_micros() as u64
         } else {
             us()
         };

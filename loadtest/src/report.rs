@@ -1603,6 +1603,9 @@ vehicles_each = 2
             duplicates: 0,
             unexpected: 0,
             stale: 3,
+            cut: false,
+            resumed_after_us: None,
+            events: 0,
         }
     }
 
@@ -1651,6 +1654,13 @@ vehicles_each = 2
             unparsed: 0,
             backpressured: 0,
             bytes_in: 10 * 1024 * 1024,
+            control: [
+                latency_histogram(3),
+                latency_histogram(3),
+                latency_histogram(3),
+            ],
+            reconnect: latency_histogram(3),
+            not_recovered: 0,
         };
         let mut seconds = Vec::new();
         for sec in 0..13 {
