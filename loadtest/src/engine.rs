@@ -173,6 +173,13 @@ pub struct DashResult {
     pub duplicates: u64,
     pub unexpected: u64,
     pub stale: u64,
+    /// Cut by the storm.
+    pub cut: bool,
+    /// From the cut to every subscription answered again (µs).
+    pub resumed_after_us: Option<u64>,
+    /// Alerts and trip events received (also before the cut): what a storm dashboard
+    /// is owed exactly (its locations come back as a snapshot).
+    pub events: u64,
 }
 
 pub struct WorkerResult {
@@ -193,6 +200,13 @@ pub struct WorkerResult {
     pub backpressured: u64,
     /// Bytes received on all sockets.
     pub bytes_in: u64,
+    /// Control-group (non-storm) latency by publish time: before the storm, during it
+    /// (`[at, at + spread + settle)`), after.
+    pub control: [Histogram<u64>; 3],
+    /// Storm: reconnects (TCP + upgrade) after the cut.
+    pub reconnect: Histogram<u64>,
+    /// Storm: `subscribed` replies with `"recovered":false`.
+    pub not_recovered: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +254,13 @@ struct Dash {
     duplicates: u64,
     unexpected: u64,
     stale: u64,
+    /// Last alert position seen (`epoch`, `seq`), for the `since` resume.
+    epoch: u64,
+    seq: u64,
+    /// Storm: when it was cut (0: never).
+    cut_ns: u64,
+    resumed_ns: u64,
+    events: u64,
 }
 
 impl Dash {
@@ -355,6 +376,11 @@ struct Ctx {
     d_delivered: u64,
     d_expected: i64,
     d_errors: u64,
+    control: [Histogram<u64>; 3],
+    reconnect: Histogram<u64>,
+    not_recovered: u64,
+    /// Storm bounds on the generator's clock (µs): [cut, end of "during").
+    storm_us: (u64, u64),
 }
 
 impl Ctx {
@@ -417,6 +443,10 @@ pub struct Worker {
     io_events: Vec<(usize, bool, bool)>,
     last_check_ns: u64,
     publishing_done: bool,
+    /// Storm: the cut happened; the dashboards to reconnect, by start time.
+    storm_done: bool,
+    reconnects: Vec<usize>,
+    next_reconnect: usize,
     ctx: Ctx,
 }
 
@@ -496,6 +526,11 @@ impl Worker {
                         duplicates: 0,
                         unexpected: 0,
                         stale: 0,
+                        epoch: 0,
+                        seq: 0,
+                        cut_ns: 0,
+                        resumed_ns: 0,
+                        events: 0,
                     }))
                 }
             };
@@ -549,6 +584,14 @@ impl Worker {
             d_delivered: 0,
             d_expected: 0,
             d_errors: 0,
+            control: [
+                latency_histogram(3),
+                latency_histogram(3),
+                latency_histogram(3),
+            ],
+            reconnect: latency_histogram(3),
+            not_recovered: 0,
+            storm_us: (u64::MAX, u64::MAX),
         };
         Ok(Worker {
             poll,
@@ -569,6 +612,9 @@ impl Worker {
             io_events: Vec::with_capacity(1024),
             last_check_ns: 0,
             publishing_done: false,
+            storm_done: false,
+            reconnects: Vec::new(),
+            next_reconnect: 0,
             ctx,
         })
     }
@@ -586,6 +632,8 @@ impl Worker {
             }
             if self.ctx.phase == PHASE_CONNECT {
                 self.start_connects(now);
+            } else {
+                self.storm(now);
             }
             self.run_due();
             let now = mono_ns();
@@ -672,6 +720,11 @@ impl Worker {
             self.ctx.start_ns = start;
             self.ctx.start_us = us_of(start);
             self.ctx.end_ns = end;
+            if let Some(st) = self.ctx.plan.scenario.storm {
+                let at = start + (st.at_s * 1e9) as u64;
+                let until = at + ((st.spread_s + st.settle_s) * 1e9) as u64;
+                self.ctx.storm_us = (us_of(at), us_of(until));
+            }
             self.schedule_publishers(start, end);
         }
     }
@@ -731,6 +784,66 @@ impl Worker {
                     }
                 }
                 Role::Dashboard(_) => {}
+            }
+        }
+    }
+
+    /// The reconnect storm: at its time, close every storm dashboard's socket at once;
+    /// then reconnect them at their spread start times, `connect_concurrency` at a time.
+    fn storm(&mut self, now: u64) {
+        let Some(st) = self.ctx.plan.scenario.storm else {
+            return;
+        };
+        if self.ctx.phase >= PHASE_CLOSE {
+            return;
+        }
+        let at = self.ctx.start_ns + (st.at_s * 1e9) as u64;
+        if !self.storm_done && self.ctx.phase == PHASE_RUN && now >= at {
+            self.storm_done = true;
+            let spread_ns = (st.spread_s * 1e9) as u64;
+            let total = self.ctx.plan.conns.len().max(1) as u64;
+            for i in 0..self.conns.len() {
+                let c = &mut self.conns[i];
+                let Role::Dashboard(d) = &mut c.role else {
+                    continue;
+                };
+                if !d.sub.storm || c.state != State::Open || !c.ready {
+                    continue;
+                }
+                d.cut_ns = now;
+                d.pending = 0;
+                if let Some(mut sock) = c.sock.take() {
+                    let _ = self.poll.registry().deregister(&mut sock);
+                    // Dropped: closed without a close frame, as a network cut or a
+                    // client crash would (the broker reads EOF).
+                }
+                c.tls = None;
+                self.ctx.shared.open.fetch_sub(1, Ordering::Relaxed);
+                c.state = State::Waiting;
+                c.inbuf.clear();
+                c.out.clear();
+                c.out_pos = 0;
+                c.frag.clear();
+                c.in_frag = false;
+                // Evenly over the spread, in an order unrelated to the connections'.
+                let slot = mix64(c.global as u64 ^ 0x5707) % total;
+                c.start_at_ns = at + spread_ns * slot / total;
+                self.reconnects.push(i);
+            }
+            let conns = &self.conns;
+            self.reconnects.sort_by_key(|&i| conns[i].start_at_ns);
+        }
+        while self.next_reconnect < self.reconnects.len() && self.in_flight < self.max_in_flight {
+            let i = self.reconnects[self.next_reconnect];
+            if self.conns[i].start_at_ns > now {
+                break;
+            }
+            self.next_reconnect += 1;
+            self.in_flight += 1;
+            self.conns[i].in_flight = true;
+            self.conns[i].ready = false;
+            if let Err(e) = self.connect(i, now) {
+                self.fail(i, format!("reconnect: tcp connect: {}", io_name(&e)));
             }
         }
     }
@@ -935,7 +1048,8 @@ impl Worker {
         if c.state == State::Open {
             self.ctx.shared.open.fetch_sub(1, Ordering::Relaxed);
         }
-        let was_ready = c.ready;
+        let was_ready = c.ready || matches!(&c.role, Role::Dashboard(d) if d.cut_ns > 0);
+        c.ready = was_ready;
         c.state = State::Closed;
         c.out = Vec::new();
         c.inbuf = Vec::new();
@@ -989,6 +1103,19 @@ impl Worker {
             && self.in_flight < self.max_in_flight
         {
             let at = self.conns[self.next_connect].start_at_ns;
+            ms = ms.min(at.saturating_sub(now).div_ceil(1_000_000));
+        }
+        if self.storm_done
+            && self.next_reconnect < self.reconnects.len()
+            && self.in_flight < self.max_in_flight
+        {
+            let at = self.conns[self.reconnects[self.next_reconnect]].start_at_ns;
+            ms = ms.min(at.saturating_sub(now).div_ceil(1_000_000));
+        } else if !self.storm_done
+            && self.ctx.phase == PHASE_RUN
+            && let Some(st) = self.ctx.plan.scenario.storm
+        {
+            let at = self.ctx.start_ns + (st.at_s * 1e9) as u64;
             ms = ms.min(at.saturating_sub(now).div_ceil(1_000_000));
         }
         Duration::from_millis(ms)
@@ -1185,6 +1312,10 @@ impl Worker {
                     duplicates: d.duplicates,
                     unexpected: d.unexpected,
                     stale: d.stale,
+                    cut: d.cut_ns > 0,
+                    resumed_after_us: (d.resumed_ns > 0)
+                        .then(|| d.resumed_ns.saturating_sub(d.cut_ns) / 1000),
+                    events: d.events,
                 }),
             }
         }
@@ -1202,6 +1333,9 @@ impl Worker {
             unparsed: ctx.unparsed,
             backpressured: ctx.backpressured,
             bytes_in: ctx.bytes_in,
+            control: ctx.control,
+            reconnect: ctx.reconnect,
+            not_recovered: ctx.not_recovered,
         }
     }
 }
@@ -1282,16 +1416,29 @@ fn on_open(c: &mut Conn, ctx: &mut Ctx) {
     c.state = State::Open;
     let now = mono_ns();
     ctx.shared.open.fetch_add(1, Ordering::Relaxed);
-    ctx.connect
-        .saturating_record(now.saturating_sub(c.started_ns) / 1000);
+    let took = now.saturating_sub(c.started_ns) / 1000;
     let msgs = match &mut c.role {
+        Role::Dashboard(d) if d.cut_ns > 0 => {
+            ctx.reconnect.saturating_record(took);
+            // Locations restart from the snapshot: the last `n` per vehicle may repeat.
+            d.last_n.iter_mut().for_each(|n| *n = 0);
+            let since = (d.epoch > 0).then_some((d.epoch, d.seq));
+            let msgs = d.sub.messages_since(since);
+            d.pending = msgs.len() as u32;
+            d.sub_sent_ns = now;
+            msgs
+        }
         Role::Dashboard(d) => {
+            ctx.connect.saturating_record(took);
             let msgs = d.sub.messages();
             d.pending = msgs.len() as u32;
             d.sub_sent_ns = now;
             msgs
         }
-        _ => Vec::new(),
+        _ => {
+            ctx.connect.saturating_record(took);
+            Vec::new()
+        }
     };
     if msgs.is_empty() {
         set_ready(c, ctx);
@@ -1334,11 +1481,37 @@ fn on_message(c: &mut Conn, msg: &[u8], stamp: Stamp, ctx: &mut Ctx) {
                 return;
             }
             let lat = stamp.read_us.saturating_sub(t);
-            ctx.latency.saturating_record(lat);
-            if let Some(at) = stamp.socket_us {
-                ctx.socket_latency.saturating_record(at.saturating_sub(t));
+            if kind != Kind::Location {
+                dash.events += 1;
+                if kind == Kind::Alert {
+                    // Envelope `"seq":N,"epoch":E` (before the payload): the resume point.
+                    if let Some((seq, epoch)) = scan::seq_epoch(msg)
+                        && seq > dash.seq
+                    {
+                        dash.seq = seq;
+                        dash.epoch = epoch;
+                    }
+                }
             }
-            ctx.sec.latency.saturating_record(lat);
+            if dash.cut_ns == 0 {
+                // After a storm cut, snapshots and replays carry old `t_us`: they are
+                // not a delivery latency (the resume time is measured instead).
+                ctx.latency.saturating_record(lat);
+                if let Some(at) = stamp.socket_us {
+                    ctx.socket_latency.saturating_record(at.saturating_sub(t));
+                }
+                ctx.sec.latency.saturating_record(lat);
+                if !dash.sub.storm && ctx.storm_us.0 != u64::MAX {
+                    let k = if t < ctx.storm_us.0 {
+                        0
+                    } else if t < ctx.storm_us.1 {
+                        1
+                    } else {
+                        2
+                    };
+                    ctx.control[k].saturating_record(lat);
+                }
+            }
             ctx.sec.delivered += 1;
             ctx.d_delivered += 1;
             match kind {
@@ -1377,9 +1550,23 @@ fn on_message(c: &mut Conn, msg: &[u8], stamp: Stamp, ctx: &mut Ctx) {
             }
         }
         Kind::Subscribed => {
+            if dash.epoch == 0
+                && let Some((seq, epoch)) = scan::seq_epoch(msg)
+            {
+                // The first alerts subscription: the stream's position then.
+                dash.seq = seq;
+                dash.epoch = epoch;
+            }
+            if dash.cut_ns > 0 && memchr::memmem::find(msg, b"\"recovered\":false").is_some() {
+                ctx.not_recovered += 1;
+            }
             if dash.pending > 0 {
                 dash.pending -= 1;
-                if dash.pending == 0 {
+                if dash.pending == 0 && dash.cut_ns > 0 {
+                    dash.resumed_ns = mono_ns();
+                    // Counted ready once, at its first subscription.
+                    c.ready = true;
+                } else if dash.pending == 0 {
                     ctx.subscribe
                         .saturating_record(mono_ns().saturating_sub(dash.sub_sent_ns) / 1000);
                     set_ready(c, ctx);

@@ -66,6 +66,10 @@ struct Common {
     /// delay sends (the generator's CPU then reads 100 %).
     #[arg(long)]
     busy_poll: bool,
+    /// Reconnect storm: spread the reconnects over this many seconds (the scenario's
+    /// `[storm] spread_s`).
+    #[arg(long, value_name = "S")]
+    storm_spread: Option<f64>,
     /// Do not read the broker's /metrics (a fleetcast extra) before and after.
     #[arg(long)]
     no_metrics: bool,
@@ -87,6 +91,7 @@ impl Common {
             delayed_acks: self.quickack.then_some(false),
             socket_timestamps: self.socket_timestamps.then_some(true),
             busy_poll: self.busy_poll.then_some(true),
+            storm_spread_s: self.storm_spread,
         }
     }
 

@@ -235,6 +235,39 @@ pub struct Report {
     pub timeline: Vec<TimePoint>,
     pub warnings: Vec<String>,
     pub verdict: Option<Verdict>,
+    /// The reconnect storm (scenarios with `[storm]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<StormReport>,
+}
+
+/// What a reconnect storm cost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StormReport {
+    pub at_s: f64,
+    pub spread_s: f64,
+    pub settle_s: f64,
+    /// Dashboards cut at once.
+    pub cut: u64,
+    /// Of those, every subscription answered again (snapshot and `since` resume asked).
+    pub resumed: u64,
+    /// From the cut until 99 % / 100 % of the cut dashboards were resumed (ms); `None`
+    /// when that many never were.
+    pub resumed_99_ms: Option<f64>,
+    pub resumed_100_ms: Option<f64>,
+    /// TCP + upgrade of the reconnects.
+    pub reconnect_ms: Percentiles,
+    /// `subscribed` replies saying `"recovered":false` (history gap: events lost).
+    pub not_recovered: u64,
+    /// Alerts and trip events owed to the cut dashboards over the whole run, and how
+    /// many of them never arrived (must be 0: `since` resume).
+    pub events_owed: u64,
+    pub events_lost: u64,
+    /// Events beyond what was owed (a replay that duplicates).
+    pub events_extra: u64,
+    /// Latency of the control group (dashboards not cut) by publish time.
+    pub control_before_ms: Percentiles,
+    pub control_during_ms: Percentiles,
+    pub control_after_ms: Percentiles,
 }
 
 /// One coordinator sample (once a second).
@@ -276,6 +309,15 @@ pub struct Accepted {
 }
 
 impl Accepted {
+    /// Alerts and trip events owed (event channels: complete after a `since` resume).
+    pub fn owed_events(&self, d: &DashResult) -> u64 {
+        let alerts: u64 = (0..4)
+            .filter(|i| d.sub.alert_mask & (1 << i) != 0)
+            .map(|i| self.alerts[i])
+            .sum();
+        alerts + if d.sub.trips { self.trips } else { 0 }
+    }
+
     pub fn owed(&self, d: &DashResult) -> u64 {
         let loc = match &d.sub.locations {
             LocSub::None => 0,
@@ -314,7 +356,19 @@ pub fn build(data: RunData) -> Report {
     let mut published = Published::default();
     let mut unparsed = 0;
     let mut bytes_in = 0;
+    let mut control = [
+        latency_histogram(3),
+        latency_histogram(3),
+        latency_histogram(3),
+    ];
+    let mut reconnect = latency_histogram(3);
+    let mut not_recovered = 0;
     for w in &data.workers {
+        for (c, wc) in control.iter_mut().zip(&w.control) {
+            let _ = c.add(wc);
+        }
+        let _ = reconnect.add(&w.reconnect);
+        not_recovered += w.not_recovered;
         let _ = latency.add(&w.latency);
         let _ = socket_latency.add(&w.socket_latency);
         let _ = send_lag.add(&w.send_lag);
@@ -367,10 +421,38 @@ pub fn build(data: RunData) -> Report {
     let mut subscribers = Vec::new();
     let mut dashes: Vec<&DashResult> = data.workers.iter().flat_map(|w| &w.dashboards).collect();
     dashes.sort_by_key(|d| (d.tenant, d.index));
+    let mut storm = s.storm.map(|st| StormReport {
+        at_s: st.at_s,
+        spread_s: st.spread_s,
+        settle_s: st.settle_s,
+        reconnect_ms: Percentiles::from_us(&reconnect),
+        not_recovered,
+        control_before_ms: Percentiles::from_us(&control[0]),
+        control_during_ms: Percentiles::from_us(&control[1]),
+        control_after_ms: Percentiles::from_us(&control[2]),
+        ..Default::default()
+    });
+    let mut resume_us: Vec<u64> = Vec::new();
     for d in dashes {
         let received = d.locations + d.alerts + d.trips;
         let valid = received.saturating_sub(d.duplicates + d.unexpected);
-        let (expected, lost, extra) = if d.ready {
+        let (expected, lost, extra) = if d.ready && d.cut {
+            // Cut by the storm: its locations come back as a snapshot (a state
+            // channel: what was published while it was away is superseded, not owed);
+            // its alerts and trip events are owed in full (`since` resume).
+            let e = accepted[d.tenant as usize].owed_events(d);
+            let got = d.events;
+            if let Some(st) = storm.as_mut() {
+                st.cut += 1;
+                st.events_owed += e;
+                st.events_lost += e.saturating_sub(got);
+                st.events_extra += got.saturating_sub(e);
+            }
+            if let Some(us) = d.resumed_after_us {
+                resume_us.push(us);
+            }
+            (e, e.saturating_sub(got), got.saturating_sub(e))
+        } else if d.ready {
             let e = accepted[d.tenant as usize].owed(d);
             (e, e.saturating_sub(valid), valid.saturating_sub(e))
         } else {
@@ -412,6 +494,18 @@ pub fn build(data: RunData) -> Report {
             unexpected,
             ended: d.ended.clone(),
         });
+    }
+    if let Some(st) = storm.as_mut() {
+        resume_us.sort_unstable();
+        st.resumed = resume_us.len() as u64;
+        let at = |q: f64| {
+            let need = ((st.cut as f64 * q).ceil() as usize).max(1);
+            resume_us.get(need - 1).map(|&us| us as f64 / 1000.0)
+        };
+        if st.cut > 0 {
+            st.resumed_99_ms = at(0.99);
+            st.resumed_100_ms = at(1.0);
+        }
     }
     delivery.loss_ratio = if delivery.expected > 0 {
         delivery.lost as f64 / delivery.expected as f64
@@ -552,6 +646,7 @@ pub fn build(data: RunData) -> Report {
         timeline,
         warnings: Vec::new(),
         verdict: None,
+        storm,
     };
     let failed: u64 = report
         .errors
@@ -782,6 +877,45 @@ pub fn summary(r: &Report) -> String {
             pct_row(&r.connections.connect_ms)
         ),
     );
+    if let Some(st) = &r.storm {
+        let ms = |v: Option<f64>| v.map_or("never".to_string(), |v| format!("{v:.0} ms"));
+        row(
+            &mut o,
+            "storm",
+            format!(
+                "{} cut at {} s, reconnecting over {} s: {} resumed; 99 % after {}, 100 % after {}; \
+                 reconnect (TCP+upgrade) ms: {}",
+                group(st.cut),
+                st.at_s,
+                st.spread_s,
+                group(st.resumed),
+                ms(st.resumed_99_ms),
+                ms(st.resumed_100_ms),
+                pct_row(&st.reconnect_ms)
+            ),
+        );
+        row(
+            &mut o,
+            "storm events",
+            format!(
+                "alerts/trips owed to the cut dashboards {}, lost {}, extra {}; recovered:false {}",
+                group(st.events_owed),
+                st.events_lost,
+                st.events_extra,
+                st.not_recovered
+            ),
+        );
+        row(
+            &mut o,
+            "control",
+            format!(
+                "latency ms before: {} | during: {} | after: {}",
+                pct_row(&st.control_before_ms),
+                pct_row(&st.control_during_ms),
+                pct_row(&st.control_after_ms)
+            ),
+        );
+    }
     if r.connections.subscribe_ms.count > 0 {
         row(
             &mut o,
@@ -1469,6 +1603,9 @@ vehicles_each = 2
             duplicates: 0,
             unexpected: 0,
             stale: 3,
+            cut: false,
+            resumed_after_us: None,
+            events: 0,
         }
     }
 
@@ -1517,6 +1654,13 @@ vehicles_each = 2
             unparsed: 0,
             backpressured: 0,
             bytes_in: 10 * 1024 * 1024,
+            control: [
+                latency_histogram(3),
+                latency_histogram(3),
+                latency_histogram(3),
+            ],
+            reconnect: latency_histogram(3),
+            not_recovered: 0,
         };
         let mut seconds = Vec::new();
         for sec in 0..13 {

@@ -143,6 +143,17 @@ pub enum PubId {
 }
 
 /// The `id` of an error message (rare: parsed as JSON).
+/// The first `"seq":N` and `"epoch":E` of a message (an event's envelope, or a
+/// `subscribed` reply's position): `(seq, epoch)`. Rare messages only (alerts,
+/// replies): two substring searches.
+pub fn seq_epoch(msg: &[u8]) -> Option<(u64, u64)> {
+    let num = |key: &[u8]| {
+        let at = memchr::memmem::find(msg, key)? + key.len();
+        parse_u64(msg, at).map(|(v, _)| v)
+    };
+    Some((num(b"\"seq\":")?, num(b"\"epoch\":")?))
+}
+
 pub fn error_id(msg: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(msg).ok()?;
     v.get("id")?.as_str().map(str::to_string)
@@ -164,6 +175,15 @@ pub fn parse_pub_id(id: &str) -> Option<PubId> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn seq_and_epoch() {
+        let ev = br#"{"type":"safety_alert","id":"A0.1","timestamp":"t","channel":"alerts","seq":41,"epoch":1795450000000,"payload":{"t_us":5}}"#;
+        assert_eq!(super::seq_epoch(ev), Some((41, 1795450000000)));
+        let sub = br#"{"type":"subscribed","id":"sa","timestamp":"t","payload":{"channel":"alerts","filters":{},"epoch":7,"seq":0}}"#;
+        assert_eq!(super::seq_epoch(sub), Some((0, 7)));
+        assert_eq!(super::seq_epoch(br#"{"type":"subscribed"}"#), None);
+    }
+
     use super::*;
 
     const LOC: &[u8] = br#"{"type":"location_update","id":"L12.5","timestamp":"2026-11-23T17:00:00.000Z","channel":"vehicle_locations","payload":{"vehicle_id":"v12","t_us":1795453200123456,"n":5,"location":{"latitude":40.7,"longitude":-74.0,"speed":30.0,"heading":90.0}}}"#;

@@ -61,7 +61,32 @@ pub struct Scenario {
     /// Service-level objective, used by `capacity` and printed by `run`.
     #[serde(default)]
     pub slo: SloConfig,
+    /// A reconnect storm (`reconnect-storm`): the dashboards of groups with
+    /// `storm = true` are all cut at once and reconnect with snapshot and `since`.
+    #[serde(default)]
+    pub storm: Option<StormConfig>,
     pub tenants: Vec<Tenant>,
+}
+
+/// When the storm hits and how the cut dashboards come back.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StormConfig {
+    /// Seconds into the publishing window at which every storm dashboard's socket is
+    /// closed by the generator.
+    pub at_s: f64,
+    /// The reconnects are spread evenly over this many seconds after the cut (0: all at
+    /// once, limited only by `connect_concurrency`).
+    #[serde(default)]
+    pub spread_s: f64,
+    /// The control group's latency "during the storm" is the deliveries published in
+    /// [at_s, at_s + spread_s + settle_s).
+    #[serde(default = "default_settle")]
+    pub settle_s: f64,
+}
+
+fn default_settle() -> f64 {
+    5.0
 }
 
 fn default_url() -> String {
@@ -176,6 +201,10 @@ pub struct DashboardGroup {
     /// Subscribe to `trip_events` (whole tenant).
     #[serde(default)]
     pub trip_events: bool,
+    /// Cut and reconnected by the scenario's `[storm]` (groups without it are the
+    /// control group).
+    #[serde(default)]
+    pub storm: bool,
 }
 
 fn default_locations() -> Locations {
@@ -210,6 +239,8 @@ pub struct Overrides {
     pub delayed_acks: Option<bool>,
     pub socket_timestamps: Option<bool>,
     pub busy_poll: Option<bool>,
+    /// `[storm] spread_s`.
+    pub storm_spread_s: Option<f64>,
 }
 
 impl Scenario {
@@ -248,6 +279,12 @@ impl Scenario {
         }
         if let Some(b) = o.busy_poll {
             s.busy_poll = b;
+        }
+        if let Some(x) = o.storm_spread_s {
+            match s.storm.as_mut() {
+                Some(st) => st.spread_s = x,
+                None => anyhow::bail!("--storm-spread needs a scenario with [storm]"),
+            }
         }
         if let Some(m) = o.rate_multiplier {
             ensure!(m > 0.0 && m.is_finite(), "--rate-multiplier must be > 0");
@@ -305,6 +342,16 @@ impl Scenario {
             (0.0..=600.0).contains(&self.drain_s),
             "drain_s must be in [0, 600]"
         );
+        if let Some(st) = &self.storm {
+            ensure!(
+                st.at_s >= 0.0 && st.at_s < self.duration_s,
+                "storm.at_s must be in [0, duration_s)"
+            );
+            ensure!(
+                (0.0..=600.0).contains(&st.spread_s) && (0.0..=600.0).contains(&st.settle_s),
+                "storm.spread_s and storm.settle_s must be in [0, 600]"
+            );
+        }
         ensure!(
             self.connect_timeout_s > 0.0 && self.connect_timeout_s <= 600.0,
             "connect_timeout_s must be in (0, 600]"
@@ -444,6 +491,8 @@ pub struct Sub {
     /// Send an explicit severity filter (false: whole channel).
     pub alert_filtered: bool,
     pub trips: bool,
+    /// Cut by the storm and reconnected.
+    pub storm: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -457,6 +506,12 @@ pub enum LocSub {
 impl Sub {
     /// The subscribe messages, in order.
     pub fn messages(&self) -> Vec<String> {
+        self.messages_since(None)
+    }
+
+    /// The subscribe messages; the alerts subscription resumes after `since`
+    /// (`(epoch, seq)`) when given.
+    pub fn messages_since(&self, since: Option<(u64, u64)>) -> Vec<String> {
         let mut out = Vec::new();
         match &self.locations {
             LocSub::None => {}
@@ -480,7 +535,13 @@ impl Sub {
             } else {
                 String::new()
             };
-            out.push(subscribe_msg("sa", "alerts", &filters));
+            let mut m = subscribe_msg("sa", "alerts", &filters);
+            if let Some((epoch, seq)) = since {
+                // `..."channel":"alerts"[,"filters":{..}]}}`: add `since` to the payload.
+                m.truncate(m.len() - 2);
+                m.push_str(&format!(r#","since":{{"epoch":{epoch},"seq":{seq}}}}}}}"#));
+            }
+            out.push(m);
         }
         if self.trips {
             out.push(subscribe_msg("st", "trip_events", ""));
@@ -646,6 +707,7 @@ impl Plan {
                         alert_mask,
                         alert_filtered: !g.alert_severities.is_empty(),
                         trips: g.trip_events,
+                        storm: g.storm,
                     };
                     match &sub.locations {
                         LocSub::None => {}

@@ -116,7 +116,13 @@ fn small_fleet_runs_against_the_broker_without_loss() {
 /// and raises the caps the scenario needs.
 #[test]
 fn shipped_scenarios_match_their_broker_configs() {
-    for name in ["small-fleet", "city-fleet", "fanout", "idle"] {
+    for name in [
+        "small-fleet",
+        "city-fleet",
+        "fanout",
+        "idle",
+        "reconnect-storm",
+    ] {
         let s = Scenario::load(&scenarios().join(format!("{name}.toml"))).unwrap();
         assert_eq!(s.name, name);
         let cfg = Config::load(&scenarios().join(format!("{name}.broker.toml"))).unwrap();
