@@ -23,9 +23,9 @@ enum Chunk {
 }
 
 impl Chunk {
-    fn bytes(&self, d: DialectId) -> &[u8] {
+    fn bytes(&self, d: DialectId, deflate: Option<u32>) -> &[u8] {
         match self {
-            Chunk::Shared(e) => e.frame_in(d).unwrap_or_default(),
+            Chunk::Shared(e) => e.wire_frame(d, deflate).unwrap_or_default(),
             Chunk::Frame(f) => f,
             Chunk::Owned(b) => b,
         }
@@ -53,6 +53,9 @@ pub struct Outbox {
     blocked: bool,
     /// The connection's dialect: which frame of a shared event is written.
     dialect: DialectId,
+    /// permessage-deflate was negotiated: events of at least this many bytes are written
+    /// compressed (`Event::wire_frame`).
+    deflate: Option<u32>,
 }
 
 impl Default for DialectId {
@@ -68,6 +71,12 @@ impl Outbox {
 
     pub fn dialect(&self) -> DialectId {
         self.dialect
+    }
+
+    /// The connection negotiated permessage-deflate: events of at least `min` bytes are
+    /// written compressed.
+    pub fn set_deflate(&mut self, min: Option<u32>) {
+        self.deflate = min;
     }
 
     /// Queues an event, conflating state channels when more than `soft` bytes are queued.
@@ -92,9 +101,9 @@ impl Outbox {
             && old.channel == ev.channel
             && old.keys.state_key(old.channel) == Some(key)
         {
-            let d = self.dialect;
-            self.bytes = self.bytes - old.frame_in(d).map_or(0, <[u8]>::len)
-                + ev.frame_in(d).map_or(0, <[u8]>::len);
+            let (d, z) = (self.dialect, self.deflate);
+            self.bytes = self.bytes - old.wire_frame(d, z).map_or(0, <[u8]>::len)
+                + ev.wire_frame(d, z).map_or(0, <[u8]>::len);
             *old = ev;
             return true;
         }
@@ -106,7 +115,7 @@ impl Outbox {
 
     /// Queues a shared event; nothing if the connection's dialect has no frame for it.
     pub fn push_shared(&mut self, ev: Arc<Event>) {
-        let Some(len) = ev.frame_in(self.dialect).map(<[u8]>::len) else {
+        let Some(len) = ev.wire_frame(self.dialect, self.deflate).map(<[u8]>::len) else {
             return;
         };
         self.bytes += len;
@@ -163,11 +172,12 @@ impl Outbox {
             .flatten();
         let discarded = self.chunks.len();
         let written = self.written;
-        let dialect = self.dialect;
+        let (dialect, deflate) = (self.dialect, self.deflate);
         *self = Outbox::default();
         self.dialect = dialect;
+        self.deflate = deflate;
         if let Some(front) = partial {
-            self.bytes = front.bytes(dialect).len() - written;
+            self.bytes = front.bytes(dialect, deflate).len() - written;
             self.written = written;
             self.chunks.push_back(front);
         }
@@ -185,7 +195,7 @@ impl Outbox {
             // Most flushes carry one or a few frames: a plain write, or a small vector
             // (filling all MAX_IOVECS slices each time costs more than the frames).
             let result = match self.chunks.len() {
-                1 => w.write(&self.chunks[0].bytes(self.dialect)[self.written..]),
+                1 => w.write(&self.chunks[0].bytes(self.dialect, self.deflate)[self.written..]),
                 2..=16 => self.write_vectored::<16>(w),
                 _ => self.write_vectored::<MAX_IOVECS>(w),
             };
@@ -214,7 +224,7 @@ impl Outbox {
         let mut slices: [IoSlice<'_>; N] = [IoSlice::new(&[]); N];
         let mut n = 0;
         for (i, c) in self.chunks.iter().take(N).enumerate() {
-            let b = c.bytes(self.dialect);
+            let b = c.bytes(self.dialect, self.deflate);
             slices[n] = IoSlice::new(if i == 0 { &b[self.written..] } else { b });
             n += 1;
         }
@@ -228,7 +238,7 @@ impl Outbox {
                 .chunks
                 .front()
                 .expect("wrote more than queued")
-                .bytes(self.dialect)
+                .bytes(self.dialect, self.deflate)
                 .len();
             let left = front - self.written;
             if n >= left {
