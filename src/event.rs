@@ -86,6 +86,9 @@ pub struct BindCheck {
     pub driver: bool,
 }
 
+/// Per dialect: the compressed frame, once built (see `Event::wire_frame`).
+type Deflated = [OnceLock<Option<Box<[u8]>>>; dialect::COUNT];
+
 /// An event ready for delivery: routing facts plus its native frame.
 #[derive(Debug)]
 pub struct Event {
@@ -110,10 +113,11 @@ pub struct Event {
     /// dialect needs it and then shared by all of them (`None`: the dialect has no shape
     /// for this event).
     others: [OnceLock<Option<Box<[u8]>>>; dialect::COUNT - 1],
-    /// The permessage-deflate frame of each dialect's frame, compressed the first time a
+    /// The permessage-deflate form of each dialect's frame, compressed the first time a
     /// connection that negotiated it needs it, then shared like the plain frame (`None`:
-    /// compression would not shrink it; the plain frame is sent).
-    deflated: [OnceLock<Option<Box<[u8]>>>; dialect::COUNT],
+    /// compression would not shrink it; the plain frame is sent). Allocated on first use:
+    /// an event no compressing subscriber receives carries one empty pointer.
+    deflated: OnceLock<Box<Deflated>>,
     /// Where the JSON payload sits inside `frame`.
     pub payload: Range<usize>,
     /// Length of the frame header (the JSON text starts here).
@@ -190,7 +194,8 @@ impl Event {
         if deflate::payload_of(plain).len() < min as usize {
             return Some(plain);
         }
-        let z = self.deflated[d.0 as usize].get_or_init(|| deflate::compress_frame(plain));
+        let z = self.deflated.get_or_init(Default::default)[d.0 as usize]
+            .get_or_init(|| deflate::compress_frame(plain));
         Some(z.as_deref().unwrap_or(plain))
     }
 
