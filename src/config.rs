@@ -270,6 +270,30 @@ pub struct ServerConfig {
     pub allowed_origins: crate::origin::AllowedOrigins,
     /// `[server.tls]`: a TLS listener beside `listen` (see `crate::tls`).
     pub tls: Option<crate::tls::TlsConfig>,
+    /// permessage-deflate (RFC 7692) for clients that offer it (`crate::wire::deflate`).
+    pub compression: Compression,
+    /// Event messages shorter than this are sent uncompressed even when compression was
+    /// negotiated (the saving does not pay for the client's inflate).
+    pub compression_min_bytes: u32,
+}
+
+/// `[server] compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Never negotiated: the extension offer is ignored.
+    Off,
+    /// Negotiated with every client that offers it.
+    #[default]
+    On,
+}
+
+impl ServerConfig {
+    /// The smallest event message compressed on a connection that negotiated
+    /// permessage-deflate (`None`: compression is off).
+    pub fn deflate_min(&self) -> Option<u32> {
+        (self.compression == Compression::On).then_some(self.compression_min_bytes)
+    }
 }
 
 impl Default for ServerConfig {
@@ -281,6 +305,8 @@ impl Default for ServerConfig {
             metrics_token: None,
             allowed_origins: Default::default(),
             tls: None,
+            compression: Compression::On,
+            compression_min_bytes: 128,
         }
     }
 }

@@ -4,7 +4,7 @@ use crate::dialect::native::{self, EventHead};
 use crate::dialect::view::View;
 use crate::dialect::{self, DialectId};
 use crate::model::{Channel, EntityKeys};
-use crate::wire::frame;
+use crate::wire::{deflate, frame};
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -86,6 +86,9 @@ pub struct BindCheck {
     pub driver: bool,
 }
 
+/// Per dialect: the compressed frame, once built (see `Event::wire_frame`).
+type Deflated = [OnceLock<Option<Box<[u8]>>>; dialect::COUNT];
+
 /// An event ready for delivery: routing facts plus its native frame.
 #[derive(Debug)]
 pub struct Event {
@@ -110,6 +113,11 @@ pub struct Event {
     /// dialect needs it and then shared by all of them (`None`: the dialect has no shape
     /// for this event).
     others: [OnceLock<Option<Box<[u8]>>>; dialect::COUNT - 1],
+    /// The permessage-deflate form of each dialect's frame, compressed the first time a
+    /// connection that negotiated it needs it, then shared like the plain frame (`None`:
+    /// compression would not shrink it; the plain frame is sent). Allocated on first use:
+    /// an event no compressing subscriber receives carries one empty pointer.
+    deflated: OnceLock<Box<Deflated>>,
     /// Where the JSON payload sits inside `frame`.
     pub payload: Range<usize>,
     /// Length of the frame header (the JSON text starts here).
@@ -151,6 +159,7 @@ impl Event {
             ts_ms: p.ts_ms,
             frame,
             others: Default::default(),
+            deflated: Default::default(),
             payload: range.start + hl..range.end + hl,
             header_len: hl,
             accepted_at,
@@ -170,6 +179,24 @@ impl Event {
                     .map(|json| frame::text_frame(&json).into_boxed_slice())
             })
             .as_deref()
+    }
+
+    /// The frame a connection of dialect `d` is written: the permessage-deflate one when
+    /// it negotiated compression (`deflate_min`: the smallest message compressed) and the
+    /// message is long enough, compressed once per event and dialect
+    /// (`crate::wire::deflate`); otherwise [`Event::frame_in`]. A connection without
+    /// compression pays one branch.
+    pub fn wire_frame(&self, d: DialectId, deflate_min: Option<u32>) -> Option<&[u8]> {
+        let plain = self.frame_in(d)?;
+        let Some(min) = deflate_min else {
+            return Some(plain);
+        };
+        if deflate::payload_of(plain).len() < min as usize {
+            return Some(plain);
+        }
+        let z = self.deflated.get_or_init(Default::default)[d.0 as usize]
+            .get_or_init(|| deflate::compress_frame(plain));
+        Some(z.as_deref().unwrap_or(plain))
     }
 
     /// The event's JSON text (the frame without its header).

@@ -189,6 +189,8 @@ pub struct ShardStats {
     /// Open connections by dialect ([`crate::dialect::DialectId`]).
     pub connections: [AtomicU64; crate::dialect::COUNT],
     pub connections_echo: AtomicU64,
+    /// Upgrades that negotiated permessage-deflate.
+    pub deflate_negotiated: AtomicU64,
     pub messages_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -242,12 +244,18 @@ pub fn render(stats: &[ShardStats]) -> String {
     let mut out = String::new();
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     type Get = fn(&ShardStats) -> &AtomicU64;
-    let plain: [(&str, &str, &str, Get); 7] = [
+    let plain: [(&str, &str, &str, Get); 8] = [
         (
             "fleetcast_connections_accepted_total",
             "counter",
             "TCP connections accepted",
             |s| &s.connections_accepted,
+        ),
+        (
+            "fleetcast_deflate_negotiated_total",
+            "counter",
+            "WebSocket upgrades that negotiated permessage-deflate",
+            |s| &s.deflate_negotiated,
         ),
         (
             "fleetcast_messages_in_total",

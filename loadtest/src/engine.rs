@@ -138,6 +138,8 @@ pub struct Target {
     pub requests: Vec<[String; 3]>,
     /// `wss://`: every connection runs TLS.
     pub tls: Option<crate::tls::TlsTarget>,
+    /// Offer permessage-deflate (`--deflate`).
+    pub deflate: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +296,8 @@ struct Conn {
     out_pos: usize,
     frag: Vec<u8>,
     in_frag: bool,
+    /// The fragmented message in progress is compressed (RSV1 on its first frame).
+    frag_z: bool,
     rng: Rng,
     ready: bool,
     /// Counted in the worker's connections-being-opened.
@@ -348,6 +352,8 @@ impl Conn {
 
 /// Per-thread measurement state (kept apart from the connections for borrowing).
 struct Ctx {
+    /// permessage-deflate offered (`--deflate`): RSV1 frames are inflated.
+    deflate: bool,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     scanner: Scanner,
@@ -548,6 +554,7 @@ impl Worker {
                 out_pos: 0,
                 frag: Vec::new(),
                 in_frag: false,
+                frag_z: false,
                 rng: Rng::new(g as u64 ^ 0xC0FFEE),
                 ready: false,
                 in_flight: false,
@@ -559,6 +566,7 @@ impl Worker {
         let max_in_flight = s.connect_concurrency.div_ceil(threads.max(1)).max(1);
         let connect_timeout_ns = (s.connect_timeout_s * 1e9) as u64;
         let ctx = Ctx {
+            deflate: target.deflate,
             plan: plan.clone(),
             shared: shared.clone(),
             scanner: Scanner::default(),
@@ -934,8 +942,12 @@ impl Worker {
                     Role::Service(_) => 2,
                 };
                 let target = &self.target.requests[c.tenant as usize][role_ix];
-                c.out
-                    .extend_from_slice(&ws::upgrade_request(&self.target.host, target, &key));
+                c.out.extend_from_slice(&ws::upgrade_request_with(
+                    &self.target.host,
+                    target,
+                    &key,
+                    self.target.deflate,
+                ));
                 c.state = State::Upgrading;
                 if let Err(e) = c.flush() {
                     self.fail(i, format!("io: {}", io_name(&e)));
@@ -1374,15 +1386,26 @@ fn process(c: &mut Conn, data: &[u8], stamp: Stamp, ctx: &mut Ctx) -> usize {
                 return data.len();
             }
         };
+        if h.rsv1 && !ctx.deflate {
+            c.kill = Some("protocol: RSV1 without permessage-deflate".into());
+            return data.len();
+        }
         let payload = &data[pos + h.header_len..pos + h.total()];
         pos += h.total();
         match h.opcode {
+            ws::OP_TEXT if h.fin && !c.in_frag && h.rsv1 => {
+                if let Err(e) = ws::with_inflated(payload, |m| on_message(c, m, stamp, ctx)) {
+                    c.kill = Some(format!("protocol: {e}"));
+                    return data.len();
+                }
+            }
             ws::OP_TEXT if h.fin && !c.in_frag => on_message(c, payload, stamp, ctx),
             ws::OP_BINARY if h.fin && !c.in_frag => {}
             ws::OP_TEXT | ws::OP_BINARY => {
                 c.frag.clear();
                 c.frag.extend_from_slice(payload);
                 c.in_frag = true;
+                c.frag_z = h.rsv1;
             }
             ws::OP_CONT => {
                 if !c.in_frag {
@@ -1393,7 +1416,14 @@ fn process(c: &mut Conn, data: &[u8], stamp: Stamp, ctx: &mut Ctx) -> usize {
                 if h.fin {
                     c.in_frag = false;
                     let msg = std::mem::take(&mut c.frag);
-                    on_message(c, &msg, stamp, ctx);
+                    if c.frag_z {
+                        if let Err(e) = ws::with_inflated(&msg, |m| on_message(c, m, stamp, ctx)) {
+                            c.kill = Some(format!("protocol: {e}"));
+                            return data.len();
+                        }
+                    } else {
+                        on_message(c, &msg, stamp, ctx);
+                    }
                     c.frag = msg;
                 }
             }

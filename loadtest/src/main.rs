@@ -76,6 +76,10 @@ struct Common {
     /// PEM file of the CA that signed the broker's certificate (for a wss:// url).
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Offer permessage-deflate (RFC 7692, no context takeover either way) on every
+    /// connection and inflate the compressed frames the broker sends.
+    #[arg(long)]
+    deflate: bool,
 }
 
 impl Common {
@@ -103,6 +107,7 @@ impl Common {
             scrape_metrics: !self.no_metrics,
             label: String::new(),
             ca_file: self.ca_file.clone(),
+            deflate: self.deflate,
         }
     }
 }

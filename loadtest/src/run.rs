@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub label: String,
     /// PEM file of the CA(s) to trust for `wss://` URLs.
     pub ca_file: Option<PathBuf>,
+    /// Offer permessage-deflate on every connection (`--deflate`).
+    pub deflate: bool,
 }
 
 /// Splits `ws://host:port/path?query` (or `wss://`) into (host:port, path-and-query or
@@ -112,6 +114,7 @@ pub fn target(plan: &Plan, ca_file: Option<&Path>) -> anyhow::Result<Target> {
         .collect();
     let loopback = addr.ip().is_loopback();
     Ok(Target {
+        deflate: false,
         addr,
         addrs,
         host,
@@ -191,7 +194,8 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Report> {
     let needed = plan.conns.len() as u64;
     let budget = sys::fd_budget(&fd, needed).map_err(|e| anyhow!(e))?;
     eprintln!("{budget}");
-    let target = target(&plan, opts.ca_file.as_deref())?;
+    let mut target = target(&plan, opts.ca_file.as_deref())?;
+    target.deflate = opts.deflate;
     if target.sources > 0 {
         let (lo, hi) = sys::port_range();
         let per_source = needed.div_ceil(target.sources as u64);

@@ -29,11 +29,68 @@ pub fn accept_for(key: &str) -> String {
 
 /// The upgrade request for `target` (path and query).
 pub fn upgrade_request(host: &str, target: &str, key: &str) -> Vec<u8> {
+    upgrade_request_with(host, target, key, false)
+}
+
+/// The same, offering permessage-deflate when `deflate` (no context takeover in either
+/// direction: the generator only inflates, and never sends compressed frames).
+pub fn upgrade_request_with(host: &str, target: &str, key: &str, deflate: bool) -> Vec<u8> {
+    let ext = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+         client_no_context_takeover\r\n"
+    } else {
+        ""
+    };
     format!(
         "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: fleetcast-load\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: fleetcast-load\r\n{ext}\r\n"
     )
     .into_bytes()
+}
+
+thread_local! {
+    /// The inflater and its output buffer (one per I/O thread), reset per message.
+    static INFLATE: std::cell::RefCell<(flate2::Decompress, Vec<u8>)> =
+        std::cell::RefCell::new((flate2::Decompress::new(false), Vec::new()));
+}
+
+/// Inflates one permessage-deflate message (RFC 7692 §7.2.2: the payload plus
+/// `00 00 ff ff`, from an empty window) and hands it to `f`.
+pub fn with_inflated(payload: &[u8], f: impl FnOnce(&[u8])) -> Result<(), &'static str> {
+    let mut buf = INFLATE.with(|i| {
+        let mut i = i.borrow_mut();
+        i.0.reset(false);
+        let mut out = std::mem::take(&mut i.1);
+        out.clear();
+        for input in [payload, &[0, 0, 0xff, 0xff][..]] {
+            let start = i.0.total_in();
+            // Each round consumes input or grows the output (to MAX_FRAME at most).
+            loop {
+                let done = (i.0.total_in() - start) as usize;
+                if out.capacity() - out.len() < 4096 {
+                    out.reserve(out.capacity().max(4096));
+                }
+                let before = out.len();
+                i.0.decompress_vec(&input[done..], &mut out, flate2::FlushDecompress::Sync)
+                    .map_err(|_| "invalid deflate data")?;
+                let done_now = (i.0.total_in() - start) as usize;
+                if out.len() > MAX_FRAME {
+                    return Err("inflated message over 64 MiB");
+                }
+                if done_now == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+                if done_now == done && out.len() == before {
+                    return Err("inflate made no progress");
+                }
+            }
+        }
+        Ok(out)
+    })?;
+    f(&buf);
+    buf.clear();
+    INFLATE.with(|i| i.borrow_mut().1 = buf);
+    Ok(())
 }
 
 /// A parsed response head.
@@ -131,6 +188,8 @@ pub fn close_code(payload: &[u8]) -> u16 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHead {
     pub fin: bool,
+    /// A compressed (permessage-deflate) message starts here.
+    pub rsv1: bool,
     pub opcode: u8,
     pub header_len: usize,
     pub payload_len: usize,
@@ -159,9 +218,12 @@ pub fn parse_frame(buf: &[u8]) -> Result<Parsed, &'static str> {
     }
     let b0 = buf[0];
     let b1 = buf[1];
-    if b0 & 0x70 != 0 {
+    // RSV1: a permessage-deflate message (checked against the negotiation by the
+    // caller: the generator offers it only with --deflate).
+    if b0 & 0x30 != 0 {
         return Err("reserved bits set");
     }
+    let rsv1 = b0 & 0x40 != 0;
     if b1 & 0x80 != 0 {
         return Err("masked server frame");
     }
@@ -188,8 +250,11 @@ pub fn parse_frame(buf: &[u8]) -> Result<Parsed, &'static str> {
         }
         n => (2, n as usize),
     };
-    if opcode >= 8 && (payload_len > 125 || !fin) {
+    if opcode >= 8 && (payload_len > 125 || !fin || rsv1) {
         return Err("bad control frame");
+    }
+    if rsv1 && opcode == OP_CONT {
+        return Err("RSV1 on a continuation frame");
     }
     if !matches!(
         opcode,
@@ -199,6 +264,7 @@ pub fn parse_frame(buf: &[u8]) -> Result<Parsed, &'static str> {
     }
     let head = FrameHead {
         fin,
+        rsv1,
         opcode,
         header_len,
         payload_len,
@@ -277,6 +343,7 @@ mod tests {
             h,
             FrameHead {
                 fin: true,
+                rsv1: false,
                 opcode: OP_TEXT,
                 header_len: 2,
                 payload_len: 5
@@ -302,9 +369,45 @@ mod tests {
     }
 
     #[test]
+    fn deflate_inflates_a_server_message() {
+        // "hello hello hello" deflated from an empty window, sync flush, tail stripped.
+        let mut c = flate2::Compress::new(flate2::Compression::new(6), false);
+        let mut z = Vec::with_capacity(128);
+        c.compress_vec(b"hello hello hello", &mut z, flate2::FlushCompress::Sync)
+            .unwrap();
+        assert!(z.ends_with(&[0, 0, 0xff, 0xff]));
+        z.truncate(z.len() - 4);
+        for _ in 0..3 {
+            let mut got = Vec::new();
+            with_inflated(&z, |m| got = m.to_vec()).unwrap();
+            assert_eq!(got, b"hello hello hello");
+        }
+        assert!(with_inflated(&[0xff, 0xff, 0xff], |_| {}).is_err());
+        let req = String::from_utf8(upgrade_request_with("h:1", "/", "k", true)).unwrap();
+        assert!(
+            req.contains("Sec-WebSocket-Extensions: permessage-deflate; "),
+            "{req}"
+        );
+        assert!(
+            !String::from_utf8(upgrade_request("h:1", "/", "k"))
+                .unwrap()
+                .contains("Extensions")
+        );
+    }
+
+    #[test]
     fn bad_server_frames() {
         assert!(parse_frame(&[0x81, 0x85, 0, 0, 0, 0]).is_err(), "masked");
-        assert!(parse_frame(&[0xC1, 0x00]).is_err(), "rsv1");
+        assert!(parse_frame(&[0xA1, 0x00]).is_err(), "rsv2");
+        assert!(parse_frame(&[0x91, 0x00]).is_err(), "rsv3");
+        assert!(parse_frame(&[0xC9, 0x00]).is_err(), "compressed ping");
+        assert!(
+            parse_frame(&[0xC0, 0x00]).is_err(),
+            "rsv1 on a continuation"
+        );
+        // RSV1 on a data frame is permessage-deflate (the engine refuses it unless
+        // --deflate offered it).
+        assert!(matches!(parse_frame(&[0xC1, 0x00]), Ok(Parsed::Frame(h)) if h.rsv1));
         assert!(parse_frame(&[0x83, 0x00]).is_err(), "opcode 3");
         assert!(parse_frame(&[0x09, 0x00]).is_err(), "fragmented ping");
         assert!(parse_frame(&[0x89, 126, 0, 200]).is_err(), "long ping");

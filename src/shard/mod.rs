@@ -672,8 +672,14 @@ impl Shard {
             shared.admission.close();
             shard.http_error(slot, status, message);
         };
+        // permessage-deflate: the first acceptable offer, if compression is on.
+        let deflate = shared.config.server.deflate_min().is_some()
+            && req
+                .extensions
+                .as_deref()
+                .is_some_and(crate::wire::deflate::negotiate);
         let Some((scope, dialect, preset)) = scope else {
-            return self.upgrade(slot, head, key, None);
+            return self.upgrade(slot, head, key, deflate, None);
         };
         let cred = req
             .query_param("token")
@@ -715,21 +721,32 @@ impl Shard {
             }
             session = session.with_dialect(codec, preset, limits, now);
         }
-        self.upgrade(slot, head, key, Some(session));
+        self.upgrade(slot, head, key, deflate, Some(session));
     }
 
     /// Answers 101 and switches the connection to WebSocket (a session, or echo).
-    fn upgrade(&mut self, slot: usize, head: usize, key: &str, session: Option<Session>) {
+    fn upgrade(
+        &mut self,
+        slot: usize,
+        head: usize,
+        key: &str,
+        deflate: bool,
+        session: Option<Session>,
+    ) {
         let echo_max = self.shared.config.testing.echo_max_message_bytes;
+        let deflate_min = self.shared.config.server.deflate_min().filter(|_| deflate);
         self.not_pending(slot);
         let conn = &mut self.conns[slot];
-        conn.out.push_owned(handshake::switching_protocols(key));
+        conn.out
+            .push_owned(handshake::switching_protocols_with(key, deflate));
         conn.echo = session.is_none();
         if conn.echo {
             conn.reader = FrameReader::new(echo_max);
         }
+        conn.reader.set_deflate(deflate);
         let dialect = session.as_ref().map_or(dialect::NATIVE, |s| s.codec().id());
         conn.out.set_dialect(dialect);
+        conn.out.set_deflate(deflate_min);
         let heartbeat_ms = self.shared.config.limits.heartbeat_interval_ms;
         if let Some(hello) = session
             .as_ref()
@@ -744,6 +761,9 @@ impl Shard {
         let echo = conn.echo;
         let stats = self.stats();
         stats.handshake(Outcome::Upgraded);
+        if deflate {
+            stats.deflate_negotiated.fetch_add(1, Ordering::Relaxed);
+        }
         if echo {
             stats.connections_echo.fetch_add(1, Ordering::Relaxed);
         } else {

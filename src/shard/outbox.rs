@@ -23,9 +23,9 @@ enum Chunk {
 }
 
 impl Chunk {
-    fn bytes(&self, d: DialectId) -> &[u8] {
+    fn bytes(&self, d: DialectId, deflate: Option<u32>) -> &[u8] {
         match self {
-            Chunk::Shared(e) => e.frame_in(d).unwrap_or_default(),
+            Chunk::Shared(e) => e.wire_frame(d, deflate).unwrap_or_default(),
             Chunk::Frame(f) => f,
             Chunk::Owned(b) => b,
         }
@@ -53,6 +53,11 @@ pub struct Outbox {
     blocked: bool,
     /// The connection's dialect: which frame of a shared event is written.
     dialect: DialectId,
+    /// permessage-deflate was negotiated: events of at least this many bytes are written
+    /// compressed (`Event::wire_frame`), stored plus one; 0 (the default): not
+    /// negotiated. A plain `u32` fits beside the dialect byte, where an `Option` would
+    /// grow every outbox.
+    deflate_min: u32,
 }
 
 impl Default for DialectId {
@@ -70,6 +75,17 @@ impl Outbox {
         self.dialect
     }
 
+    /// The connection negotiated permessage-deflate: events of at least `min` bytes are
+    /// written compressed.
+    pub fn set_deflate(&mut self, min: Option<u32>) {
+        self.deflate_min = min.map_or(0, |m| m.saturating_add(1));
+    }
+
+    /// `Event::wire_frame`'s `deflate_min`.
+    fn deflate(&self) -> Option<u32> {
+        self.deflate_min.checked_sub(1)
+    }
+
     /// Queues an event, conflating state channels when more than `soft` bytes are queued.
     /// Returns true if the event replaced a pending value instead of being queued.
     pub fn push_event(&mut self, ev: Arc<Event>, soft: usize) -> bool {
@@ -83,6 +99,7 @@ impl Outbox {
         };
         let front_id = self.front_id;
         let partially_written = self.written > 0;
+        let (d, z) = (self.dialect, self.deflate());
         let pending = self.pending.get_or_insert_with(Default::default);
         let map = &mut pending[ev.channel.index()];
         if let Some(&id) = map.get(key)
@@ -92,9 +109,8 @@ impl Outbox {
             && old.channel == ev.channel
             && old.keys.state_key(old.channel) == Some(key)
         {
-            let d = self.dialect;
-            self.bytes = self.bytes - old.frame_in(d).map_or(0, <[u8]>::len)
-                + ev.frame_in(d).map_or(0, <[u8]>::len);
+            self.bytes = self.bytes - old.wire_frame(d, z).map_or(0, <[u8]>::len)
+                + ev.wire_frame(d, z).map_or(0, <[u8]>::len);
             *old = ev;
             return true;
         }
@@ -106,7 +122,7 @@ impl Outbox {
 
     /// Queues a shared event; nothing if the connection's dialect has no frame for it.
     pub fn push_shared(&mut self, ev: Arc<Event>) {
-        let Some(len) = ev.frame_in(self.dialect).map(<[u8]>::len) else {
+        let Some(len) = ev.wire_frame(self.dialect, self.deflate()).map(<[u8]>::len) else {
             return;
         };
         self.bytes += len;
@@ -163,11 +179,13 @@ impl Outbox {
             .flatten();
         let discarded = self.chunks.len();
         let written = self.written;
-        let dialect = self.dialect;
+        let (dialect, deflate_min) = (self.dialect, self.deflate_min);
         *self = Outbox::default();
         self.dialect = dialect;
+        self.deflate_min = deflate_min;
+        let deflate = self.deflate();
         if let Some(front) = partial {
-            self.bytes = front.bytes(dialect).len() - written;
+            self.bytes = front.bytes(dialect, deflate).len() - written;
             self.written = written;
             self.chunks.push_back(front);
         }
@@ -185,7 +203,7 @@ impl Outbox {
             // Most flushes carry one or a few frames: a plain write, or a small vector
             // (filling all MAX_IOVECS slices each time costs more than the frames).
             let result = match self.chunks.len() {
-                1 => w.write(&self.chunks[0].bytes(self.dialect)[self.written..]),
+                1 => w.write(&self.chunks[0].bytes(self.dialect, self.deflate())[self.written..]),
                 2..=16 => self.write_vectored::<16>(w),
                 _ => self.write_vectored::<MAX_IOVECS>(w),
             };
@@ -214,7 +232,7 @@ impl Outbox {
         let mut slices: [IoSlice<'_>; N] = [IoSlice::new(&[]); N];
         let mut n = 0;
         for (i, c) in self.chunks.iter().take(N).enumerate() {
-            let b = c.bytes(self.dialect);
+            let b = c.bytes(self.dialect, self.deflate());
             slices[n] = IoSlice::new(if i == 0 { &b[self.written..] } else { b });
             n += 1;
         }
@@ -228,7 +246,7 @@ impl Outbox {
                 .chunks
                 .front()
                 .expect("wrote more than queued")
-                .bytes(self.dialect)
+                .bytes(self.dialect, self.deflate())
                 .len();
             let left = front - self.written;
             if n >= left {
@@ -365,5 +383,71 @@ mod tests {
             .map(|(seq, c)| state_event("v", seq, c).frame.len())
             .sum();
         assert_eq!(sink.len(), total);
+    }
+}
+
+#[cfg(test)]
+mod deflate_tests {
+    use super::*;
+    use crate::event::test_event;
+    use crate::model::Channel;
+    use std::time::Instant;
+
+    /// A writer that takes everything.
+    struct Sink(Vec<u8>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn deflate_outbox_writes_the_shared_compressed_frame_only_when_negotiated() {
+        let payload =
+            br#"{"vehicle_id":"v1","note":"again and again and again and again and again"}"#;
+        let ev = test_event(
+            Channel::VehicleLocations,
+            Some("v1"),
+            1,
+            payload,
+            Instant::now(),
+        );
+        let plain = ev.frame.to_vec();
+        let mut off = Outbox::default();
+        let mut on = Outbox::default();
+        on.set_deflate(Some(16));
+        let mut high = Outbox::default();
+        high.set_deflate(Some(10_000));
+        for o in [&mut off, &mut on, &mut high] {
+            o.push_shared(ev.clone());
+        }
+        let written = |o: &mut Outbox| {
+            let mut s = Sink(Vec::new());
+            assert!(o.flush(&mut s, |_| {}).unwrap());
+            assert_eq!(o.bytes(), 0);
+            s.0
+        };
+        assert_eq!(written(&mut off), plain, "not negotiated: the plain frame");
+        assert_eq!(
+            written(&mut high),
+            plain,
+            "under the minimum: the plain frame"
+        );
+        let z = written(&mut on);
+        assert_eq!(z[0], 0xC1, "FIN, RSV1, text");
+        assert!(z.len() < plain.len());
+        // The same allocation for every compressing outbox: deflated once.
+        let a = ev.wire_frame(dialect::NATIVE, Some(16)).unwrap().as_ptr();
+        let b = ev.wire_frame(dialect::NATIVE, Some(1)).unwrap().as_ptr();
+        assert_eq!(a, b);
+        // `clear` keeps the setting.
+        on.push_shared(ev.clone());
+        on.clear();
+        on.push_shared(ev.clone());
+        assert_eq!(written(&mut on), z);
     }
 }

@@ -76,6 +76,11 @@ pub struct FrameReader {
     /// The text frame that was incomplete at the end of the buffer last time: the caller
     /// passes its bytes again, with more, at the start of the next call.
     partial: Option<PartialText>,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message
+    /// (`crate::wire::deflate`).
+    deflate: bool,
+    /// The fragmented message in progress is compressed (its first frame had RSV1).
+    compressed: bool,
 }
 
 /// How far the payload of an incomplete text frame has been validated.
@@ -96,6 +101,18 @@ impl FrameReader {
             max_message,
             ..FrameReader::default()
         }
+    }
+
+    /// permessage-deflate was negotiated for this connection.
+    pub fn set_deflate(&mut self, on: bool) {
+        self.deflate = on;
+    }
+
+    /// The largest compressed message accepted on the wire: the limit itself applies to
+    /// the inflated size; this only bounds what is buffered before inflating (deflate
+    /// expands incompressible data by a few bytes per block).
+    fn max_compressed(&self) -> usize {
+        self.max_message + self.max_message / 8 + 64
     }
 
     /// Decodes every complete frame at the start of `buf`, calling `on_message` for each
@@ -123,11 +140,18 @@ impl FrameReader {
             let mask = header.mask.expect("checked in check()");
             let start = pos + header_len;
             let available = buf.len() - start;
-            let text = match header.opcode {
-                OpCode::Data(Data::Text) => true,
-                OpCode::Data(Data::Continue) => matches!(self.fragments, Some((true, _))),
-                _ => false,
+            // A compressed message's UTF-8 is checked once it is inflated.
+            let compressed = match header.opcode {
+                OpCode::Data(Data::Continue) => self.compressed,
+                OpCode::Data(_) => header.rsv1,
+                OpCode::Control(_) => false,
             };
+            let text = !compressed
+                && match header.opcode {
+                    OpCode::Data(Data::Text) => true,
+                    OpCode::Data(Data::Continue) => matches!(self.fragments, Some((true, _))),
+                    _ => false,
+                };
             // The UTF-8 state before the payload bytes not validated yet.
             let (mut utf8, checked) = match resume.take() {
                 Some(p) if text && p.mask == mask && p.len == len && p.checked <= available => {
@@ -163,7 +187,10 @@ impl FrameReader {
                 OpCode::Data(Data::Continue) => {
                     let (text, mut data) = self.fragments.take().expect("checked in check()");
                     data.extend_from_slice(payload);
-                    if header.is_final {
+                    if header.is_final && compressed {
+                        self.compressed = false;
+                        deliver_compressed(text, &data, self.max_message, &mut on_message)?
+                    } else if header.is_final {
                         self.utf8 = Utf8Stream::default();
                         deliver(text, utf8, &data, &mut on_message)?
                     } else {
@@ -174,9 +201,12 @@ impl FrameReader {
                 }
                 OpCode::Data(d) => {
                     let text = d == Data::Text;
-                    if header.is_final {
+                    if header.is_final && compressed {
+                        deliver_compressed(text, payload, self.max_message, &mut on_message)?
+                    } else if header.is_final {
                         deliver(text, utf8, payload, &mut on_message)?
                     } else {
+                        self.compressed = compressed;
                         self.utf8 = utf8;
                         self.fragments = Some((text, payload.to_vec()));
                         true
@@ -191,8 +221,18 @@ impl FrameReader {
     }
 
     fn check(&self, h: &FrameHeader, len: u64) -> Result<(), FrameError> {
-        if h.rsv1 || h.rsv2 || h.rsv3 {
+        if h.rsv2 || h.rsv3 || (h.rsv1 && !self.deflate) {
             return Err(FrameError::Protocol("reserved bits set"));
+        }
+        // RFC 7692 §6: RSV1 marks the first frame of a compressed data message only.
+        if h.rsv1 {
+            match h.opcode {
+                OpCode::Control(_) => return Err(FrameError::Protocol("compressed control frame")),
+                OpCode::Data(Data::Continue) => {
+                    return Err(FrameError::Protocol("RSV1 on a continuation frame"));
+                }
+                OpCode::Data(_) => {}
+            }
         }
         if h.mask.is_none() {
             return Err(FrameError::Protocol("client frame not masked"));
@@ -210,7 +250,12 @@ impl FrameReader {
                 let Some((_, data)) = &self.fragments else {
                     return Err(FrameError::Protocol("continuation without a message"));
                 };
-                if len > (self.max_message - data.len()) as u64 {
+                let max = if self.compressed {
+                    self.max_compressed()
+                } else {
+                    self.max_message
+                };
+                if len > max.saturating_sub(data.len()) as u64 {
                     return Err(FrameError::TooBig);
                 }
             }
@@ -218,7 +263,12 @@ impl FrameReader {
                 if self.fragments.is_some() {
                     return Err(FrameError::Protocol("new message inside a fragmented one"));
                 }
-                if len > self.max_message as u64 {
+                let max = if h.rsv1 {
+                    self.max_compressed()
+                } else {
+                    self.max_message
+                };
+                if len > max as u64 {
                     return Err(FrameError::TooBig);
                 }
             }
@@ -240,6 +290,25 @@ fn deliver(
         Ok(on_message(Message::Text(data)))
     } else {
         Ok(on_message(Message::Binary(data)))
+    }
+}
+
+/// Inflates a complete compressed message (bounded by `max_message`, see
+/// [`super::deflate::inflate`]), checks a text message's UTF-8 and hands it over.
+fn deliver_compressed(
+    text: bool,
+    compressed: &[u8],
+    max_message: usize,
+    on_message: &mut impl FnMut(Message<'_>) -> bool,
+) -> Result<bool, FrameError> {
+    let mut plain = Vec::new();
+    super::deflate::inflate(compressed, max_message, &mut plain)?;
+    if text {
+        let mut utf8 = Utf8Stream::default();
+        utf8.feed(&plain)?;
+        deliver(true, utf8, &plain, on_message)
+    } else {
+        deliver(false, Utf8Stream::default(), &plain, on_message)
     }
 }
 

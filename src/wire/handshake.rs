@@ -147,6 +147,8 @@ pub struct Request {
     pub origin: Option<String>,
     /// `Access-Control-Request-Method`: an `OPTIONS` request with it is a CORS preflight.
     pub cors_request_method: Option<String>,
+    /// Every `Sec-WebSocket-Extensions` value, joined with commas (the offers, in order).
+    pub extensions: Option<String>,
 }
 
 impl Request {
@@ -241,6 +243,13 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<(Head, Request), Hea
             // Two origins cannot both be checked against the allow-list: refused.
             "origin" if out.origin.is_some() => return Err(HeadError::Malformed),
             "origin" => out.origin = Some(value.trim().to_string()),
+            "sec-websocket-extensions" => match &mut out.extensions {
+                Some(all) => {
+                    all.push(',');
+                    all.push_str(value);
+                }
+                None => out.extensions = Some(value.to_string()),
+            },
             "access-control-request-method" => {
                 out.cors_request_method = Some(value.trim().to_string())
             }
@@ -320,9 +329,19 @@ pub fn json_error_body(status: u16, message: &str) -> Vec<u8> {
 
 /// The 101 answer to a valid upgrade.
 pub fn switching_protocols(ws_key: &str) -> Vec<u8> {
+    switching_protocols_with(ws_key, false)
+}
+
+/// The 101 answer, accepting permessage-deflate when `deflate` (see `super::deflate`).
+pub fn switching_protocols_with(ws_key: &str, deflate: bool) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    let ext = if deflate {
+        super::deflate::RESPONSE_HEADER
+    } else {
+        ""
+    };
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{ext}\r\n"
     )
     .into_bytes()
 }

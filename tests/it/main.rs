@@ -9,6 +9,7 @@ mod auth;
 mod batch;
 mod browser;
 mod cluster;
+mod compression;
 mod config;
 mod demo;
 mod derived;
