@@ -305,7 +305,7 @@ impl Default for ServerConfig {
             metrics_token: None,
             allowed_origins: Default::default(),
             tls: None,
-            compression: Compression::On,
+            compression: Compression::Off,
             compression_min_bytes: 128,
         }
     }

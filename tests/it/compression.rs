@@ -227,6 +227,7 @@ fn metric(b: &Broker, name: &str) -> u64 {
 #[test]
 fn compress_shared_frame_for_every_deflate_subscriber_plain_ones_unaffected() {
     let mut cfg = config(1);
+    cfg.server.compression = fleetcast::config::Compression::On;
     cfg.server.compression_min_bytes = MIN;
     let b = Broker::start(cfg);
     let viewer = key("fleet_a", Role::Viewer);
@@ -278,7 +279,7 @@ fn compress_shared_frame_for_every_deflate_subscriber_plain_ones_unaffected() {
 #[test]
 fn compress_offers_declined_or_switched_off_leave_plain_frames() {
     let viewer = key("fleet_a", Role::Viewer);
-    let b = Broker::with_shards(1);
+    let b = compressing(1);
     // Offers the broker cannot honour are declined; the upgrade still succeeds.
     for bad in [
         "permessage-deflate; server_max_window_bits=10",
@@ -316,7 +317,7 @@ fn compress_offers_declined_or_switched_off_leave_plain_frames() {
 
 #[test]
 fn compress_inbound_publish_fragmented_and_with_pings() {
-    let b = Broker::with_shards(1);
+    let b = compressing(1);
     let mut viewer = b.connect_key(&key("fleet_a", Role::Viewer));
     viewer.subscribe("vehicle_locations", json!({}));
     let mut dev = Raw::connect(&b, &native(&key("fleet_a", Role::Device)), Some(OFFER));
@@ -346,7 +347,7 @@ fn compress_inbound_publish_fragmented_and_with_pings() {
 
 #[test]
 fn compress_deflate_bomb_closes_1009() {
-    let b = Broker::with_shards(1);
+    let b = compressing(1);
     let mut dev = Raw::connect(&b, &native(&key("fleet_a", Role::Device)), Some(OFFER));
     // 1 MiB of spaces inside a JSON string deflates to about 1 KiB: under the bound on
     // compressed bytes, a thousand times the 1 KiB limit once inflated.
@@ -361,7 +362,7 @@ fn compress_deflate_bomb_closes_1009() {
 
 #[test]
 fn compress_control_frame_with_rsv1_is_a_protocol_error() {
-    let b = Broker::with_shards(1);
+    let b = compressing(1);
     let mut dev = Raw::connect(&b, &native(&key("fleet_a", Role::Device)), Some(OFFER));
     dev.send_frame(0xC9, b"");
     assert_eq!(dev.close_code(), 1002);
@@ -440,7 +441,7 @@ fn check_report(test: &str, out: &str, b: &Broker) {
 
 #[test]
 fn compress_python_websockets_client() {
-    let b = Broker::with_shards(2);
+    let b = compressing(2);
     let script = r#"
 import asyncio, json, sys
 try:
@@ -484,7 +485,7 @@ asyncio.run(asyncio.wait_for(main(), 30))
 
 #[test]
 fn compress_node_ws_client() {
-    let b = Broker::with_shards(2);
+    let b = compressing(2);
     let modules = root().join("tests/seeds/node_modules");
     if !modules.join("ws/package.json").is_file() {
         assert!(
@@ -544,4 +545,11 @@ v.on('error', (e) => { console.error(e); process.exit(1); });
         return;
     };
     check_report("node ws", &out, &b);
+}
+
+/// A node with compression on (it is off by default).
+fn compressing(shards: usize) -> Broker {
+    let mut cfg = config(shards);
+    cfg.server.compression = fleetcast::config::Compression::On;
+    Broker::start(cfg)
 }
