@@ -114,6 +114,28 @@ impl Inner {
         });
     }
 
+    /// Holds session `d` of `login`, ending the login's oldest past
+    /// [`MAX_SESSIONS_PER_LOGIN`].
+    fn insert(&mut self, d: Digest32, login: &str, expires_at_ms: u64) {
+        let login: Arc<str> = self
+            .by_login
+            .get_key_value(login)
+            .map_or_else(|| login.into(), |(k, _)| k.clone());
+        let list = self.by_login.entry(login.clone()).or_default();
+        list.push_back(d);
+        let evicted = (list.len() > MAX_SESSIONS_PER_LOGIN).then(|| list.pop_front());
+        if let Some(Some(old)) = evicted {
+            self.sessions.remove(&old);
+        }
+        self.sessions.insert(
+            d,
+            StoredSession {
+                login,
+                expires_at_ms,
+            },
+        );
+    }
+
     fn remove(&mut self, d: &Digest32) -> Option<StoredSession> {
         let s = self.sessions.remove(d)?;
         if let Some(list) = self.by_login.get_mut(&s.login) {
@@ -139,23 +161,7 @@ impl MemorySessions {
         if now_ms >= expires_at_ms || inner.sessions.contains_key(&d) {
             return;
         }
-        let login: Arc<str> = inner
-            .by_login
-            .get_key_value(login)
-            .map_or_else(|| login.into(), |(k, _)| k.clone());
-        let list = inner.by_login.entry(login.clone()).or_default();
-        list.push_back(d);
-        let evicted = (list.len() > MAX_SESSIONS_PER_LOGIN).then(|| list.pop_front());
-        if let Some(Some(old)) = evicted {
-            inner.sessions.remove(&old);
-        }
-        inner.sessions.insert(
-            d,
-            StoredSession {
-                login,
-                expires_at_ms,
-            },
-        );
+        inner.insert(d, login, expires_at_ms);
     }
 
     /// Ends a session another node ended (cluster mode).
@@ -186,23 +192,7 @@ impl SessionStore for MemorySessions {
                 break (hash, d);
             }
         };
-        let login: Arc<str> = inner
-            .by_login
-            .get_key_value(login)
-            .map_or_else(|| login.into(), |(k, _)| k.clone());
-        let list = inner.by_login.entry(login.clone()).or_default();
-        list.push_back(d);
-        let evicted = (list.len() > MAX_SESSIONS_PER_LOGIN).then(|| list.pop_front());
-        if let Some(Some(old)) = evicted {
-            inner.sessions.remove(&old);
-        }
-        inner.sessions.insert(
-            d,
-            StoredSession {
-                login,
-                expires_at_ms: now_ms.saturating_add(ttl_ms),
-            },
-        );
+        inner.insert(d, login, now_ms.saturating_add(ttl_ms));
         hash
     }
 

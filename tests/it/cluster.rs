@@ -170,30 +170,17 @@ impl NodeProc {
     }
 
     fn get(&self, path: &str) -> (u16, String) {
+        self.raw(&format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+    }
+
+    /// A raw request on a fresh connection; (status, body), or status 0 when the node
+    /// does not answer (not listening yet, or killed).
+    fn raw(&self, req: &str) -> (u16, String) {
         let Ok(mut s) = TcpStream::connect(self.addr) else {
             return (0, String::new());
         };
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    /// A raw request on a fresh connection; (status, body).
-    fn raw(&self, req: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
+        let _ = s.write_all(req.as_bytes());
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let status = out
