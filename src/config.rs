@@ -275,6 +275,40 @@ pub struct ServerConfig {
     /// Event messages shorter than this are sent uncompressed even when compression was
     /// negotiated (the saving does not pay for the client's inflate).
     pub compression_min_bytes: u32,
+    /// The shards' IO driver: `mio` (epoll readiness, the default) or `io_uring`
+    /// (completions; falls back to mio where the kernel or a sandbox refuses it).
+    pub io: IoDriver,
+}
+
+/// `[server] io`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// epoll readiness through mio, one `read`/`writev` per connection.
+    #[default]
+    Mio,
+    /// io_uring: multishot accept and receive, one `io_uring_enter` per flush pass.
+    IoUring,
+}
+
+impl std::str::FromStr for IoDriver {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mio" => Ok(IoDriver::Mio),
+            "io_uring" => Ok(IoDriver::IoUring),
+            other => Err(format!("unknown IO driver {other:?} (mio or io_uring)")),
+        }
+    }
+}
+
+impl std::fmt::Display for IoDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoDriver::Mio => "mio",
+            IoDriver::IoUring => "io_uring",
+        })
+    }
 }
 
 /// `[server] compression`.
@@ -307,6 +341,7 @@ impl Default for ServerConfig {
             tls: None,
             compression: Compression::Off,
             compression_min_bytes: 128,
+            io: IoDriver::Mio,
         }
     }
 }

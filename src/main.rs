@@ -35,6 +35,9 @@ enum Command {
         /// Shard threads (overrides server.shards; 0 = one per core).
         #[arg(long, env = "FLEETCAST_SHARDS")]
         shards: Option<usize>,
+        /// Shard IO driver, mio or io_uring (overrides server.io).
+        #[arg(long, env = "FLEETCAST_IO")]
+        io: Option<fleetcast::config::IoDriver>,
         /// Map tiles under the dashboard's map (overrides dashboard.tile_url).
         #[arg(long, env = "FLEETCAST_DASHBOARD_TILE_URL")]
         dashboard_tile_url: Option<String>,
@@ -242,6 +245,7 @@ fn serve(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     shards: Option<usize>,
+    io: Option<fleetcast::config::IoDriver>,
     tile_url: Option<String>,
     demo: DemoArgs,
 ) -> anyhow::Result<ExitCode> {
@@ -255,6 +259,9 @@ fn serve(
     }
     if let Some(s) = shards {
         cfg.server.shards = s;
+    }
+    if let Some(io) = io {
+        cfg.server.io = io;
     }
     if tile_url.is_some() {
         cfg.dashboard.tile_url = tile_url;
@@ -307,8 +314,12 @@ fn serve(
         }
         None => None,
     };
-    tracing::info!(%addr, shards = node.shard_count(), "fleetcast listening");
-    println!("listening on {addr} with {} shards", node.shard_count());
+    let io = node.io_driver();
+    tracing::info!(%addr, shards = node.shard_count(), %io, "fleetcast listening");
+    println!(
+        "listening on {addr} with {} shards (io: {io})",
+        node.shard_count()
+    );
     if let Some(tls) = node.tls_addr() {
         tracing::info!(%tls, "fleetcast listening for TLS (wss://, https://)");
         println!("listening for TLS on {tls}");
@@ -482,9 +493,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             listen,
             shards,
+            io,
             dashboard_tile_url,
             demo,
-        } => return serve(config, listen, shards, dashboard_tile_url, demo),
+        } => return serve(config, listen, shards, io, dashboard_tile_url, demo),
         Command::Token {
             secret,
             sub,

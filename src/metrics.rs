@@ -211,6 +211,8 @@ pub struct ShardStats {
     /// UNIX ms at the end of the last loop turn (readiness).
     pub last_turn_ms: AtomicU64,
     pub tls: crate::tls::TlsStats,
+    /// The shard runs its plain sockets on io_uring (`[server] io`), not mio.
+    pub io_uring: std::sync::atomic::AtomicBool,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -299,6 +301,23 @@ pub fn render(stats: &[ShardStats]) -> String {
         for (i, s) in stats.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", load(get(s)));
         }
+    }
+    header(
+        &mut out,
+        "fleetcast_io_driver",
+        "gauge",
+        "1 for the IO driver the shard runs on (mio, or io_uring when `[server] io` asks and the kernel allows)",
+    );
+    for (i, s) in stats.iter().enumerate() {
+        let driver = if s.io_uring.load(Ordering::Relaxed) {
+            "io_uring"
+        } else {
+            "mio"
+        };
+        let _ = writeln!(
+            out,
+            "fleetcast_io_driver{{shard=\"{i}\",driver=\"{driver}\"}} 1"
+        );
     }
     header(
         &mut out,

@@ -98,7 +98,20 @@ impl Node {
             mesh.push(tx);
             inboxes.push(rx);
         }
+        let io_uring = match config.server.io {
+            crate::config::IoDriver::Mio => false,
+            crate::config::IoDriver::IoUring => match crate::shard::uring_probe() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "io_uring refused ({e}): falling back to mio (`[server] io = \"io_uring\"`)"
+                    );
+                    false
+                }
+            },
+        };
         let shared = Arc::new(Shared {
+            io_uring,
             cluster,
             ctl,
             admission: NodeAdmission::new(config.limits.clone()),
@@ -178,6 +191,16 @@ impl Node {
 
     pub fn shard_count(&self) -> usize {
         self.shared.mesh.len()
+    }
+
+    /// The IO driver the shards run on: `io_uring` when `[server] io` asked for it and
+    /// the kernel allowed it, else `mio`.
+    pub fn io_driver(&self) -> crate::config::IoDriver {
+        if self.shared.io_uring {
+            crate::config::IoDriver::IoUring
+        } else {
+            crate::config::IoDriver::Mio
+        }
     }
 
     /// Replaces the API keys and revocation lists with those of `config` (already

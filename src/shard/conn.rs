@@ -55,6 +55,8 @@ pub struct Conn {
     pub cors: Option<Box<str>>,
     /// Accepted on the TLS listener: its record layer (`None`: plaintext).
     pub tls: Option<Box<TlsConn>>,
+    /// io_uring driver: a one-shot `POLLOUT` is armed (the socket was full).
+    pub pollout_armed: bool,
 }
 
 /// What a request still waiting for its body has already decided, so that the head is
@@ -102,6 +104,7 @@ impl Conn {
             timer_at: None,
             cors: None,
             tls: None,
+            pollout_armed: false,
         }
     }
 

@@ -21,6 +21,9 @@ mod revoke;
 pub mod shared;
 pub mod snapshot;
 pub mod tls;
+mod uring;
+
+pub use uring::probe as uring_probe;
 
 use crate::dialect::native::{self, Parser, ProtoError};
 use crate::dialect::view::View;
@@ -88,7 +91,7 @@ const INBOX_PER_TURN: usize = 8192;
 /// written gets the newer events in the same `writev`.
 const FLUSH_PER_TURN: usize = 256;
 /// Wait before accepting again after accept failed for lack of resources.
-const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+pub(super) const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Time a peer gets to answer our close frame, or to read an HTTP response.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Connection timers (heartbeats, deadlines) handled per loop turn.
@@ -144,6 +147,8 @@ pub struct Shard {
     revocation: revoke::RevocationWalk,
     /// The TLS listener and handshake budget (`[server.tls]`; see `tls.rs`).
     tls: Option<Box<tls::ShardTls>>,
+    /// The io_uring driver (`[server] io = "io_uring"`; see `uring.rs`), `None` on mio.
+    uring: Option<Box<uring::Uring>>,
 }
 
 fn now() -> Now {
@@ -202,6 +207,7 @@ impl Shard {
             derived: Default::default(),
             revocation: Default::default(),
             tls: None,
+            uring: None,
         })
     }
 
@@ -213,6 +219,7 @@ impl Shard {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let tick = Session::tick_interval(&self.shared.config.limits);
+        self.start_uring();
         loop {
             let timers_due = self
                 .timers
@@ -225,7 +232,8 @@ impl Shard {
                 || !self.inbox.is_empty()
                 || !self.ctl.is_empty()
                 || self.revocation_walk_pending()
-                || self.tls.as_ref().is_some_and(|t| t.busy());
+                || self.tls.as_ref().is_some_and(|t| t.busy())
+                || self.uring_busy();
             let mut wake_at = match self.accept_retry_at {
                 Some(t) => t.min(self.next_tick),
                 None => self.next_tick,
@@ -238,9 +246,7 @@ impl Shard {
             } else {
                 wake_at.saturating_duration_since(Instant::now())
             };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
-                && e.kind() != io::ErrorKind::Interrupted
-            {
+            if let Err(e) = self.wait(&mut events, timeout) {
                 tracing::error!(shard = self.id, "poll failed: {e}");
                 return;
             }
@@ -267,6 +273,7 @@ impl Shard {
                     }
                 }
             }
+            self.uring_turn();
             if self.accept_retry_at.is_some_and(|t| Instant::now() >= t) {
                 self.accept_retry_at = None;
                 self.accept_pending = true;
@@ -317,9 +324,34 @@ impl Shard {
         }
     }
 
+    /// Waits for readiness (mio) or completions (io_uring, which also watches the mio
+    /// poll's descriptor: then mio's events are read without waiting).
+    fn wait(&mut self, events: &mut Events, timeout: Duration) -> io::Result<()> {
+        let timeout = match &mut self.uring {
+            None => Some(timeout),
+            Some(u) => {
+                u.wait(timeout)?;
+                if !std::mem::take(&mut u.mio_ready) {
+                    events.clear();
+                    return Ok(());
+                }
+                Some(Duration::ZERO)
+            }
+        };
+        match self.poll.poll(events, timeout) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     // ------------------------------------------------------------------ accept
 
     fn accept(&mut self) {
+        if self.uring_rearm_accept() {
+            // The ring accepts (multishot); this only re-arms it after a failure.
+            self.accept_pending = false;
+            return;
+        }
         for _ in 0..ACCEPTS_PER_TURN {
             let Some(listener) = &self.listener else {
                 self.accept_pending = false;
@@ -327,7 +359,7 @@ impl Shard {
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    self.add_conn(stream, peer);
+                    self.add_conn(stream, peer, false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_pending = false;
@@ -348,7 +380,14 @@ impl Shard {
     }
 
     /// Registers an accepted socket; its slot, unless it was refused.
-    fn add_conn(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) -> Option<usize> {
+    /// `via_uring`: accepted by the io_uring driver, which then receives and sends for it
+    /// (mio does not see it).
+    fn add_conn(
+        &mut self,
+        mut stream: TcpStream,
+        peer: std::net::SocketAddr,
+        via_uring: bool,
+    ) -> Option<usize> {
         // Connections that have not upgraded yet (or are still sending an HTTP request)
         // are capped per node and per address: beyond it the socket is closed at once.
         if let Err(limit) = self.shared.admission.pending_open(peer.ip()) {
@@ -362,11 +401,13 @@ impl Shard {
             self.shared.admission.pending_done(peer.ip());
             return None;
         }
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(slot),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if !via_uring
+            && let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(slot),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+        {
             tracing::warn!("register failed: {e}");
             self.shared.admission.pending_done(peer.ip());
             return None;
@@ -382,6 +423,9 @@ impl Shard {
             limits.max_message_bytes,
         ));
         self.schedule(slot, deadline);
+        if via_uring {
+            self.uring_attach(slot);
+        }
         self.stats()
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
@@ -393,7 +437,9 @@ impl Shard {
             return;
         }
         let mut conn = self.conns.remove(slot);
-        let _ = self.poll.registry().deregister(&mut conn.stream);
+        if !self.uring_detach(&conn, slot) {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
         if let Some(tls) = &mut conn.tls {
             tls.close_notify(&mut conn.stream);
         }
@@ -1484,7 +1530,10 @@ impl Shard {
         let shared = self.shared.clone();
         let stats = &shared.stats[self.id];
         // Connections marked during this slice go to the back: written in a later turn.
-        for _ in 0..self.dirty.len().min(FLUSH_PER_TURN) {
+        let count = self.dirty.len().min(FLUSH_PER_TURN);
+        // io_uring: every plain connection's send of this slice in one submission.
+        self.uring_send_pass(count);
+        for _ in 0..count {
             let Some(slot) = self.dirty.pop_front() else {
                 break;
             };
@@ -1498,7 +1547,16 @@ impl Shard {
             }
             let before = conn.out.bytes();
             let mut written_at = WriteStamp::default();
-            let flushed = conn.flush(|ev| stats.publish_to_write.observe(written_at.since(ev)));
+            let on_written = |ev: &Event| stats.publish_to_write.observe(written_at.since(ev));
+            let flushed = match self.uring_sent(slot, on_written) {
+                None => {
+                    let conn = &mut self.conns[slot];
+                    conn.flush(|ev| stats.publish_to_write.observe(written_at.since(ev)))
+                }
+                Some(uring::Sent::NotSent) => Ok(self.conns[slot].out.bytes() == 0),
+                Some(uring::Sent::Result(r)) => r,
+            };
+            let conn = &mut self.conns[slot];
             let done = match flushed {
                 Ok(done) => done,
                 Err(_) => {
@@ -1680,6 +1738,7 @@ impl Shard {
         if self.shutdown_deadline.is_some() {
             return;
         }
+        self.uring_stop_accept();
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }

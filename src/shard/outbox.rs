@@ -227,6 +227,41 @@ impl Outbox {
         Ok(true)
     }
 
+    /// The io_uring driver's write: appends up to `max` slices of the queued frames (the
+    /// front one from its unwritten rest) to `out` and returns their total length. The
+    /// slices point into this outbox's frames: the caller must not change the outbox until
+    /// the send that uses them has completed (`sent`).
+    pub fn iovecs(&self, out: &mut Vec<libc::iovec>, max: usize) -> usize {
+        let mut total = 0;
+        for (i, c) in self.chunks.iter().take(max).enumerate() {
+            let b = c.bytes(self.dialect, self.deflate());
+            let b = if i == 0 { &b[self.written..] } else { b };
+            out.push(libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            });
+            total += b.len();
+        }
+        total
+    }
+
+    /// The io_uring driver's send of `n` bytes (from `iovecs`) completed: as `flush` after
+    /// a write of `n`. Returns true when everything queued is written.
+    pub fn sent(&mut self, n: usize, mut on_written: impl FnMut(&Event)) -> bool {
+        if n > 0 {
+            self.blocked = false;
+            self.consume(n, &mut on_written);
+        }
+        if !self.chunks.is_empty() {
+            return false;
+        }
+        if self.chunks.capacity() > 16 {
+            self.chunks = VecDeque::new();
+        }
+        self.pending = None;
+        true
+    }
+
     /// Writes up to `N` queued frames in one call.
     fn write_vectored<const N: usize>(&self, w: &mut impl Write) -> io::Result<usize> {
         let mut slices: [IoSlice<'_>; N] = [IoSlice::new(&[]); N];

@@ -32,6 +32,8 @@ pub struct Shared {
     pub cluster: Option<crate::cluster::ClusterLink>,
     /// Each shard's control inbox (the bridge's answers).
     pub ctl: Vec<Sender<crate::cluster::Ctl>>,
+    /// `[server] io = "io_uring"` was asked for and the kernel allows it (`uring::probe`).
+    pub io_uring: bool,
 }
 
 /// A shard whose loop has not turned for this long makes `/readyz` fail.

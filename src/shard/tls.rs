@@ -218,7 +218,7 @@ impl Shard {
                 }
             };
             let config = t.state.current();
-            let Some(slot) = self.add_conn(stream, peer) else {
+            let Some(slot) = self.add_conn(stream, peer, false) else {
                 continue;
             };
             match ServerConnection::new(config) {

@@ -67,7 +67,12 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn start(cfg: Config) -> Broker {
+    /// Starts a node in this process. `FLEETCAST_IO` (mio, io_uring) picks its IO driver,
+    /// as it does for the binary: CI runs the suite once with each.
+    pub fn start(mut cfg: Config) -> Broker {
+        if let Ok(io) = std::env::var("FLEETCAST_IO") {
+            cfg.server.io = io.parse().expect("FLEETCAST_IO is mio or io_uring");
+        }
         let node = Node::start(cfg).expect("node starts");
         let addr = node.local_addr();
         Broker {
