@@ -19,6 +19,7 @@ mod fanout;
 mod hostile;
 mod http;
 mod http_api;
+mod io_driver;
 mod isolation;
 mod itrack;
 mod itrack_auth;
