@@ -37,8 +37,8 @@ const RING_ENTRIES: u32 = 1024;
 const BUF_COUNT: u16 = 256;
 const BUF_SIZE: usize = 4096;
 const BUF_GROUP: u16 = 0;
-/// Frames in one connection's `sendmsg` (more wait for the next pass).
-const IOVECS_PER_SEND: usize = 64;
+/// Frames in one connection's `sendmsg` (more wait for the next pass), as mio's `writev`.
+const IOVECS_PER_SEND: usize = 256;
 /// Completions handled per loop turn (the rest stay queued for the next turn).
 const COMPLETIONS_PER_TURN: usize = 4096;
 
