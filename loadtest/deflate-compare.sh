@@ -5,7 +5,9 @@
 # "deflate" runs the compressed one. Broker pinned to cpu0 (one shard), generator to cpu1.
 # Per run, from the generator's report.json: deliveries, the broker's CPU seconds over the
 # window (/proc), and the broker's own /metrics deltas (bytes written to sockets, events
-# delivered), hence bytes on the wire and broker CPU per delivery.
+# delivered), hence bytes on the wire and broker CPU per delivery; the generator's CPU
+# (its inflate cost) and, with --socket-timestamps, latency to the kernel's receive time.
+# bytes_out and deflate_negotiated read 0 before fleetcast-load scraped those names.
 #   cargo build --release -p fleetcast -p fleetcast-load
 #   loadtest/deflate-compare.sh [RUNS] [PORT]       # default 3 runs of each, port 18016
 # Work files and reports: target/deflate-bench/.
@@ -30,13 +32,18 @@ def total(prefix):
     return sum(v for k, v in m.items() if k.startswith(prefix))
 d = r["delivery"]["delivered"]
 cpu = (r.get("broker") or {}).get("cpu_seconds", 0.0)
+gen = r.get("generator") or {}
 out = total("fleetcast_bytes_out_total")
 deliv = total("fleetcast_deliveries_total")
+sock = r.get("socket_latency_ms") or {}
 print(f"delivered={d} lost={r['delivery']['lost']} broker_cpu_s={cpu:.2f} "
       f"cpu_us_per_delivery={cpu / max(d, 1) * 1e6:.3f} "
-      f"wire_bytes_per_delivery={out / max(deliv, 1):.1f} "
+      f"gen_cpu_s={gen.get('cpu_seconds', 0.0):.2f} gen_cpu_avg_pct={gen.get('cpu_avg_pct', 0.0)} "
+      f"gen_cpu_max_pct={gen.get('cpu_max_pct', 0.0)} "
+      f"bytes_out={out:.0f} wire_bytes_per_delivery={out / max(deliv, 1):.1f} "
       f"negotiated={total('fleetcast_deflate_negotiated_total'):.0f} "
-      f"p50_ms={r['latency_ms'].get('p50', 0)} p99_ms={r['latency_ms'].get('p99', 0)}")
+      f"p50_ms={r['latency_ms'].get('p50', 0)} p99_ms={r['latency_ms'].get('p99', 0)} "
+      f"sock_p50_ms={sock.get('p50', 0)} sock_p99_ms={sock.get('p99', 0)}")
 EOF
 }
 run() { # name scenario-name extra...
@@ -45,7 +52,7 @@ run() { # name scenario-name extra...
   local pid=$!
   sleep 1
   taskset -c 1 $R/fleetcast-load run --scenario ../../loadtest/scenarios/$scen.toml \
-    --url ws://127.0.0.1:$PORT --broker-pid $pid --quiet --out out/$name "$@" \
+    --url ws://127.0.0.1:$PORT --broker-pid $pid --quiet --socket-timestamps --out out/$name "$@" \
     > run-$name.txt 2>&1 || true
   kill $pid
   wait $pid 2>/dev/null || true

@@ -205,9 +205,12 @@ pub fn memory(pid: &str) -> Option<(u64, u64)> {
 /// (key: metric name plus its non-shard labels). Empty when the server has no such
 /// endpoint: that is fine, it is a fleetcast extra.
 pub fn scrape_metrics(addr: SocketAddr, host: &str) -> BTreeMap<String, f64> {
-    const WANTED: [&str; 6] = [
+    const WANTED: [&str; 9] = [
         "fleetcast_publishes_total",
         "fleetcast_deliveries_total",
+        "fleetcast_delivered_bytes_total",
+        "fleetcast_bytes_out_total",
+        "fleetcast_deflate_negotiated_total",
         "fleetcast_drops_total",
         "fleetcast_limit_breaches_total",
         "fleetcast_loop_busy_seconds_total",
