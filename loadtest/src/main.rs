@@ -58,10 +58,14 @@ struct Common {
     /// keeping dashboard sockets in delayed-ACK mode.
     #[arg(long)]
     quickack: bool,
-    /// Also measure latency to the kernel's receive time on each dashboard socket
-    /// (SO_TIMESTAMPNS), which leaves out the generator's own queueing before its read.
-    #[arg(long)]
+    /// Measure latency to the kernel's receive time on each dashboard socket
+    /// (SO_TIMESTAMPNS), the headline figure: it leaves out the generator's own queueing
+    /// before its read. The default unless the scenario turns it off.
+    #[arg(long, conflicts_with = "no_socket_timestamps")]
     socket_timestamps: bool,
+    /// Latency to the generator's read only (no kernel receive timestamps).
+    #[arg(long)]
+    no_socket_timestamps: bool,
     /// Spin instead of sleeping in epoll, so that a halted vCPU's wake-up time does not
     /// delay sends (the generator's CPU then reads 100 %).
     #[arg(long)]
@@ -93,7 +97,11 @@ impl Common {
             threads: self.threads,
             source_addresses: self.source_addresses,
             delayed_acks: self.quickack.then_some(false),
-            socket_timestamps: self.socket_timestamps.then_some(true),
+            socket_timestamps: if self.no_socket_timestamps {
+                Some(false)
+            } else {
+                self.socket_timestamps.then_some(true)
+            },
             busy_poll: self.busy_poll.then_some(true),
             storm_spread_s: self.storm_spread,
         }
