@@ -191,6 +191,10 @@ pub struct WorkerResult {
     pub socket_latency: Histogram<u64>,
     pub send_lag: Histogram<u64>,
     pub connect: Histogram<u64>,
+    /// The TCP part of `connect`: its `connect()` call until the socket is writable.
+    pub tcp: Histogram<u64>,
+    /// The part of `connect` before its `connect()` call (the generator's own queue).
+    pub connect_queue: Histogram<u64>,
     pub subscribe: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
     pub vehicles: Vec<VehicleCounts>,
@@ -290,6 +294,8 @@ struct Conn {
     tls: Option<Box<rustls::ClientConnection>>,
     start_at_ns: u64,
     started_ns: u64,
+    /// When its `connect()` was actually called (after the others due in the same turn).
+    issued_ns: u64,
     accept: String,
     inbuf: Vec<u8>,
     out: Vec<u8>,
@@ -365,6 +371,8 @@ struct Ctx {
     socket_latency: Histogram<u64>,
     send_lag: Histogram<u64>,
     connect: Histogram<u64>,
+    tcp: Histogram<u64>,
+    connect_queue: Histogram<u64>,
     subscribe: Histogram<u64>,
     errors: BTreeMap<String, u64>,
     sec: Second,
@@ -548,6 +556,7 @@ impl Worker {
                 tls: None,
                 start_at_ns: shared.t0_ns + ramp_ns * g as u64 / total,
                 started_ns: 0,
+                issued_ns: 0,
                 accept: String::new(),
                 inbuf: Vec::new(),
                 out: Vec::new(),
@@ -578,6 +587,8 @@ impl Worker {
             socket_latency: latency_histogram(3),
             send_lag: latency_histogram(3),
             connect: latency_histogram(3),
+            tcp: latency_histogram(3),
+            connect_queue: latency_histogram(3),
             subscribe: latency_histogram(3),
             errors: BTreeMap::new(),
             sec: Second::new(0),
@@ -895,6 +906,7 @@ impl Worker {
             sock.bind(&SockAddr::from(SocketAddr::new(src.into(), 0)))?;
         }
         let addr = self.target.addrs[c.global % self.target.addrs.len()];
+        c.issued_ns = mono_ns();
         match sock.connect(&SockAddr::from(addr)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -930,6 +942,12 @@ impl Worker {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
                     Err(e) => return self.fail(i, format!("tcp connect: {}", io_name(&e))),
+                }
+                if matches!(&c.role, Role::Dashboard(d) if d.cut_ns == 0) {
+                    let took = mono_ns().saturating_sub(c.issued_ns) / 1000;
+                    self.ctx.tcp.saturating_record(took);
+                    let queued = c.issued_ns.saturating_sub(c.started_ns) / 1000;
+                    self.ctx.connect_queue.saturating_record(queued);
                 }
                 let mut key = [0u8; 16];
                 key[..8].copy_from_slice(&c.rng.next_u64().to_ne_bytes());
@@ -1337,6 +1355,8 @@ impl Worker {
             socket_latency: ctx.socket_latency,
             send_lag: ctx.send_lag,
             connect: ctx.connect,
+            tcp: ctx.tcp,
+            connect_queue: ctx.connect_queue,
             subscribe: ctx.subscribe,
             errors: ctx.errors,
             vehicles,

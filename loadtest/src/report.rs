@@ -68,6 +68,14 @@ pub struct Connections {
     pub failed: u64,
     /// TCP connect + WebSocket upgrade.
     pub connect_ms: Percentiles,
+    /// Dashboards: the part of it before the generator called `connect()` (its own
+    /// queue: the other sockets due at the same time are created first).
+    #[serde(default)]
+    pub queue_ms: Percentiles,
+    /// Dashboards: the TCP part of it (the `connect()` call until the socket is
+    /// writable, as the generator's event loop sees it).
+    #[serde(default)]
+    pub tcp_ms: Percentiles,
     /// Dashboards: first subscribe sent to the last `subscribed` received.
     pub subscribe_ms: Percentiles,
     /// From the first connect to all connections ready (or given up).
@@ -354,6 +362,8 @@ pub fn build(data: RunData) -> Report {
     let mut socket_latency = latency_histogram(3);
     let mut send_lag = latency_histogram(3);
     let mut connect = latency_histogram(3);
+    let mut tcp = latency_histogram(3);
+    let mut connect_queue = latency_histogram(3);
     let mut subscribe = latency_histogram(3);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut accepted: Vec<Accepted> = plan
@@ -385,6 +395,8 @@ pub fn build(data: RunData) -> Report {
         let _ = socket_latency.add(&w.socket_latency);
         let _ = send_lag.add(&w.send_lag);
         let _ = connect.add(&w.connect);
+        let _ = tcp.add(&w.tcp);
+        let _ = connect_queue.add(&w.connect_queue);
         let _ = subscribe.add(&w.subscribe);
         for (k, v) in &w.errors {
             *errors.entry(k.clone()).or_insert(0) += v;
@@ -536,6 +548,8 @@ pub fn build(data: RunData) -> Report {
         ready: 0,
         failed: 0,
         connect_ms: Percentiles::from_us(&connect),
+        queue_ms: Percentiles::from_us(&connect_queue),
+        tcp_ms: Percentiles::from_us(&tcp),
         subscribe_ms: Percentiles::from_us(&subscribe),
         setup_s: data.window.connected_s,
     };
@@ -925,6 +939,24 @@ pub fn summary(r: &Report) -> String {
                 pct_row(&st.control_before_ms),
                 pct_row(&st.control_during_ms),
                 pct_row(&st.control_after_ms)
+            ),
+        );
+    }
+    if r.connections.tcp_ms.count > 0 {
+        row(
+            &mut o,
+            "  of it queued",
+            format!(
+                "ms: {}  (dashboards: in the generator before its connect() call)",
+                pct_row(&r.connections.queue_ms)
+            ),
+        );
+        row(
+            &mut o,
+            "  of it TCP",
+            format!(
+                "ms: {}  (dashboards: connect() until the socket is writable)",
+                pct_row(&r.connections.tcp_ms)
             ),
         );
     }
@@ -1660,6 +1692,8 @@ vehicles_each = 2
             latency,
             send_lag,
             connect: latency_histogram(3),
+            tcp: latency_histogram(3),
+            connect_queue: latency_histogram(3),
             subscribe: latency_histogram(3),
             errors: BTreeMap::from([("error 429".to_string(), 1)]),
             vehicles: vec![VehicleCounts {
