@@ -100,7 +100,11 @@ fn probe_here() -> io::Result<()> {
         }
     }
     // Multishot receive with provided buffers needs Linux 6.0; the buffer ring 5.19.
-    BufRing::new(&ring).map(drop)
+    let bufs = BufRing::new(&ring)?;
+    // The ring first: the kernel lets go of the buffers before they are freed.
+    drop(ring);
+    drop(bufs);
+    Ok(())
 }
 
 /// The provided-buffer ring the kernel picks receive buffers from.
@@ -211,6 +215,8 @@ pub(super) struct Uring {
     iovecs: Vec<libc::iovec>,
     msgs: Vec<libc::msghdr>,
     offered: Vec<usize>,
+    /// Where each connection's slices start in `iovecs`.
+    starts: Vec<usize>,
     results: Vec<Option<i32>>,
     /// Results of the current pass not yet taken, in flush-list order.
     cursor: usize,
@@ -242,6 +248,7 @@ impl Uring {
             iovecs: Vec::new(),
             msgs: Vec::new(),
             offered: Vec::new(),
+            starts: Vec::new(),
             results: Vec::new(),
             cursor: 0,
         })
@@ -344,6 +351,7 @@ impl Uring {
         self.iovecs.clear();
         self.msgs.clear();
         self.offered.clear();
+        self.starts.clear();
         self.results.clear();
         self.cursor = 0;
         for slot in slots {
@@ -360,15 +368,14 @@ impl Uring {
         }
         // Sized before any pointer is taken: no reallocation moves what the kernel reads.
         self.iovecs.reserve(self.targets.len() * IOVECS_PER_SEND);
-        let mut starts = Vec::with_capacity(self.targets.len());
         for &slot in &self.targets {
-            starts.push(self.iovecs.len());
+            self.starts.push(self.iovecs.len());
             let offered = conns[slot].out.iovecs(&mut self.iovecs, IOVECS_PER_SEND);
             self.offered.push(offered);
         }
         self.msgs.reserve(self.targets.len());
-        for (i, &start) in starts.iter().enumerate() {
-            let end = starts.get(i + 1).copied().unwrap_or(self.iovecs.len());
+        for (i, &start) in self.starts.iter().enumerate() {
+            let end = self.starts.get(i + 1).copied().unwrap_or(self.iovecs.len());
             // SAFETY: an all-zero msghdr is a valid empty message.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = self.iovecs[start..end].as_mut_ptr();
