@@ -115,7 +115,11 @@ fn serve_io_uring(refused: bool) -> Served {
     let listening = loop {
         line.clear();
         let n = out.read_line(&mut line).expect("read fleetcast's stdout");
-        assert!(n > 0, "fleetcast exited before listening: {:?}", child.wait());
+        assert!(
+            n > 0,
+            "fleetcast exited before listening: {:?}",
+            child.wait()
+        );
         let words: Vec<&str> = line.split_whitespace().collect();
         if let [role @ ("device" | "viewer"), key] = words[..] {
             keys.insert(role.to_string(), key.to_string());
