@@ -1877,3 +1877,40 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod size_profile {
+    //! Idle-memory profile (issue 16): the session's parts, printed with
+    //! `cargo test size_profile -- --nocapture`.
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn session_parts() {
+        let rows = [
+            ("Session", size_of::<Session>()),
+            (
+                "Subscription (boxed, per subscribed channel)",
+                size_of::<Subscription>(),
+            ),
+            ("Selection", size_of::<Selection>()),
+            ("Bucket", size_of::<Bucket>()),
+            ("State", size_of::<State>()),
+            ("VecDeque<Action>", size_of::<VecDeque<Action>>()),
+            ("Option<Instant>", size_of::<Option<Instant>>()),
+        ];
+        for (name, bytes) in rows {
+            println!("size_of {name}: {bytes}");
+        }
+        // Upper bounds: the sizes measured on 2026-12-05 (docs/performance.md).
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Session" && b <= 520),
+            "Session grew past 520 bytes"
+        );
+        assert!(
+            rows.iter()
+                .any(|&(n, b)| n == "Subscription (boxed, per subscribed channel)" && b <= 176),
+            "Subscription (boxed, per subscribed channel) grew past 176 bytes"
+        );
+    }
+}

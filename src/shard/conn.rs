@@ -134,3 +134,51 @@ impl Conn {
         self.phase == Phase::Open
     }
 }
+
+#[cfg(test)]
+mod size_profile {
+    //! Idle-memory profile by structure (issue 16): the inline size of what every open
+    //! connection holds. Printed with `cargo test size_profile -- --nocapture`; the
+    //! bounds are set from the first measured values (see docs/performance.md).
+    use super::*;
+    use crate::auth::Principal;
+    use std::mem::size_of;
+
+    #[test]
+    fn per_connection_structures() {
+        let rows = [
+            ("Conn", size_of::<Conn>()),
+            ("Option<Session>", size_of::<Option<Session>>()),
+            ("Session", size_of::<Session>()),
+            ("Outbox", size_of::<Outbox>()),
+            ("FrameReader", size_of::<FrameReader>()),
+            ("Phase", size_of::<Phase>()),
+            ("Principal", size_of::<Principal>()),
+            ("Option<Principal>", size_of::<Option<Principal>>()),
+        ];
+        for (name, bytes) in rows {
+            println!("size_of {name}: {bytes}");
+        }
+        // Upper bounds: the sizes measured on 2026-12-05 (docs/performance.md).
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Conn" && b <= 872),
+            "Conn grew past 872 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Session" && b <= 520),
+            "Session grew past 520 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Outbox" && b <= 72),
+            "Outbox grew past 72 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "FrameReader" && b <= 80),
+            "FrameReader grew past 80 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Principal" && b <= 104),
+            "Principal grew past 104 bytes"
+        );
+    }
+}
