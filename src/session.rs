@@ -362,7 +362,8 @@ pub struct Session {
     conn_id: Box<str>,
     scope: Scope,
     state: State,
-    principal: Option<Principal>,
+    /// Shared with the other connections of the same API key (`Authenticator`).
+    principal: Option<Arc<Principal>>,
     subs: [Option<Box<Subscription>>; Channel::COUNT],
     sub_count: usize,
     last_heard: Instant,
@@ -441,7 +442,7 @@ impl Session {
     pub fn new(
         conn_id: Box<str>,
         scope: Scope,
-        principal: Option<Principal>,
+        principal: Option<Arc<Principal>>,
         now: Instant,
         limits: &Limits,
     ) -> Session {
@@ -542,7 +543,7 @@ impl Session {
     // ------------------------------------------------------------------ getters
 
     pub fn principal(&self) -> Option<&Principal> {
-        self.principal.as_ref()
+        self.principal.as_deref()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -1027,7 +1028,7 @@ impl Session {
         let reply = Reply::AuthOk {
             id: id.map(<[u8]>::to_vec),
             connection_id: self.conn_id.clone(),
-            principal: p.clone(),
+            principal: Principal::clone(p),
             acting_as: self.rare.as_ref().and_then(|r| r.acting_as.clone()),
             echo: self.rare.as_ref().map(|r| r.echo.clone()).unwrap_or_default(),
             limits: ReplyLimits {

@@ -190,7 +190,7 @@ impl Shard {
         slot: usize,
         head: usize,
         req: &Request,
-        principal: Principal,
+        principal: Arc<Principal>,
         now: Now,
     ) {
         let limits = &self.shared.config.limits;
@@ -340,7 +340,7 @@ impl Shard {
         slot: usize,
         head: usize,
         len: usize,
-        principal: Principal,
+        principal: Arc<Principal>,
         now: Now,
     ) {
         let limits = &self.shared.config.limits;

@@ -72,7 +72,7 @@ pub struct PendingBody {
 #[derive(Debug)]
 pub enum BodyFor {
     /// `POST /v1/publish`, by this principal.
-    Publish(crate::auth::Principal),
+    Publish(Arc<crate::auth::Principal>),
     /// A `user/auth` or `user/logout` call; `query`: the request's query parameters.
     User(crate::sessions::UserCall, Vec<(String, String)>),
 }
