@@ -368,7 +368,8 @@ pub struct Session {
     sub_count: usize,
     last_heard: Instant,
     next_ping: Instant,
-    heartbeat: Duration,
+    /// The heartbeat interval in milliseconds, as configured (`heartbeat()`).
+    heartbeat_ms: u64,
     bucket: Bucket,
     /// Rate for the bucket: the default until authenticated, then the role's.
     rate: u32,
@@ -467,7 +468,7 @@ impl Session {
             sub_count: 0,
             last_heard: now,
             next_ping: now + first_ping,
-            heartbeat: limits.heartbeat_interval(),
+            heartbeat_ms: limits.heartbeat_interval_ms,
             bucket: Bucket::new(now, rate),
             rate,
             request_rate: limits.requests_per_second,
@@ -524,6 +525,10 @@ impl Session {
     /// The rarely used parts, allocated now if they were not.
     fn rare_mut(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Default::default)
+    }
+
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
     }
 
     fn flush_at(&self) -> Option<Instant> {
@@ -656,7 +661,7 @@ impl Session {
         };
         at = at
             .min(self.next_ping)
-            .min(self.last_heard + self.heartbeat * 2);
+            .min(self.last_heard + self.heartbeat() * 2);
         if let Some(f) = self.flush_at() {
             at = at.min(f);
         }
@@ -695,13 +700,13 @@ impl Session {
             self.close(close::TOKEN_EXPIRED, "token expired");
             return;
         }
-        if now.mono.saturating_duration_since(self.last_heard) >= self.heartbeat * 2 {
+        if now.mono.saturating_duration_since(self.last_heard) >= self.heartbeat() * 2 {
             self.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
             return;
         }
         if now.mono >= self.next_ping {
             self.reply(Reply::Heartbeat);
-            self.next_ping = now.mono + self.heartbeat;
+            self.next_ping = now.mono + self.heartbeat();
         }
         if self.flush_at().is_some_and(|f| now.mono >= f) {
             self.flush_throttled(now.mono);

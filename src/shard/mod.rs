@@ -1084,6 +1084,10 @@ impl Shard {
         if conn.snapshots.first().is_some_and(|s| s.is_empty()) {
             conn.snapshots.remove(0);
         }
+        if conn.snapshots.is_empty() && conn.snapshots.capacity() > 0 {
+            // A connection whose snapshots are sent holds no list (issue 16).
+            conn.snapshots = Vec::new();
+        }
         fed
     }
 
