@@ -47,16 +47,24 @@ pub struct Conn {
     pub snapshots: Vec<PendingSnapshot>,
     /// Counted as a pending (not yet upgraded or answered) connection in admission.
     pub pending: bool,
-    /// An HTTP request (publish, user/auth) whose body is still arriving.
-    pub http_body: Option<Box<PendingBody>>,
+    /// What only a plain HTTP request uses: its CORS origin, a body still arriving.
+    /// `None` on an open WebSocket (freed at the upgrade).
+    pub http: Option<Box<HttpExtra>>,
     /// When this connection's entry in the shard's timer heap fires.
     pub timer_at: Option<Instant>,
-    /// An allowed browser origin its HTTP answer echoes in CORS headers.
-    pub cors: Option<Box<str>>,
     /// Accepted on the TLS listener: its record layer (`None`: plaintext).
     pub tls: Option<Box<TlsConn>>,
     /// io_uring driver: a one-shot `POLLOUT` is armed (the socket was full).
     pub pollout_armed: bool,
+}
+
+/// The parts of a connection only an HTTP request (not a WebSocket) uses.
+#[derive(Debug, Default)]
+pub struct HttpExtra {
+    /// An allowed browser origin its HTTP answer echoes in CORS headers.
+    pub cors: Option<Box<str>>,
+    /// An HTTP request (publish, user/auth) whose body is still arriving.
+    pub body: Option<PendingBody>,
 }
 
 /// What a request still waiting for its body has already decided, so that the head is
@@ -100,9 +108,8 @@ impl Conn {
             echo: false,
             snapshots: Vec::new(),
             pending: true,
-            http_body: None,
+            http: None,
             timer_at: None,
-            cors: None,
             tls: None,
             pollout_armed: false,
         }
@@ -128,6 +135,16 @@ impl Conn {
             tls.close_notify(&mut self.stream);
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// The HTTP-only parts, allocated now if they were not.
+    pub fn http_mut(&mut self) -> &mut HttpExtra {
+        self.http.get_or_insert_with(Default::default)
+    }
+
+    /// Whether an HTTP request's body is still arriving.
+    pub fn awaits_body(&self) -> bool {
+        self.http.as_ref().is_some_and(|h| h.body.is_some())
     }
 
     pub fn is_open(&self) -> bool {

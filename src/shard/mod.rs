@@ -508,7 +508,7 @@ impl Shard {
         match conn.phase {
             Phase::Handshake { .. } => {
                 conn.rbuf.extend_from_slice(fresh);
-                if conn.http_body.is_some() {
+                if conn.awaits_body() {
                     self.api_body_bytes(slot);
                 } else {
                     self.on_handshake_bytes(slot);
@@ -785,6 +785,8 @@ impl Shard {
         let conn = &mut self.conns[slot];
         conn.out
             .push_owned(handshake::switching_protocols_with(key, deflate));
+        // The CORS origin only an HTTP answer echoes.
+        conn.http = None;
         conn.echo = session.is_none();
         if conn.echo {
             conn.reader = FrameReader::new(echo_max);
@@ -859,8 +861,9 @@ impl Shard {
         let headers = {
             let conn = &mut self.conns[slot];
             let mut h = conn
-                .cors
-                .take()
+                .http
+                .as_mut()
+                .and_then(|h| h.cors.take())
                 .map(|o| crate::origin::cors_headers(&o))
                 .unwrap_or_default();
             h.push_str(extra);
@@ -875,7 +878,9 @@ impl Shard {
         self.not_pending(slot);
         let conn = &mut self.conns[slot];
         conn.rbuf = Vec::new();
-        conn.http_body = None;
+        if let Some(h) = conn.http.as_mut() {
+            h.body = None;
+        }
         conn.out.push_owned(response);
         let deadline = Instant::now() + CLOSE_LINGER;
         conn.phase = Phase::HttpClose { deadline };
