@@ -84,6 +84,8 @@ pub(crate) fn route(shared: &Shared, me: usize, ev: &Arc<Event>, mask: u64) -> u
 const ACCEPTS_PER_TURN: usize = 256;
 /// Bytes read from one connection per loop turn.
 const READ_BUDGET: usize = 64 * 1024;
+/// The most connection slots a shard reserves when it starts (beyond it, its slab grows).
+const MAX_PRESIZED_SLOTS: usize = 1 << 16;
 /// Inbox messages handled per loop turn (and per batch when overloaded).
 const INBOX_PER_TURN: usize = 8192;
 /// Connections written per loop turn: between slices the shard reads and routes what
@@ -178,6 +180,16 @@ impl Shard {
         let mut listener = listener;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        // The slab is sized for this shard's share of the node's connections at once:
+        // pages are resident only once connections use them, and a slab grown by doubling
+        // would leave its earlier copies with the allocator (issue 16: under a connect
+        // burst they stayed resident, ~300 bytes per connection).
+        let share = shared
+            .config
+            .limits
+            .max_connections
+            .div_ceil(shared.config.shard_count().max(1))
+            .min(MAX_PRESIZED_SLOTS);
         Ok(Shard {
             id,
             poll,
@@ -186,7 +198,7 @@ impl Shard {
             ctl,
             cluster: Default::default(),
             shared,
-            conns: Slab::new(),
+            conns: Slab::with_capacity(share),
             index: Default::default(),
             parser: Parser::default(),
             scratch: vec![0; READ_BUDGET],
