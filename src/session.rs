@@ -357,8 +357,8 @@ enum State {
 
 pub struct Session {
     /// The connection's dialect: decodes its messages (and the shard encodes replies and
-    /// events with it).
-    codec: &'static dyn Codec,
+    /// events with it): its id, one byte where the `&dyn Codec` was 16 (issue 16).
+    dialect: crate::dialect::DialectId,
     conn_id: Box<str>,
     scope: Scope,
     state: State,
@@ -459,7 +459,7 @@ impl Session {
         };
         let first_ping = first_ping_after(&conn_id, limits.heartbeat_interval());
         let mut s = Session {
-            codec: crate::dialect::codec(crate::dialect::NATIVE),
+            dialect: crate::dialect::NATIVE,
             conn_id,
             scope,
             state,
@@ -491,7 +491,7 @@ impl Session {
         limits: &Limits,
         now: Now,
     ) -> Session {
-        self.codec = codec;
+        self.dialect = codec.id();
         if preset.is_some() {
             self.rare_mut().preset = preset;
         }
@@ -536,7 +536,7 @@ impl Session {
     }
 
     pub fn codec(&self) -> &'static dyn Codec {
-        self.codec
+        crate::dialect::codec(self.dialect)
     }
 
     /// The user's publish bucket (for a principal given at the handshake or over HTTP;
@@ -837,7 +837,7 @@ impl Session {
 
     fn handle_text(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>, top_level: bool) {
         let (id_range, cmd) = self
-            .codec
+            .codec()
             .decode(
                 ctx.parser,
                 raw,
@@ -1080,7 +1080,7 @@ impl Session {
         let twin = match req.action {
             SubAction::Request => None,
             action => self
-                .codec
+                .codec()
                 .companion(req.channel)
                 .map(|channel| SubscribeRequest {
                     action,
@@ -1104,7 +1104,7 @@ impl Session {
         limits: &Limits,
     ) -> Result<(), ProtoError> {
         let role = self.principal.as_ref().expect("authenticated").role;
-        let channel = self.codec.channel_for_role(req.channel, role);
+        let channel = self.codec().channel_for_role(req.channel, role);
         if req.action != SubAction::Unsubscribe && !role.may_subscribe(channel) {
             return Err(ProtoError::new(
                 403,
@@ -1201,8 +1201,7 @@ impl Session {
                 let view = View {
                     metrics: (!f.metrics.is_empty()).then(|| f.metrics.clone().into()),
                     time: self.rare.as_ref().and_then(|r| r.time.clone()),
-                    states: self
-                        .codec
+                    states: crate::dialect::codec(self.dialect)
                         .shows_tracker_states()
                         .then(|| self.rare.as_ref().and_then(|r| r.state_rules.clone()))
                         .flatten(),
@@ -1232,7 +1231,7 @@ impl Session {
                 self.actions.push_back(Action::Subscribe {
                     channel,
                     added,
-                    snapshot: if self.codec.snapshot_on_subscribe() {
+                    snapshot: if self.codec().snapshot_on_subscribe() {
                         requested
                     } else {
                         Selection::default()
@@ -1962,8 +1961,8 @@ mod size_profile {
         // Upper bounds: the sizes after issue 16's shrinking (2026-12-06; before: Session
         // 520, Subscription 176), see docs/performance.md.
         assert!(
-            rows.iter().any(|&(n, b)| n == "Session" && b <= 288),
-            "Session grew past 288 bytes"
+            rows.iter().any(|&(n, b)| n == "Session" && b <= 280),
+            "Session grew past 280 bytes"
         );
         assert!(
             rows.iter()
