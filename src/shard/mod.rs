@@ -278,7 +278,7 @@ impl Shard {
                         {
                             conn.out.set_writable();
                             // Edge-triggered: a readable event often says writable too.
-                            if conn.wants_write() || !conn.snapshots.is_empty() || !conn.is_open() {
+                            if conn.wants_write() || conn.snapshots.is_some() || !conn.is_open() {
                                 self.mark_dirty(slot);
                             }
                         }
@@ -1069,9 +1069,9 @@ impl Shard {
         }
         if !items.is_empty() {
             let conn = &mut self.conns[slot];
-            conn.snapshots.retain(|s| s.channel != channel);
-            conn.snapshots
-                .push(snapshot::PendingSnapshot::new(channel, items));
+            let list = &mut conn.snapshots.get_or_insert_with(Default::default).0;
+            list.retain(|s| s.channel != channel);
+            list.push(snapshot::PendingSnapshot::new(channel, items));
             self.feed_snapshots(slot);
         }
     }
@@ -1085,25 +1085,30 @@ impl Shard {
         };
         let mut fed = false;
         while conn.out.bytes() < budget {
-            let Some(pending) = conn.snapshots.first_mut() else {
+            let Some(list) = conn.snapshots.as_mut() else {
+                break;
+            };
+            let Some(pending) = list.0.first_mut() else {
                 break;
             };
             match pending.pop() {
                 Some((ev, None)) => conn.out.push_shared(ev),
                 Some((_, Some(frame))) => conn.out.push_owned(frame),
                 None => {
-                    conn.snapshots.remove(0);
+                    list.0.remove(0);
                     continue;
                 }
             }
             fed = true;
         }
-        if conn.snapshots.first().is_some_and(|s| s.is_empty()) {
-            conn.snapshots.remove(0);
-        }
-        if conn.snapshots.is_empty() && conn.snapshots.capacity() > 0 {
-            // A connection whose snapshots are sent holds no list (issue 16).
-            conn.snapshots = Vec::new();
+        if let Some(list) = conn.snapshots.as_mut() {
+            if list.0.first().is_some_and(|s| s.is_empty()) {
+                list.0.remove(0);
+            }
+            if list.0.is_empty() {
+                // A connection whose snapshots are sent holds no list (issue 16).
+                conn.snapshots = None;
+            }
         }
         fed
     }
@@ -1360,7 +1365,7 @@ impl Shard {
         stats.breach(Limit::SlowConsumer);
         let discarded = conn.out.clear();
         stats.drop(StatDrop::SlowConsumer, discarded as u64);
-        conn.snapshots.clear();
+        conn.snapshots = None;
         self.close_conn(slot, close::TRY_AGAIN_LATER, "slow consumer");
         true
     }
@@ -1472,7 +1477,7 @@ impl Shard {
                 if !conn.is_open() || !same_tenant || conn.session.is_none() {
                     return;
                 }
-                for pending in conn.snapshots.iter_mut() {
+                for pending in conn.snapshots.iter_mut().flat_map(|s| s.0.iter_mut()) {
                     if pending.channel == ev.channel {
                         pending.supersede(ev);
                     }
@@ -1591,7 +1596,7 @@ impl Shard {
                 // The socket is full; a writable event will mark it dirty again.
                 continue;
             }
-            if !conn.snapshots.is_empty() && conn.is_open() && self.feed_snapshots(slot) {
+            if conn.snapshots.is_some() && conn.is_open() && self.feed_snapshots(slot) {
                 // Written next turn, after other connections had theirs.
                 self.mark_dirty(slot);
                 continue;
