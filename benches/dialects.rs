@@ -55,7 +55,7 @@ fn publication(d: DialectId, msg: &str) -> Publication {
     let mut s = Session::new(
         "c0-1-1".into(),
         Scope::None,
-        Some(principal),
+        Some(std::sync::Arc::new(principal)),
         now.mono,
         &limits,
     )

@@ -99,7 +99,7 @@ fn fanout(c: &mut Criterion) {
                 let s = Session::new(
                     format!("c{i}").into(),
                     Scope::None,
-                    Some(principal.clone()),
+                    Some(Arc::new(principal.clone())),
                     Instant::now(),
                     &limits,
                 );

@@ -211,7 +211,8 @@ struct Claims {
 /// Verifies credentials against the configured keys.
 pub struct Authenticator {
     /// API keys by digest; replaced whole when the config is reloaded (SIGHUP).
-    api_keys: RwLock<Arc<HashMap<[u8; 32], Principal>>>,
+    /// Each key's principal is shared by every connection authenticated with it.
+    api_keys: RwLock<Arc<HashMap<[u8; 32], Arc<Principal>>>>,
     hs256: Option<DecodingKey>,
     rs256: Option<DecodingKey>,
     es256: Option<DecodingKey>,
@@ -275,7 +276,7 @@ pub struct JwtKeys {
 
 /// The configured API keys by digest (of `key`, or `key_sha256` decoded). Refuses an
 /// API key listed twice, and one with neither `key` nor a valid `key_sha256`.
-fn key_map(cfg: &AuthConfig) -> anyhow::Result<HashMap<[u8; 32], Principal>> {
+fn key_map(cfg: &AuthConfig) -> anyhow::Result<HashMap<[u8; 32], Arc<Principal>>> {
     // Keys are looked up by their SHA-256 digest: the comparison time depends only on the
     // digest of the guess, never on how many leading bytes of a key a guess got right,
     // and a config may hold the digest alone (`key_sha256`).
@@ -293,7 +294,7 @@ fn key_map(cfg: &AuthConfig) -> anyhow::Result<HashMap<[u8; 32], Principal>> {
             expires_at: None,
             credential: CredentialId::ApiKey(digest),
         };
-        if let Some(other) = api_keys.insert(digest, p) {
+        if let Some(other) = api_keys.insert(digest, Arc::new(p)) {
             anyhow::bail!(
                 "api key listed twice (users {:?} and {:?})",
                 other.user_id,
@@ -438,13 +439,16 @@ impl Authenticator {
         &self,
         cred: Credential<'_>,
         now_unix: u64,
-    ) -> Result<Principal, AuthError> {
+    ) -> Result<Arc<Principal>, AuthError> {
+        // An API key's principal is shared (one per key, not one per connection).
         match cred {
             Credential::ApiKey(k) => self.api_key(k),
-            Credential::Token(t) => self.jwt(t, now_unix),
-            Credential::Bearer(b) if b.matches('.').count() == 2 => self.jwt(b, now_unix),
+            Credential::Token(t) => self.jwt(t, now_unix).map(Arc::new),
+            Credential::Bearer(b) if b.matches('.').count() == 2 => {
+                self.jwt(b, now_unix).map(Arc::new)
+            }
             Credential::Bearer(b) => self.api_key(b),
-            Credential::SessionHash(h) => self.session(h, now_unix),
+            Credential::SessionHash(h) => self.session(h, now_unix).map(Arc::new),
         }
     }
 
@@ -470,7 +474,7 @@ impl Authenticator {
         Ok(p)
     }
 
-    fn api_key(&self, key: &str) -> Result<Principal, AuthError> {
+    fn api_key(&self, key: &str) -> Result<Arc<Principal>, AuthError> {
         let keys = self.api_keys.read().clone();
         let p = keys
             .get(&key_digest(key))

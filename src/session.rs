@@ -319,12 +319,20 @@ struct Throttle {
 struct Subscription {
     throttle: Option<Box<Throttle>>,
     keys: Selection,
-    severities: Vec<Box<str>>,
-    categories: Vec<Box<str>>,
-    status_types: Vec<Box<str>>,
+    /// Severity, category and status filters: `None` when all three are empty (most
+    /// subscriptions), so that the boxed subscription stays small (issue 16).
+    lists: Option<Box<ValueFilters>>,
     /// How this subscription sees events, when not as the dialect's shared frame.
     view: Option<Arc<View>>,
     fence: Option<Box<Fence>>,
+}
+
+/// A subscription's filters on event values; an empty list accepts all.
+#[derive(Debug, Default)]
+struct ValueFilters {
+    severities: Vec<Box<str>>,
+    categories: Vec<Box<str>>,
+    status_types: Vec<Box<str>>,
 }
 
 /// How one routed event reaches this connection.
@@ -349,30 +357,44 @@ enum State {
 
 pub struct Session {
     /// The connection's dialect: decodes its messages (and the shard encodes replies and
-    /// events with it).
-    codec: &'static dyn Codec,
-    /// A channel the endpoint subscribes to once authenticated (Valtronics `/ws/alerts`).
-    preset: Option<Channel>,
+    /// events with it): its id, one byte where the `&dyn Codec` was 16 (issue 16).
+    dialect: crate::dialect::DialectId,
     conn_id: Box<str>,
     scope: Scope,
     state: State,
-    principal: Option<Principal>,
+    /// Shared with the other connections of the same API key (`Authenticator`).
+    principal: Option<Arc<Principal>>,
     subs: [Option<Box<Subscription>>; Channel::COUNT],
     sub_count: usize,
     last_heard: Instant,
     next_ping: Instant,
-    heartbeat: Duration,
+    /// The heartbeat interval in milliseconds, as configured (`heartbeat()`).
+    heartbeat_ms: u64,
     bucket: Bucket,
     /// Rate for the bucket: the default until authenticated, then the role's.
     rate: u32,
-    /// Since when messages have been dropped for rate, with no quiet second between.
-    abuse_since: Option<Instant>,
-    last_drop: Option<Instant>,
-    /// Snapshot requests and `since` replays (large replies), per connection.
-    requests: Bucket,
+    /// Rate for snapshot requests and `since` replays (large replies), per connection;
+    /// its bucket is in `rare`, made full on the first such request.
     request_rate: u32,
     /// The user's publish rate, shared with its other connections.
     publish_bucket: Option<Arc<PublishBucket>>,
+    actions: VecDeque<Action>,
+    /// What only some dialects, throttled subscriptions, heavy requests and rate breaches
+    /// use: allocated on first use, so that an idle connection holds none of it (issue 16).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a [`Session`] that most connections never use (see `Session::rare`).
+#[derive(Default)]
+struct Rare {
+    /// A channel the endpoint subscribes to once authenticated (Valtronics `/ws/alerts`).
+    preset: Option<Channel>,
+    /// Since when messages have been dropped for rate, with no quiet second between.
+    abuse_since: Option<Instant>,
+    last_drop: Option<Instant>,
+    /// Snapshot requests and `since` replays (large replies), per connection: `None`
+    /// until the first one (a bucket made then is as full as one made at the start).
+    requests: Option<Bucket>,
     /// The earliest time a throttled subscription has a held update due.
     flush_at: Option<Instant>,
     /// How this connection's dialect writes timestamps (Telematics `date_format`).
@@ -384,7 +406,6 @@ pub struct Session {
     echo: Vec<(&'static str, Box<str>)>,
     /// The node's thresholds for tracker states (`[itrack]`), for dialects that show them.
     state_rules: Option<Arc<StateRules>>,
-    actions: VecDeque<Action>,
 }
 
 /// Whether credential `p` may act as the user a dialect names besides it (a Tracking
@@ -422,7 +443,7 @@ impl Session {
     pub fn new(
         conn_id: Box<str>,
         scope: Scope,
-        principal: Option<Principal>,
+        principal: Option<Arc<Principal>>,
         now: Instant,
         limits: &Limits,
     ) -> Session {
@@ -438,8 +459,7 @@ impl Session {
         };
         let first_ping = first_ping_after(&conn_id, limits.heartbeat_interval());
         let mut s = Session {
-            codec: crate::dialect::codec(crate::dialect::NATIVE),
-            preset: None,
+            dialect: crate::dialect::NATIVE,
             conn_id,
             scope,
             state,
@@ -448,20 +468,13 @@ impl Session {
             sub_count: 0,
             last_heard: now,
             next_ping: now + first_ping,
-            heartbeat: limits.heartbeat_interval(),
+            heartbeat_ms: limits.heartbeat_interval_ms,
             bucket: Bucket::new(now, rate),
             rate,
-            abuse_since: None,
-            last_drop: None,
-            requests: Bucket::new(now, limits.requests_per_second),
             request_rate: limits.requests_per_second,
             publish_bucket: None,
-            flush_at: None,
-            time: None,
-            acting_as: None,
-            echo: Vec::new(),
-            state_rules: None,
             actions: VecDeque::new(),
+            rare: None,
         };
         if s.principal.is_some() {
             s.actions.push_back(Action::Authenticated);
@@ -478,15 +491,17 @@ impl Session {
         limits: &Limits,
         now: Now,
     ) -> Session {
-        self.codec = codec;
-        self.preset = preset;
+        self.dialect = codec.id();
+        if preset.is_some() {
+            self.rare_mut().preset = preset;
+        }
         // A credential in the handshake: the dialect's auth reply still comes first (its
         // clients wait for it), before anything the endpoint subscribes.
         if self.state == State::Active {
             self.send_auth_success(now, None, limits);
         }
         if self.state == State::Active
-            && let Some(channel) = self.preset.take()
+            && let Some(channel) = self.rare.as_mut().and_then(|r| r.preset.take())
         {
             let req = SubscribeRequest {
                 action: SubAction::Subscribe,
@@ -504,11 +519,24 @@ impl Session {
     /// The thresholds tracker states are judged by (`[itrack]`), for dialects that show
     /// them (`Codec::shows_tracker_states`).
     pub fn set_state_rules(&mut self, rules: Arc<StateRules>) {
-        self.state_rules = Some(rules);
+        self.rare_mut().state_rules = Some(rules);
+    }
+
+    /// The rarely used parts, allocated now if they were not.
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    fn flush_at(&self) -> Option<Instant> {
+        self.rare.as_ref().and_then(|r| r.flush_at)
     }
 
     pub fn codec(&self) -> &'static dyn Codec {
-        self.codec
+        crate::dialect::codec(self.dialect)
     }
 
     /// The user's publish bucket (for a principal given at the handshake or over HTTP;
@@ -520,7 +548,7 @@ impl Session {
     // ------------------------------------------------------------------ getters
 
     pub fn principal(&self) -> Option<&Principal> {
-        self.principal.as_ref()
+        self.principal.as_deref()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -597,14 +625,15 @@ impl Session {
     /// `abuse_close_after` without a quiet second closes the connection (1008).
     fn rate_limited(&mut self, now: Now, msg: &Message<'_>, limits: &Limits) {
         self.actions.push_back(Action::Breach(Limit::MessageRate));
-        let quiet = self
+        let rare = self.rare_mut();
+        let quiet = rare
             .last_drop
             .is_none_or(|t| now.mono.saturating_duration_since(t) >= Duration::from_secs(1));
         if quiet {
-            self.abuse_since = Some(now.mono);
+            rare.abuse_since = Some(now.mono);
         }
-        self.last_drop = Some(now.mono);
-        let since = self.abuse_since.unwrap_or(now.mono);
+        rare.last_drop = Some(now.mono);
+        let since = rare.abuse_since.unwrap_or(now.mono);
         if now.mono.saturating_duration_since(since) >= limits.abuse_close_after() {
             self.actions.push_back(Action::Breach(Limit::RateAbuse));
             return self.close(close::POLICY_VIOLATION, "message rate exceeded");
@@ -632,8 +661,8 @@ impl Session {
         };
         at = at
             .min(self.next_ping)
-            .min(self.last_heard + self.heartbeat * 2);
-        if let Some(f) = self.flush_at {
+            .min(self.last_heard + self.heartbeat() * 2);
+        if let Some(f) = self.flush_at() {
             at = at.min(f);
         }
         if let Some(exp) = self.principal.as_ref().and_then(|p| p.expires_at) {
@@ -671,15 +700,15 @@ impl Session {
             self.close(close::TOKEN_EXPIRED, "token expired");
             return;
         }
-        if now.mono.saturating_duration_since(self.last_heard) >= self.heartbeat * 2 {
+        if now.mono.saturating_duration_since(self.last_heard) >= self.heartbeat() * 2 {
             self.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
             return;
         }
         if now.mono >= self.next_ping {
             self.reply(Reply::Heartbeat);
-            self.next_ping = now.mono + self.heartbeat;
+            self.next_ping = now.mono + self.heartbeat();
         }
-        if self.flush_at.is_some_and(|f| now.mono >= f) {
+        if self.flush_at().is_some_and(|f| now.mono >= f) {
             self.flush_throttled(now.mono);
         }
     }
@@ -715,7 +744,11 @@ impl Session {
                 }
             });
         }
-        self.flush_at = next;
+        if let Some(r) = self.rare.as_mut() {
+            r.flush_at = next;
+        } else if next.is_some() {
+            self.rare_mut().flush_at = next;
+        }
     }
 
     /// Records the snapshot fence for `channel` (after the shard sent the snapshot).
@@ -745,9 +778,10 @@ impl Session {
         let listed = |list: &[Box<str>], v: &Option<Box<str>>| {
             list.is_empty() || v.as_ref().is_some_and(|v| list.contains(v))
         };
-        if !listed(&sub.severities, &ev.severity)
-            || !listed(&sub.categories, &ev.category)
-            || !listed(&sub.status_types, &ev.status)
+        if let Some(l) = &sub.lists
+            && (!listed(&l.severities, &ev.severity)
+                || !listed(&l.categories, &ev.category)
+                || !listed(&l.status_types, &ev.status))
         {
             return Verdict::Skip;
         }
@@ -758,7 +792,8 @@ impl Session {
                 Some((last, held)) if now < *last + t.every => {
                     let due = *last + t.every;
                     *held = Some(ev.clone());
-                    self.flush_at = Some(self.flush_at.map_or(due, |f| f.min(due)));
+                    let rare = self.rare.get_or_insert_with(Default::default);
+                    rare.flush_at = Some(rare.flush_at.map_or(due, |f| f.min(due)));
                     return Verdict::Held(due);
                 }
                 Some((last, held)) => {
@@ -769,7 +804,8 @@ impl Session {
                     t.entities.insert(key.into(), (now, None));
                     // Quiet entities are forgotten at the next flush.
                     let due = now + t.every;
-                    self.flush_at = Some(self.flush_at.map_or(due, |f| f.min(due)));
+                    let rare = self.rare.get_or_insert_with(Default::default);
+                    rare.flush_at = Some(rare.flush_at.map_or(due, |f| f.min(due)));
                 }
             }
         }
@@ -801,8 +837,12 @@ impl Session {
 
     fn handle_text(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>, top_level: bool) {
         let (id_range, cmd) = self
-            .codec
-            .decode(ctx.parser, raw, self.acting_as.as_deref());
+            .codec()
+            .decode(
+                ctx.parser,
+                raw,
+                self.rare.as_ref().and_then(|r| r.acting_as.as_deref()),
+            );
         let id = id_range.map(|r| &raw[r]);
         let cmd = match cmd {
             Ok(c) => c,
@@ -959,13 +999,13 @@ impl Session {
             }
         }
         if let Some((user, _)) = a.acting_as {
-            self.acting_as = Some(user.into());
+            self.rare_mut().acting_as = Some(user.into());
         }
         if !a.echo.is_empty() {
-            self.echo = a.echo;
+            self.rare_mut().echo = a.echo;
         }
         if let Some(t) = a.time {
-            self.time = Some(Arc::new(t));
+            self.rare_mut().time = Some(Arc::new(t));
         }
         self.send_auth_success(now, id, ctx.limits);
         for req in a.then_subscribe {
@@ -973,7 +1013,7 @@ impl Session {
                 self.send_error(now, id, &e);
             }
         }
-        let preset = self.preset.take();
+        let preset = self.rare.as_mut().and_then(|r| r.preset.take());
         for c in a.subscriptions.into_iter().chain(preset) {
             let req = SubscribeRequest {
                 action: SubAction::Subscribe,
@@ -993,9 +1033,9 @@ impl Session {
         let reply = Reply::AuthOk {
             id: id.map(<[u8]>::to_vec),
             connection_id: self.conn_id.clone(),
-            principal: p.clone(),
-            acting_as: self.acting_as.clone(),
-            echo: self.echo.clone(),
+            principal: Principal::clone(p),
+            acting_as: self.rare.as_ref().and_then(|r| r.acting_as.clone()),
+            echo: self.rare.as_ref().map(|r| r.echo.clone()).unwrap_or_default(),
             limits: ReplyLimits {
                 max_message_bytes: limits.max_message_bytes,
                 max_subscriptions: limits.max_subscriptions,
@@ -1040,7 +1080,7 @@ impl Session {
         let twin = match req.action {
             SubAction::Request => None,
             action => self
-                .codec
+                .codec()
                 .companion(req.channel)
                 .map(|channel| SubscribeRequest {
                     action,
@@ -1064,7 +1104,7 @@ impl Session {
         limits: &Limits,
     ) -> Result<(), ProtoError> {
         let role = self.principal.as_ref().expect("authenticated").role;
-        let channel = self.codec.channel_for_role(req.channel, role);
+        let channel = self.codec().channel_for_role(req.channel, role);
         if req.action != SubAction::Unsubscribe && !role.may_subscribe(channel) {
             return Err(ProtoError::new(
                 403,
@@ -1089,7 +1129,14 @@ impl Session {
         }
         let heavy = req.action == SubAction::Request
             || (req.action == SubAction::Subscribe && req.since.is_some());
-        if heavy && !self.requests.try_take(now.mono, self.request_rate, 1) {
+        let request_rate = self.request_rate;
+        if heavy
+            && !self
+                .rare_mut()
+                .requests
+                .get_or_insert_with(|| Bucket::new(now.mono, request_rate))
+                .try_take(now.mono, request_rate, 1)
+        {
             self.actions.push_back(Action::Breach(Limit::RequestRate));
             return Err(ProtoError::new(
                 429,
@@ -1141,16 +1188,22 @@ impl Session {
                 sub.keys.vehicles.extend(added.vehicles.iter().cloned());
                 sub.keys.trips.extend(added.trips.iter().cloned());
                 sub.keys.drivers.extend(added.drivers.iter().cloned());
-                sub.severities = f.severities.clone();
-                sub.categories = f.categories.clone();
-                sub.status_types = f.status_types.clone();
+                sub.lists = (!f.severities.is_empty()
+                    || !f.categories.is_empty()
+                    || !f.status_types.is_empty())
+                .then(|| {
+                    Box::new(ValueFilters {
+                        severities: f.severities.clone(),
+                        categories: f.categories.clone(),
+                        status_types: f.status_types.clone(),
+                    })
+                });
                 let view = View {
                     metrics: (!f.metrics.is_empty()).then(|| f.metrics.clone().into()),
-                    time: self.time.clone(),
-                    states: self
-                        .codec
+                    time: self.rare.as_ref().and_then(|r| r.time.clone()),
+                    states: crate::dialect::codec(self.dialect)
                         .shows_tracker_states()
-                        .then(|| self.state_rules.clone())
+                        .then(|| self.rare.as_ref().and_then(|r| r.state_rules.clone()))
                         .flatten(),
                 };
                 sub.view = (!view.is_plain()).then(|| Arc::new(view));
@@ -1178,7 +1231,7 @@ impl Session {
                 self.actions.push_back(Action::Subscribe {
                     channel,
                     added,
-                    snapshot: if self.codec.snapshot_on_subscribe() {
+                    snapshot: if self.codec().snapshot_on_subscribe() {
                         requested
                     } else {
                         Selection::default()
@@ -1256,7 +1309,8 @@ impl Session {
             // driver whose token names only its user).
             let own = |v: &str| {
                 principal.may_act_for_vehicle(v)
-                    || (self.acting_as.as_deref() == Some(v) && &*principal.user_id == v)
+                    || (self.rare.as_ref().and_then(|r| r.acting_as.as_deref()) == Some(v)
+                        && &*principal.user_id == v)
             };
             // A dialect whose id is `device_id` hears its own field name.
             if p.device_id.as_deref().is_some_and(|d| !own(d)) {
@@ -1875,5 +1929,45 @@ mod tests {
             s.verdict(&ev(t, 7, "v1"), at(1700)),
             Verdict::Shared
         ));
+    }
+}
+
+#[cfg(test)]
+mod size_profile {
+    //! Idle-memory profile (issue 16): the session's parts, printed with
+    //! `cargo test size_profile -- --nocapture`.
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn session_parts() {
+        let rows = [
+            ("Session", size_of::<Session>()),
+            (
+                "Subscription (boxed, per subscribed channel)",
+                size_of::<Subscription>(),
+            ),
+            ("Selection", size_of::<Selection>()),
+            ("Bucket", size_of::<Bucket>()),
+            ("State", size_of::<State>()),
+            ("VecDeque<Action>", size_of::<VecDeque<Action>>()),
+            ("Option<Instant>", size_of::<Option<Instant>>()),
+            ("Rare (boxed, allocated on first use)", size_of::<Rare>()),
+            ("ValueFilters (boxed, only with filters)", size_of::<ValueFilters>()),
+        ];
+        for (name, bytes) in rows {
+            println!("size_of {name}: {bytes}");
+        }
+        // Upper bounds: the sizes after issue 16's shrinking (2026-12-06; before: Session
+        // 520, Subscription 176), see docs/performance.md.
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Session" && b <= 280),
+            "Session grew past 280 bytes"
+        );
+        assert!(
+            rows.iter()
+                .any(|&(n, b)| n == "Subscription (boxed, per subscribed channel)" && b <= 112),
+            "Subscription (boxed, per subscribed channel) grew past 112 bytes"
+        );
     }
 }

@@ -198,3 +198,32 @@ mod tests {
         assert!(!ix.has_interest("fleet_a", Channel::VehicleLocations));
     }
 }
+
+#[cfg(test)]
+mod size_profile {
+    //! Idle-memory profile (issue 16): the index's per-tenant and per-key structures,
+    //! printed with `cargo test size_profile -- --nocapture`.
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn index_parts() {
+        let rows = [
+            ("BitSet", size_of::<BitSet>()),
+            ("ChannelSubs", size_of::<ChannelSubs>()),
+            ("TenantSubs", size_of::<TenantSubs>()),
+        ];
+        for (name, bytes) in rows {
+            println!("size_of {name}: {bytes}");
+        }
+        // Upper bounds: the sizes measured on 2026-12-05 (docs/performance.md).
+        assert!(
+            rows.iter().any(|&(n, b)| n == "BitSet" && b <= 32),
+            "BitSet grew past 32 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "TenantSubs" && b <= 1840),
+            "TenantSubs grew past 1840 bytes"
+        );
+    }
+}

@@ -190,7 +190,7 @@ impl Shard {
         slot: usize,
         head: usize,
         req: &Request,
-        principal: Principal,
+        principal: Arc<Principal>,
         now: Now,
     ) {
         let limits = &self.shared.config.limits;
@@ -213,11 +213,11 @@ impl Shard {
         if self.conns[slot].rbuf.len() < head + len {
             // The rest of the body is still on its way: keep what was decided (the head
             // is not parsed, nor the credential verified, again on every read).
-            self.conns[slot].http_body = Some(Box::new(PendingBody {
+            self.conns[slot].http_mut().body = Some(PendingBody {
                 head,
                 len,
                 then: BodyFor::Publish(principal),
-            }));
+            });
             return;
         }
         self.api_publish_body(slot, head, len, principal, now);
@@ -226,13 +226,17 @@ impl Shard {
     /// Continues a request whose body arrives in pieces: runs once the body is complete.
     pub(super) fn api_body_bytes(&mut self, slot: usize) {
         let conn = &mut self.conns[slot];
-        let Some(p) = conn.http_body.as_ref() else {
+        let Some(p) = conn.http.as_ref().and_then(|h| h.body.as_ref()) else {
             return;
         };
         if conn.rbuf.len() < p.head + p.len {
             return;
         }
-        let p = conn.http_body.take().expect("checked");
+        let p = conn
+            .http
+            .as_mut()
+            .and_then(|h| h.body.take())
+            .expect("checked");
         match p.then {
             BodyFor::Publish(principal) => {
                 self.api_publish_body(slot, p.head, p.len, principal, now())
@@ -257,11 +261,11 @@ impl Shard {
             return self.user_error(slot, &UserApiError::TooLarge(max));
         }
         if self.conns[slot].rbuf.len() < head + len {
-            self.conns[slot].http_body = Some(Box::new(PendingBody {
+            self.conns[slot].http_mut().body = Some(PendingBody {
                 head,
                 len,
                 then: BodyFor::User(call, req.query.clone()),
-            }));
+            });
             return;
         }
         let body = self.conns[slot].rbuf[head..head + len].to_vec();
@@ -340,7 +344,7 @@ impl Shard {
         slot: usize,
         head: usize,
         len: usize,
-        principal: Principal,
+        principal: Arc<Principal>,
         now: Now,
     ) {
         let limits = &self.shared.config.limits;

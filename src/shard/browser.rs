@@ -46,7 +46,7 @@ impl Shard {
             self.http_reply_with(slot, 204, "text/plain", &headers, b"");
             return true;
         }
-        self.conns[slot].cors = Some(origin.into());
+        self.conns[slot].http_mut().cors = Some(origin.into());
         false
     }
 }

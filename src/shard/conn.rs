@@ -43,20 +43,33 @@ pub struct Conn {
     pub dirty_since: Instant,
     /// An echo-endpoint connection (testing aid): no session.
     pub echo: bool,
-    /// Snapshot values still to send, fed as the outbox drains.
-    pub snapshots: Vec<PendingSnapshot>,
+    /// Snapshot values still to send, fed as the outbox drains: `None` when there are
+    /// none (never an empty list), so that a connection holds 8 bytes for it (issue 16).
+    pub snapshots: Option<Box<Snapshots>>,
     /// Counted as a pending (not yet upgraded or answered) connection in admission.
     pub pending: bool,
-    /// An HTTP request (publish, user/auth) whose body is still arriving.
-    pub http_body: Option<Box<PendingBody>>,
+    /// What only a plain HTTP request uses: its CORS origin, a body still arriving.
+    /// `None` on an open WebSocket (freed at the upgrade).
+    pub http: Option<Box<HttpExtra>>,
     /// When this connection's entry in the shard's timer heap fires.
     pub timer_at: Option<Instant>,
-    /// An allowed browser origin its HTTP answer echoes in CORS headers.
-    pub cors: Option<Box<str>>,
     /// Accepted on the TLS listener: its record layer (`None`: plaintext).
     pub tls: Option<Box<TlsConn>>,
     /// io_uring driver: a one-shot `POLLOUT` is armed (the socket was full).
     pub pollout_armed: bool,
+}
+
+/// The snapshots a connection still has to send, in order.
+#[derive(Default)]
+pub struct Snapshots(pub Vec<PendingSnapshot>);
+
+/// The parts of a connection only an HTTP request (not a WebSocket) uses.
+#[derive(Debug, Default)]
+pub struct HttpExtra {
+    /// An allowed browser origin its HTTP answer echoes in CORS headers.
+    pub cors: Option<Box<str>>,
+    /// An HTTP request (publish, user/auth) whose body is still arriving.
+    pub body: Option<PendingBody>,
 }
 
 /// What a request still waiting for its body has already decided, so that the head is
@@ -72,7 +85,7 @@ pub struct PendingBody {
 #[derive(Debug)]
 pub enum BodyFor {
     /// `POST /v1/publish`, by this principal.
-    Publish(crate::auth::Principal),
+    Publish(Arc<crate::auth::Principal>),
     /// A `user/auth` or `user/logout` call; `query`: the request's query parameters.
     User(crate::sessions::UserCall, Vec<(String, String)>),
 }
@@ -98,11 +111,10 @@ impl Conn {
             dirty: false,
             dirty_since: deadline,
             echo: false,
-            snapshots: Vec::new(),
+            snapshots: None,
             pending: true,
-            http_body: None,
+            http: None,
             timer_at: None,
-            cors: None,
             tls: None,
             pollout_armed: false,
         }
@@ -130,7 +142,69 @@ impl Conn {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
+    /// The HTTP-only parts, allocated now if they were not.
+    pub fn http_mut(&mut self) -> &mut HttpExtra {
+        self.http.get_or_insert_with(Default::default)
+    }
+
+    /// Whether an HTTP request's body is still arriving.
+    pub fn awaits_body(&self) -> bool {
+        self.http.as_ref().is_some_and(|h| h.body.is_some())
+    }
+
     pub fn is_open(&self) -> bool {
         self.phase == Phase::Open
+    }
+}
+
+#[cfg(test)]
+mod size_profile {
+    //! Idle-memory profile by structure (issue 16): the inline size of what every open
+    //! connection holds. Printed with `cargo test size_profile -- --nocapture`; the
+    //! bounds are set from the first measured values (see docs/performance.md).
+    use super::*;
+    use crate::auth::Principal;
+    use std::mem::size_of;
+
+    #[test]
+    fn per_connection_structures() {
+        let rows = [
+            ("Conn", size_of::<Conn>()),
+            ("Option<Session>", size_of::<Option<Session>>()),
+            ("Session", size_of::<Session>()),
+            ("Outbox", size_of::<Outbox>()),
+            ("FrameReader", size_of::<FrameReader>()),
+            ("Phase", size_of::<Phase>()),
+            ("Principal", size_of::<Principal>()),
+            ("Option<Principal>", size_of::<Option<Principal>>()),
+            ("HttpExtra (boxed, HTTP requests only)", size_of::<HttpExtra>()),
+        ];
+        for (name, bytes) in rows {
+            println!("size_of {name}: {bytes}");
+        }
+        // Upper bounds: the sizes after issue 16's shrinking (2026-12-06; before: Conn
+        // 872, Session 520, FrameReader 80), see docs/performance.md.
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Conn" && b <= 552),
+            "Conn grew past 552 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Session" && b <= 280),
+            "Session grew past 280 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Outbox" && b <= 72),
+            "Outbox grew past 72 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "FrameReader" && b <= 32),
+            "FrameReader grew past 32 bytes"
+        );
+        assert!(
+            rows.iter().any(|&(n, b)| n == "Principal" && b <= 104),
+            "Principal grew past 104 bytes"
+        );
+        // A session holds its principal as an `Arc` (shared per API key), not inline.
+        assert_eq!(size_of::<Option<Arc<Principal>>>(), 8);
     }
 }

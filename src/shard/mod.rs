@@ -84,6 +84,8 @@ pub(crate) fn route(shared: &Shared, me: usize, ev: &Arc<Event>, mask: u64) -> u
 const ACCEPTS_PER_TURN: usize = 256;
 /// Bytes read from one connection per loop turn.
 const READ_BUDGET: usize = 64 * 1024;
+/// The most connection slots a shard reserves when it starts (beyond it, its slab grows).
+const MAX_PRESIZED_SLOTS: usize = 1 << 16;
 /// Inbox messages handled per loop turn (and per batch when overloaded).
 const INBOX_PER_TURN: usize = 8192;
 /// Connections written per loop turn: between slices the shard reads and routes what
@@ -178,6 +180,16 @@ impl Shard {
         let mut listener = listener;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        // The slab is sized for this shard's share of the node's connections at once:
+        // pages are resident only once connections use them, and a slab grown by doubling
+        // would leave its earlier copies with the allocator (issue 16: under a connect
+        // burst they stayed resident, ~300 bytes per connection).
+        let share = shared
+            .config
+            .limits
+            .max_connections
+            .div_ceil(shared.config.shard_count().max(1))
+            .min(MAX_PRESIZED_SLOTS);
         Ok(Shard {
             id,
             poll,
@@ -186,7 +198,7 @@ impl Shard {
             ctl,
             cluster: Default::default(),
             shared,
-            conns: Slab::new(),
+            conns: Slab::with_capacity(share),
             index: Default::default(),
             parser: Parser::default(),
             scratch: vec![0; READ_BUDGET],
@@ -266,7 +278,7 @@ impl Shard {
                         {
                             conn.out.set_writable();
                             // Edge-triggered: a readable event often says writable too.
-                            if conn.wants_write() || !conn.snapshots.is_empty() || !conn.is_open() {
+                            if conn.wants_write() || conn.snapshots.is_some() || !conn.is_open() {
                                 self.mark_dirty(slot);
                             }
                         }
@@ -508,7 +520,7 @@ impl Shard {
         match conn.phase {
             Phase::Handshake { .. } => {
                 conn.rbuf.extend_from_slice(fresh);
-                if conn.http_body.is_some() {
+                if conn.awaits_body() {
                     self.api_body_bytes(slot);
                 } else {
                     self.on_handshake_bytes(slot);
@@ -785,6 +797,8 @@ impl Shard {
         let conn = &mut self.conns[slot];
         conn.out
             .push_owned(handshake::switching_protocols_with(key, deflate));
+        // The CORS origin only an HTTP answer echoes.
+        conn.http = None;
         conn.echo = session.is_none();
         if conn.echo {
             conn.reader = FrameReader::new(echo_max);
@@ -859,8 +873,9 @@ impl Shard {
         let headers = {
             let conn = &mut self.conns[slot];
             let mut h = conn
-                .cors
-                .take()
+                .http
+                .as_mut()
+                .and_then(|h| h.cors.take())
                 .map(|o| crate::origin::cors_headers(&o))
                 .unwrap_or_default();
             h.push_str(extra);
@@ -875,7 +890,9 @@ impl Shard {
         self.not_pending(slot);
         let conn = &mut self.conns[slot];
         conn.rbuf = Vec::new();
-        conn.http_body = None;
+        if let Some(h) = conn.http.as_mut() {
+            h.body = None;
+        }
         conn.out.push_owned(response);
         let deadline = Instant::now() + CLOSE_LINGER;
         conn.phase = Phase::HttpClose { deadline };
@@ -1052,9 +1069,9 @@ impl Shard {
         }
         if !items.is_empty() {
             let conn = &mut self.conns[slot];
-            conn.snapshots.retain(|s| s.channel != channel);
-            conn.snapshots
-                .push(snapshot::PendingSnapshot::new(channel, items));
+            let list = &mut conn.snapshots.get_or_insert_with(Default::default).0;
+            list.retain(|s| s.channel != channel);
+            list.push(snapshot::PendingSnapshot::new(channel, items));
             self.feed_snapshots(slot);
         }
     }
@@ -1068,21 +1085,30 @@ impl Shard {
         };
         let mut fed = false;
         while conn.out.bytes() < budget {
-            let Some(pending) = conn.snapshots.first_mut() else {
+            let Some(list) = conn.snapshots.as_mut() else {
+                break;
+            };
+            let Some(pending) = list.0.first_mut() else {
                 break;
             };
             match pending.pop() {
                 Some((ev, None)) => conn.out.push_shared(ev),
                 Some((_, Some(frame))) => conn.out.push_owned(frame),
                 None => {
-                    conn.snapshots.remove(0);
+                    list.0.remove(0);
                     continue;
                 }
             }
             fed = true;
         }
-        if conn.snapshots.first().is_some_and(|s| s.is_empty()) {
-            conn.snapshots.remove(0);
+        if let Some(list) = conn.snapshots.as_mut() {
+            if list.0.first().is_some_and(|s| s.is_empty()) {
+                list.0.remove(0);
+            }
+            if list.0.is_empty() {
+                // A connection whose snapshots are sent holds no list (issue 16).
+                conn.snapshots = None;
+            }
         }
         fed
     }
@@ -1339,7 +1365,7 @@ impl Shard {
         stats.breach(Limit::SlowConsumer);
         let discarded = conn.out.clear();
         stats.drop(StatDrop::SlowConsumer, discarded as u64);
-        conn.snapshots.clear();
+        conn.snapshots = None;
         self.close_conn(slot, close::TRY_AGAIN_LATER, "slow consumer");
         true
     }
@@ -1451,7 +1477,7 @@ impl Shard {
                 if !conn.is_open() || !same_tenant || conn.session.is_none() {
                     return;
                 }
-                for pending in conn.snapshots.iter_mut() {
+                for pending in conn.snapshots.iter_mut().flat_map(|s| s.0.iter_mut()) {
                     if pending.channel == ev.channel {
                         pending.supersede(ev);
                     }
@@ -1570,7 +1596,7 @@ impl Shard {
                 // The socket is full; a writable event will mark it dirty again.
                 continue;
             }
-            if !conn.snapshots.is_empty() && conn.is_open() && self.feed_snapshots(slot) {
+            if conn.snapshots.is_some() && conn.is_open() && self.feed_snapshots(slot) {
                 // Written next turn, after other connections had theirs.
                 self.mark_dirty(slot);
                 continue;

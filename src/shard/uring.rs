@@ -571,7 +571,7 @@ impl Shard {
                 {
                     conn.pollout_armed = false;
                     conn.out.set_writable();
-                    if conn.wants_write() || !conn.snapshots.is_empty() || !conn.is_open() {
+                    if conn.wants_write() || conn.snapshots.is_some() || !conn.is_open() {
                         self.mark_dirty(slot);
                     }
                 }

@@ -70,12 +70,13 @@ pub enum Message<'a> {
 pub struct FrameReader {
     max_message: usize,
     /// Opcode (text?) and bytes of a fragmented message in progress.
-    fragments: Option<(bool, Vec<u8>)>,
+    /// Boxed, as `partial`: an idle connection holds neither (issue 16).
+    fragments: Option<Box<(bool, Vec<u8>)>>,
     /// UTF-8 state after the last complete fragment of the text message in progress.
     utf8: Utf8Stream,
     /// The text frame that was incomplete at the end of the buffer last time: the caller
     /// passes its bytes again, with more, at the start of the next call.
-    partial: Option<PartialText>,
+    partial: Option<Box<PartialText>>,
     /// permessage-deflate was negotiated: RSV1 marks a compressed message
     /// (`crate::wire::deflate`).
     deflate: bool,
@@ -149,7 +150,7 @@ impl FrameReader {
             let text = !compressed
                 && match header.opcode {
                     OpCode::Data(Data::Text) => true,
-                    OpCode::Data(Data::Continue) => matches!(self.fragments, Some((true, _))),
+                    OpCode::Data(Data::Continue) => matches!(self.fragments.as_deref(), Some((true, _))),
                     _ => false,
                 };
             // The UTF-8 state before the payload bytes not validated yet.
@@ -163,12 +164,12 @@ impl FrameReader {
             if available < len {
                 if text {
                     feed_masked(&mut utf8, &buf[start + checked..], mask, checked)?;
-                    self.partial = Some(PartialText {
+                    self.partial = Some(Box::new(PartialText {
                         mask,
                         len,
                         checked: available,
                         utf8,
-                    });
+                    }));
                 }
                 return Ok(pos);
             }
@@ -185,7 +186,7 @@ impl FrameReader {
                     on_message(Message::Close(parse_close(payload)?))
                 }
                 OpCode::Data(Data::Continue) => {
-                    let (text, mut data) = self.fragments.take().expect("checked in check()");
+                    let (text, mut data) = *self.fragments.take().expect("checked in check()");
                     data.extend_from_slice(payload);
                     if header.is_final && compressed {
                         self.compressed = false;
@@ -195,7 +196,7 @@ impl FrameReader {
                         deliver(text, utf8, &data, &mut on_message)?
                     } else {
                         self.utf8 = utf8;
-                        self.fragments = Some((text, data));
+                        self.fragments = Some(Box::new((text, data)));
                         true
                     }
                 }
@@ -208,7 +209,7 @@ impl FrameReader {
                     } else {
                         self.compressed = compressed;
                         self.utf8 = utf8;
-                        self.fragments = Some((text, payload.to_vec()));
+                        self.fragments = Some(Box::new((text, payload.to_vec())));
                         true
                     }
                 }
@@ -247,7 +248,7 @@ impl FrameReader {
                 }
             }
             OpCode::Data(Data::Continue) => {
-                let Some((_, data)) = &self.fragments else {
+                let Some((_, data)) = self.fragments.as_deref() else {
                     return Err(FrameError::Protocol("continuation without a message"));
                 };
                 let max = if self.compressed {
