@@ -3,7 +3,7 @@
 # The same broker config and binary for both, with `--io mio` or `--io io_uring`; broker
 # pinned to cpu0 (one shard), generator to cpu1. Scenarios, per driver and run:
 #   fanout-1x    fanout.toml as shipped: 1 000 dashboards, 1 M deliveries/s offered
-#   fanout-cap   fanout.toml --dashboards 5000: 5 M/s offered, past one core's capacity
+#   fanout-cap   fanout.toml --dashboards 7000: 7 M/s offered, past one core's capacity
 #   latency      fanout.toml --rate-multiplier 0.02: 1 000 dashboards, 20 updates/s
 #   city         city-fleet.toml as shipped
 # Per run, from the generator's report.json: deliveries per second, loss, the broker's CPU
@@ -55,7 +55,7 @@ run() { # name io scenario-name extra...
 for i in $(seq 1 "$RUNS"); do
   for io in mio io_uring; do
     run fanout-1x-$io-$i $io fanout
-    run fanout-cap-$io-$i $io fanout --dashboards 5000
+    run fanout-cap-$io-$i $io fanout --dashboards 7000
     run latency-$io-$i $io fanout --rate-multiplier 0.02
     run city-$io-$i $io city-fleet
   done
