@@ -60,9 +60,15 @@ run() { # name scenario-name extra...
   wait $pid 2>/dev/null || true
   echo "$name $(summary out/$name/report.json)"
 }
+# FANOUT_DASHBOARDS (default 200) sizes the fanout runs; ONLY=fanout skips city-fleet
+# (e.g. FANOUT_DASHBOARDS=20 ONLY=fanout: a load the generator inflates without
+# saturating its core, to tell its inflate cost from the broker's).
+D=${FANOUT_DASHBOARDS:-200}
 for i in $(seq 1 "$RUNS"); do
-  run fanout-plain-$i fanout --dashboards 200 --duration 10
-  run fanout-deflate-$i fanout --dashboards 200 --duration 10 --deflate
-  run city-plain-$i city-fleet --duration 10
-  run city-deflate-$i city-fleet --duration 10 --deflate
+  run fanout$D-plain-$i fanout --dashboards $D --duration 10
+  run fanout$D-deflate-$i fanout --dashboards $D --duration 10 --deflate
+  if [ "${ONLY:-}" != fanout ]; then
+    run city-plain-$i city-fleet --duration 10
+    run city-deflate-$i city-fleet --duration 10 --deflate
+  fi
 done
