@@ -836,13 +836,11 @@ impl Session {
     }
 
     fn handle_text(&mut self, now: Now, raw: &[u8], ctx: &mut Ctx<'_>, top_level: bool) {
-        let (id_range, cmd) = self
-            .codec()
-            .decode(
-                ctx.parser,
-                raw,
-                self.rare.as_ref().and_then(|r| r.acting_as.as_deref()),
-            );
+        let (id_range, cmd) = self.codec().decode(
+            ctx.parser,
+            raw,
+            self.rare.as_ref().and_then(|r| r.acting_as.as_deref()),
+        );
         let id = id_range.map(|r| &raw[r]);
         let cmd = match cmd {
             Ok(c) => c,
@@ -1035,7 +1033,11 @@ impl Session {
             connection_id: self.conn_id.clone(),
             principal: Principal::clone(p),
             acting_as: self.rare.as_ref().and_then(|r| r.acting_as.clone()),
-            echo: self.rare.as_ref().map(|r| r.echo.clone()).unwrap_or_default(),
+            echo: self
+                .rare
+                .as_ref()
+                .map(|r| r.echo.clone())
+                .unwrap_or_default(),
             limits: ReplyLimits {
                 max_message_bytes: limits.max_message_bytes,
                 max_subscriptions: limits.max_subscriptions,
@@ -1953,7 +1955,10 @@ mod size_profile {
             ("VecDeque<Action>", size_of::<VecDeque<Action>>()),
             ("Option<Instant>", size_of::<Option<Instant>>()),
             ("Rare (boxed, allocated on first use)", size_of::<Rare>()),
-            ("ValueFilters (boxed, only with filters)", size_of::<ValueFilters>()),
+            (
+                "ValueFilters (boxed, only with filters)",
+                size_of::<ValueFilters>(),
+            ),
         ];
         for (name, bytes) in rows {
             println!("size_of {name}: {bytes}");

@@ -177,7 +177,10 @@ mod size_profile {
             ("Phase", size_of::<Phase>()),
             ("Principal", size_of::<Principal>()),
             ("Option<Principal>", size_of::<Option<Principal>>()),
-            ("HttpExtra (boxed, HTTP requests only)", size_of::<HttpExtra>()),
+            (
+                "HttpExtra (boxed, HTTP requests only)",
+                size_of::<HttpExtra>(),
+            ),
         ];
         for (name, bytes) in rows {
             println!("size_of {name}: {bytes}");

@@ -150,7 +150,9 @@ impl FrameReader {
             let text = !compressed
                 && match header.opcode {
                     OpCode::Data(Data::Text) => true,
-                    OpCode::Data(Data::Continue) => matches!(self.fragments.as_deref(), Some((true, _))),
+                    OpCode::Data(Data::Continue) => {
+                        matches!(self.fragments.as_deref(), Some((true, _)))
+                    }
                     _ => false,
                 };
             // The UTF-8 state before the payload bytes not validated yet.
