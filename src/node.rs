@@ -139,6 +139,7 @@ impl Node {
         if let Some(ends) = link_ends {
             threads.push(crate::cluster::start(shared.clone(), ends)?);
         }
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
         for (id, (((poll, listener), inbox), ctl)) in polls
             .into_iter()
             .zip(listeners)
@@ -157,11 +158,29 @@ impl Node {
             if let (Some((_, state)), Some(l)) = (&tls, tls_listeners.pop()) {
                 shard = shard.with_tls(mio::net::TcpListener::from_std(l), state.clone())?;
             }
+            let started = started_tx.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("fleetcast-shard-{id}"))
-                    .spawn(move || shard.run())?,
+                    .spawn(move || {
+                        // Its IO driver is set up on its own thread (an io_uring belongs
+                        // to the thread that submits to it) before the node reports it.
+                        shard.start_io();
+                        let _ = started.send(());
+                        shard.run()
+                    })?,
             );
+        }
+        // Every shard has its IO driver before the node says it listens (the banner and
+        // `fleetcast_io_driver` tell the driver in use from the start).
+        drop(started_tx);
+        for _ in 0..n {
+            if started_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_err()
+            {
+                anyhow::bail!("a shard did not start within 10 s");
+            }
         }
         Ok(Node {
             addr,

@@ -227,11 +227,16 @@ impl Shard {
         &self.shared.stats[self.id]
     }
 
+    /// Sets up the shard's IO driver (io_uring when asked and allowed); call on the
+    /// shard's own thread, before `run`.
+    pub fn start_io(&mut self) {
+        self.start_uring();
+    }
+
     /// Runs the event loop until shutdown completes.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let tick = Session::tick_interval(&self.shared.config.limits);
-        self.start_uring();
         loop {
             let timers_due = self
                 .timers
