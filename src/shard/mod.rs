@@ -227,6 +227,12 @@ impl Shard {
         &self.shared.stats[self.id]
     }
 
+    /// Sets up the shard's IO driver (io_uring when asked and allowed); call on the
+    /// shard's own thread, before `run`.
+    pub fn start_io(&mut self) {
+        self.start_uring();
+    }
+
     /// Runs the event loop until shutdown completes.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
@@ -1572,9 +1578,12 @@ impl Shard {
             }
             let before = conn.out.bytes();
             let mut written_at = WriteStamp::default();
-            let mut on_written = |ev: &Event| stats.publish_to_write.observe(written_at.since(ev));
-            let flushed = match self.uring_sent(slot, &mut on_written) {
-                None => self.conns[slot].flush(&mut on_written),
+            let on_written = |ev: &Event| stats.publish_to_write.observe(written_at.since(ev));
+            let flushed = match self.uring_sent(slot, on_written) {
+                None => {
+                    let conn = &mut self.conns[slot];
+                    conn.flush(|ev| stats.publish_to_write.observe(written_at.since(ev)))
+                }
                 Some(uring::Sent::NotSent) => Ok(self.conns[slot].out.bytes() == 0),
                 Some(uring::Sent::Result(r)) => r,
             };

@@ -442,10 +442,9 @@ pub(super) enum Sent {
 }
 
 impl Shard {
-    /// Sets up the shard's IO driver: io_uring if `[server] io` asks and the kernel
-    /// allows, else mio (a shard whose ring cannot be created stays on mio and says so).
-    /// Call on the shard's own thread, before `run`.
-    pub fn start_io(&mut self) {
+    /// Switches this shard to io_uring, if `[server] io` asks and the kernel allows; a
+    /// shard whose ring cannot be created stays on mio (and says so).
+    pub(super) fn start_uring(&mut self) {
         if !self.shared.io_uring {
             return;
         }
