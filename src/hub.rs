@@ -333,6 +333,18 @@ impl Dedup {
         window: Duration,
         max_ids: usize,
     ) -> bool {
+        self.record(parts, now, window, max_ids).is_none()
+    }
+
+    /// Records the id made of `parts` unless already seen: returns its key (for
+    /// [`Dedup::forget`]), or `None` for a duplicate.
+    pub fn record(
+        &mut self,
+        parts: &[&[u8]],
+        now: Instant,
+        window: Duration,
+        max_ids: usize,
+    ) -> Option<u64> {
         use std::hash::{BuildHasher, Hasher};
         let age = |since: Option<Instant>| since.map(|t| now.saturating_duration_since(t));
         if age(self.current_since).is_some_and(|a| a >= window) {
@@ -350,14 +362,22 @@ impl Dedup {
         }
         let h = hasher.finish();
         if self.current.contains(&h) || self.previous.contains(&h) {
-            return true;
+            return None;
         }
         if self.current.len() >= max_ids.max(1) {
             self.rotate(now);
         }
         self.current.insert(h);
         self.current_since.get_or_insert(now);
-        false
+        Some(h)
+    }
+
+    /// Forgets an id recorded by [`Dedup::record`] whose publication was then refused:
+    /// the publisher's retry must be taken, not answered `duplicate`.
+    pub fn forget(&mut self, key: u64) {
+        if !self.current.remove(&key) {
+            self.previous.remove(&key);
+        }
     }
 
     fn rotate(&mut self, now: Instant) {
@@ -504,5 +524,13 @@ mod tests {
         }
         assert!(!d.check(&[b"7"], t1, w, 3));
         assert!(!d.check(&[b"1"], t1, w, 3), "forgotten: 6 newer ids");
+
+        // A refused publication's id is forgotten: its retry is new, others stay seen.
+        let mut d = Dedup::default();
+        let key = d.record(&[b"r"], t1, w, 3).unwrap();
+        assert!(!d.check(&[b"s"], t1, w, 3));
+        d.forget(key);
+        assert!(d.record(&[b"r"], t1, w, 3).is_some(), "the retry is taken");
+        assert!(d.check(&[b"s"], t1, w, 3), "s is still a duplicate");
     }
 }

@@ -532,6 +532,7 @@ async fn follow_live(ctx: &Ctx, tenant: &Arc<str>, channel: Channel) -> anyhow::
     connects.borrow_and_update();
     if channel.is_state() {
         load_state(ctx, &hub, channel).await?;
+        take_in_loaded(ctx, &hub, channel, &mut sub);
     }
     ctx.synced(&hub, channel);
     loop {
@@ -544,9 +545,22 @@ async fn follow_live(ctx: &Ctx, tenant: &Arc<str>, channel: Channel) -> anyhow::
                 changed?;
                 if channel.is_state() {
                     load_state(ctx, &hub, channel).await?;
+                    take_in_loaded(ctx, &hub, channel, &mut sub);
                 }
             }
         }
+    }
+}
+
+/// Takes in the live updates that arrived while the bucket was loading as loaded values
+/// (recorded, and routed, only if newer than the state held). The server sends a value's
+/// live copy before the load's copy of it on the same connection, so every value the
+/// load included that was also published live is here: taken in as live, it would reach
+/// a dashboard a second time right after its snapshot.
+fn take_in_loaded(ctx: &Ctx, hub: &TenantHub, channel: Channel, sub: &mut async_nats::Subscriber) {
+    use futures_util::FutureExt;
+    while let Some(Some(m)) = sub.next().now_or_never() {
+        ctx.take_in(hub, channel, &m.payload, Ingest::Load);
     }
 }
 

@@ -11,7 +11,7 @@ use crate::hub::TenantHub;
 use crate::metrics::Drop as StatDrop;
 use crate::model::Channel;
 use crate::session::{Fence, Now, Reply, Selection};
-use crate::store::{Counted, Published};
+use crate::store::{Counted, Dedup, Published};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -78,10 +78,10 @@ impl Shard {
         }
         let mut p = p;
         let mut counted = Counted::default();
-        if let Err(out) = self.store().admit(hub, &mut p, now, &mut counted) {
-            if counted.duplicate {
-                self.stats().drop(StatDrop::Duplicate, 1);
-            }
+        if let Err(out) = self
+            .store()
+            .admit(hub, &mut p, now, &mut counted, Dedup::Stream)
+        {
             return out;
         }
         let id = p.id.clone().unwrap_or(fresh);
@@ -154,6 +154,10 @@ impl Shard {
         let Some(t) = self.cluster.tickets.remove(&ticket) else {
             return;
         };
+        if outcome == Published::Duplicate {
+            // The stream's duplicate window (publish ids are deduplicated there).
+            self.stats().drop(StatDrop::Duplicate, 1);
+        }
         if let Published::Accepted { .. } = outcome {
             // Counted where it is stored, like a local publish where it is accepted.
             let channel = match &t {

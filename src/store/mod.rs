@@ -25,6 +25,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where a publication's id is deduplicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedup {
+    /// In this node's window (`history.dedup_window_ms`).
+    Node,
+    /// By the cluster's stream (its duplicate window, keyed by the NATS message id),
+    /// which spans nodes and records an id only once the event is stored: a node-local
+    /// record would answer a retry of a publication the stream never stored `duplicate`.
+    Stream,
+}
+
 /// What became of one publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Published {
@@ -142,23 +153,32 @@ impl<'a> Store<'a> {
         route: impl FnOnce(&Arc<Event>, u64),
     ) -> Published {
         let mut p = p;
-        if let Err(out) = self.admit(hub, &mut p, now, counted) {
-            return out;
+        let recorded = match self.admit(hub, &mut p, now, counted, Dedup::Node) {
+            Ok(recorded) => recorded,
+            Err(out) => return out,
+        };
+        let out = self.commit(hub, p, fresh_id, now, counted, route);
+        if let (Published::Refused(_), Some(key)) = (&out, recorded) {
+            // Refused after its id was recorded (a limit): the retry is a new attempt.
+            hub.dedup.lock().forget(key);
         }
-        self.commit(hub, p, fresh_id, now, counted, route)
+        out
     }
 
     /// The checks before a publication takes a position: units of bare metrics, the
-    /// device's trip binding, publish-id dedup (this node's window), and a trip event
-    /// binding its vehicle. In cluster mode an event-channel publication that passes them
-    /// goes to the stream, which gives it its position.
+    /// device's trip binding, publish-id dedup (`dedup`), and a trip event binding its
+    /// vehicle. In cluster mode an event-channel publication that passes them goes to the
+    /// stream, which gives it its position. Returns the key of the id recorded in the
+    /// node's window, if one was ([`crate::hub::Dedup::forget`] it if the publication is
+    /// then refused).
     pub fn admit(
         &self,
         hub: &TenantHub,
         p: &mut Publication,
         now: Now,
         counted: &mut Counted,
-    ) -> Result<(), Published> {
+        dedup: Dedup,
+    ) -> Result<Option<u64>, Published> {
         if let Some(units) = self.units {
             for m in p.canon.metrics.iter_mut().filter(|m| m.unit.is_none()) {
                 m.unit = units.get(&*m.name).map(|u| u.as_str().into());
@@ -182,19 +202,21 @@ impl<'a> Store<'a> {
                 )));
             }
         }
-        if let Some(id) = &p.id
-            && hub.dedup.lock().check(
+        let mut recorded = None;
+        if let (Some(id), Dedup::Node) = (&p.id, dedup) {
+            recorded = hub.dedup.lock().record(
                 &[p.publisher.as_bytes(), &[channel as u8], id],
                 now.mono,
                 self.history.dedup_window(),
                 self.history.dedup_max_ids,
-            )
-        {
-            counted.duplicate = true;
-            return Err(Published::Duplicate);
+            );
+            if recorded.is_none() {
+                counted.duplicate = true;
+                return Err(Published::Duplicate);
+            }
         }
         self.bind_trip(hub, p);
-        Ok(())
+        Ok(recorded)
     }
 
     /// A trip event naming a vehicle, a trip (and a driver) binds them.
@@ -609,6 +631,25 @@ mod tests {
         assert!(matches!(alert("a", 121_000), Published::Accepted { .. }));
         t = publication(Channel::Telemetry, "v1", None, 0);
         assert!(matches!(f.accept(t, 3).0, Published::Accepted { .. }));
+    }
+
+    #[test]
+    fn a_refused_publication_leaves_no_id_behind() {
+        let f = Fixture::new();
+        let loc = |id, ms| {
+            f.accept(
+                publication(Channel::VehicleLocations, "v1", Some(id), 0),
+                ms,
+            )
+            .0
+        };
+        assert!(matches!(loc("p1", 0), Published::Accepted { .. }));
+        // Refused by the location interval: its id is not taken, so the retry is stored
+        // (not answered `duplicate` and lost).
+        assert!(matches!(loc("p2", 500), Published::Refused(e) if e.code == 429));
+        assert!(matches!(loc("p2", 1_000), Published::Accepted { .. }));
+        assert_eq!(loc("p2", 1_500), Published::Duplicate);
+        assert_eq!(loc("p1", 2_500), Published::Duplicate, "p1 still seen");
     }
 
     #[test]

@@ -288,6 +288,21 @@ fn collect(c: &mut Client, ty: &str, n: usize) -> Vec<Value> {
     got
 }
 
+/// Reads events until `n` of each type arrived (or the bounded wait ends), whatever
+/// order the types interleave in; returns them by type.
+fn collect_each<const K: usize>(c: &mut Client, want: [(&str, usize); K]) -> [Vec<Value>; K] {
+    let mut got: [Vec<Value>; K] = std::array::from_fn(|_| Vec::new());
+    let end = Instant::now() + Duration::from_secs(15);
+    while want.iter().zip(&got).any(|((_, n), g)| g.len() < *n) && Instant::now() < end {
+        if let Ok(v) = c.next(Duration::from_millis(500))
+            && let Some(i) = want.iter().position(|(ty, _)| v["type"] == *ty)
+        {
+            got[i].push(v);
+        }
+    }
+    got
+}
+
 #[test]
 fn cluster_delivers_across_nodes_with_exact_counts_and_tenant_isolation() {
     let Some(c) = cluster(3) else { return };
@@ -349,8 +364,11 @@ fn cluster_delivers_across_nodes_with_exact_counts_and_tenant_isolation() {
         );
         dash.expect_silence(Duration::from_millis(300));
     }
-    let b_locs = collect(&mut dash_b2, "location_update", 15);
-    let b_alerts = collect(&mut dash_b2, "safety_alert", 10);
+    // Positions (core NATS) and alerts (the stream) interleave: read both in one pass.
+    let [b_locs, b_alerts] = collect_each(
+        &mut dash_b2,
+        [("location_update", 15), ("safety_alert", 10)],
+    );
     assert_eq!((b_locs.len(), b_alerts.len()), (15, 10));
     assert!(b_locs.iter().all(|v| {
         v["payload"]["vehicle_id"]
@@ -465,6 +483,53 @@ fn snapshots_and_dedup_span_nodes() {
     assert!(retry["payload"]["seq"].is_null(), "a duplicate: {retry}");
     assert_eq!(collect(&mut alerts, "safety_alert", 1).len(), 1);
     alerts.expect_silence(Duration::from_millis(500));
+}
+
+#[test]
+fn a_dashboard_joining_while_positions_stream_in_sees_each_once_in_order() {
+    const VEHICLES: usize = 10;
+    const ROUNDS: usize = 80;
+    let Some(c) = cluster(2) else { return };
+    let addr = c.nodes[0].addr;
+    // One device on node 0 streams positions (every vehicle every ~20 ms, the latitude
+    // rising) while a dashboard on node 1, which followed nothing, subscribes: its
+    // snapshot comes from the bucket while live updates keep arriving.
+    let device = std::thread::spawn(move || {
+        let mut dev = Client::connect(&format!(
+            "ws://{addr}/v1/streaming/websocket?api_key={}",
+            key("fleet_a", Role::Device)
+        ));
+        for round in 1..=ROUNDS {
+            for v in 0..VEHICLES {
+                dev.send(location(&format!("v{v}"), round as f64));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        dev.expect_silence(Duration::from_millis(100));
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let mut dash = c.nodes[1].connect("fleet_a", Role::Viewer);
+    dash.subscribe("vehicle_locations", json!({}));
+    device.join().unwrap();
+    let mut lats: Vec<Vec<f64>> = vec![Vec::new(); VEHICLES];
+    let end = Instant::now() + Duration::from_secs(15);
+    while lats.iter().any(|l| l.last() != Some(&(ROUNDS as f64))) && Instant::now() < end {
+        if let Ok(v) = dash.next(Duration::from_millis(500))
+            && v["type"] == "location_update"
+        {
+            let id = v["payload"]["vehicle_id"].as_str().unwrap();
+            let i: usize = id[1..].parse().unwrap();
+            lats[i].push(v["payload"]["location"]["latitude"].as_f64().unwrap());
+        }
+    }
+    dash.expect_silence(Duration::from_millis(300));
+    for (v, l) in lats.iter().enumerate() {
+        assert!(
+            l.windows(2).all(|w| w[0] < w[1]),
+            "v{v}: snapshot then live, each position once and never an older one: {l:?}"
+        );
+        assert_eq!(l.last(), Some(&(ROUNDS as f64)), "v{v}: the newest: {l:?}");
+    }
 }
 
 #[test]
