@@ -32,6 +32,10 @@ pub struct ChannelHub {
     /// Cluster mode, event channels: the epoch of the JetStream stream this channel's
     /// `seq` and history mirror (the same on every node). `None`: the node's own epoch.
     pub epoch: Option<u64>,
+    /// Cluster mode, event channels: the creation time (UNIX ms) of the stream mirrored.
+    /// `epoch` is the same unless the stream lost events this node had delivered (a
+    /// rewind): the events after that point then carry a new epoch.
+    pub stream_created: Option<u64>,
     /// Cluster mode: the node holds the cluster's view of this channel (last known state
     /// loaded from the bucket, history from the stream) and follows it live.
     pub synced: bool,
@@ -223,6 +227,20 @@ impl ChannelHub {
         self.epoch = Some(epoch);
         self.seq = 0;
         self.history.clear();
+    }
+
+    /// The newest `n` events of the history, newest first: (seq, raw JSON id, own time),
+    /// what the cluster bridge compares with the stream's messages at those positions.
+    pub fn newest_ids(&self, n: usize) -> Vec<(u64, Vec<u8>, i64)> {
+        self.history
+            .iter()
+            .rev()
+            .take(n)
+            .map(|e| {
+                let id = crate::json::member(e.json(), "id").unwrap_or(b"null");
+                (e.seq, id.to_vec(), e.ts_ms)
+            })
+            .collect()
     }
 
     /// Forgets the history: the events before the next one are not all known.

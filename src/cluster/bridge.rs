@@ -646,46 +646,138 @@ async fn follow_sessions(ctx: &Ctx) -> anyhow::Result<()> {
     anyhow::bail!("sessions consumer ended")
 }
 
+/// How many of the mirror's newest events are compared with the stream, newest first,
+/// when checking that the stream still holds what this node delivered.
+const REWIND_PROBES: usize = 32;
+
 /// Event channels: mirror the stream from where this node's mirror ends (or from its
 /// start), mark the channel synced once the backlog is in, then deliver in stream order.
+///
+/// Before following, and again after every reconnect, the mirror is checked against the
+/// stream: a NATS server restored from an older copy of its store, or one that crashed
+/// before writing what it had acknowledged, has lost the stream's newest events, and
+/// gives their positions to new ones. Following on from the mirror's end would skip
+/// those new events (their `seq` was already taken). The node follows from the last
+/// position both agree on instead, and the events after it carry a new epoch (the time
+/// the first of them was stored, the same on every node that had the lost ones), so that
+/// no client is handed two events with one (epoch, seq).
 async fn follow_events(ctx: &Ctx, tenant: &Arc<str>, channel: Channel) -> anyhow::Result<()> {
     let hub = ctx.hub(tenant);
-    let (stream, epoch) = event_stream(ctx, tenant, channel).await?;
-    let next = {
-        let mut ch = hub.channel(channel).lock();
-        if ch.epoch != Some(epoch) {
-            ch.reset_stream(epoch);
+    let mut connects = ctx.connects.clone();
+    loop {
+        connects.borrow_and_update();
+        let (stream, created) = event_stream(ctx, tenant, channel).await?;
+        let (last, newest, mut epoch) = {
+            let mut ch = hub.channel(channel).lock();
+            if ch.stream_created != Some(created) {
+                // A new stream (or the first follow): positions restart.
+                ch.reset_stream(created);
+                ch.stream_created = Some(created);
+            }
+            (
+                ch.seq,
+                ch.newest_ids(REWIND_PROBES),
+                ch.epoch.unwrap_or(created),
+            )
+        };
+        let kept = kept_until(&stream, last, &newest).await?;
+        let mut rebase_at = None;
+        if kept < last {
+            let link = ctx.link();
+            link.stats.stream_rewinds.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                node = %link.node_name,
+                stream = %stream.cached_info().config.name,
+                "cluster: the stream no longer holds events {}..={last} that this node \
+                 delivered (NATS restored from an older copy, or it crashed before writing \
+                 them: see docs/operations.md); following from {}, with a new epoch",
+                kept + 1,
+                kept + 1
+            );
+            rebase_at = Some(kept + 1);
         }
-        ch.seq + 1
-    };
-    let deliver_policy = if next > 1 {
-        consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: next,
-        }
-    } else {
-        consumer::DeliverPolicy::All
-    };
-    let consumer = stream
-        .create_consumer(consumer::push::OrderedConfig {
-            deliver_subject: ctx.client.new_inbox(),
-            deliver_policy,
-            ..Default::default()
-        })
-        .await?;
-    let mut synced = consumer.cached_info().num_pending == 0;
-    if synced {
-        ctx.synced(&hub, channel);
-    }
-    let mut messages = consumer.messages().await?;
-    while let Some(m) = messages.next().await {
-        let m = m?;
-        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
-        ctx.take_in(&hub, channel, &m.payload, Ingest::Stream { seq, epoch });
-        if !synced && pending == 0 {
-            synced = true;
+        let deliver_policy = if kept > 0 {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: kept + 1,
+            }
+        } else {
+            consumer::DeliverPolicy::All
+        };
+        let consumer = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: ctx.client.new_inbox(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await?;
+        let mut synced = consumer.cached_info().num_pending == 0;
+        if synced {
             ctx.synced(&hub, channel);
         }
+        let mut messages = consumer.messages().await?;
+        loop {
+            tokio::select! {
+                biased;
+                changed = connects.changed() => {
+                    // Reconnected: check the stream again before following on.
+                    changed?;
+                    break;
+                }
+                m = messages.next() => {
+                    let Some(m) = m else {
+                        anyhow::bail!("stream consumer ended");
+                    };
+                    let m = m?;
+                    let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let (seq, pending) = (info.stream_sequence, info.pending);
+                    if rebase_at.is_some_and(|at| seq >= at) {
+                        let stored = (info.published.unix_timestamp_nanos() / 1_000_000).max(0);
+                        epoch = (stored as u64).max(epoch + 1);
+                        rebase_at = None;
+                    }
+                    ctx.take_in(&hub, channel, &m.payload, Ingest::Stream { seq, epoch });
+                    if !synced && pending == 0 {
+                        synced = true;
+                        ctx.synced(&hub, channel);
+                    }
+                }
+            }
+        }
     }
-    anyhow::bail!("stream consumer ended")
+}
+
+/// The last position up to which the stream holds the same events as this node's mirror,
+/// which ends at `last` with `newest` (seq, id, own time; newest first): `last` when the
+/// stream holds everything the node delivered. A position the stream's limits removed
+/// counts as held.
+async fn kept_until(
+    stream: &stream::Stream,
+    last: u64,
+    newest: &[(u64, Vec<u8>, i64)],
+) -> anyhow::Result<u64> {
+    let state = &stream.cached_info().state;
+    let top = last.min(state.last_sequence);
+    let mut oldest_differing = None;
+    for (seq, id, ts_ms) in newest.iter().filter(|e| e.0 <= top) {
+        if *seq < state.first_sequence {
+            return Ok(*seq);
+        }
+        match stream.get_raw_message(*seq).await {
+            Ok(m) => {
+                if let Ok((p, stored_id)) = wire::decode(&m.payload)
+                    && stored_id == *id
+                    && p.ts_ms == *ts_ms
+                {
+                    return Ok(*seq);
+                }
+                oldest_differing = Some(*seq);
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(*seq);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Nothing more to compare (the history or the probes ran out): trust the rest.
+    Ok(oldest_differing.map_or(top, |s| s - 1))
 }

@@ -73,6 +73,9 @@ pub struct BridgeStats {
     pub following: AtomicU64,
     /// Times the NATS connection was (re)established.
     pub connects: AtomicU64,
+    /// Times an event stream was found to have lost events this node had delivered (NATS
+    /// restored from an older copy, or a crash of a server that had not written them).
+    pub stream_rewinds: AtomicU64,
 }
 
 /// The shards' side of the bridge: where to hand it work, and the link's state.
@@ -174,7 +177,10 @@ impl ClusterLink {
              # TYPE fleetcast_cluster_following gauge\n\
              fleetcast_cluster_following {}\n\
              # TYPE fleetcast_cluster_connects_total counter\n\
-             fleetcast_cluster_connects_total {}\n",
+             fleetcast_cluster_connects_total {}\n\
+             # HELP fleetcast_cluster_stream_rewinds_total Event streams found to have lost events this node had delivered.\n\
+             # TYPE fleetcast_cluster_stream_rewinds_total counter\n\
+             fleetcast_cluster_stream_rewinds_total {}\n",
             u8::from(self.is_connected()),
             g(&s.sent),
             g(&s.received),
@@ -183,6 +189,7 @@ impl ClusterLink {
             g(&s.store_failed),
             g(&s.following),
             g(&s.connects),
+            g(&s.stream_rewinds),
         );
     }
 }

@@ -102,6 +102,28 @@ impl Nats {
             let _ = c.wait();
         }
     }
+
+    /// Shuts the server down cleanly (SIGTERM), its store written out.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signals a child this test started and has not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 impl Drop for Nats {
@@ -607,6 +629,106 @@ fn nothing_acknowledged_is_lost_when_nats_restarts_or_goes_away() {
         );
     }
     assert!(!seen.contains(&11), "the refused alert was not stored");
+}
+
+#[test]
+fn alerts_stored_after_nats_lost_stored_ones_are_delivered_with_a_new_epoch() {
+    let Some(mut c) = cluster(2) else { return };
+    let mut dash = c.nodes[1].connect("fleet_a", Role::Viewer);
+    let epoch = dash.subscribe("alerts", json!({}))["payload"]["epoch"]
+        .as_u64()
+        .unwrap();
+    let mut svc = c.nodes[0].connect("fleet_a", Role::Service);
+    let received = |dash: &mut Client, n: usize| -> Vec<(u64, u64, u64)> {
+        collect(dash, "safety_alert", n)
+            .iter()
+            .map(|v| {
+                let field = |f: &Value| f.as_u64().unwrap();
+                (
+                    field(&v["payload"]["n"]),
+                    field(&v["seq"]),
+                    field(&v["epoch"]),
+                )
+            })
+            .collect()
+    };
+    let relink = |c: &Cluster| {
+        wait_until("the links to come back", Duration::from_secs(20), || {
+            c.nodes
+                .iter()
+                .all(|n| n.metric("fleetcast_cluster_connected") == 1)
+        })
+    };
+    for n in 1..=5 {
+        acked_alert(&mut svc, n);
+    }
+    let old: Vec<_> = (1..=5).map(|n| (n, n, epoch)).collect();
+    assert_eq!(received(&mut dash, 5), old);
+    // An operator keeps a copy of the store, NATS goes on and stores alerts 6-10 (the
+    // dashboard gets them), then the server is restored from the copy: 6-10 are gone.
+    c.nats.stop();
+    let store = c.nats.dir.clone();
+    let copy = store.with_extension("copy");
+    copy_dir(&store, &copy);
+    c.nats.up();
+    relink(&c);
+    for n in 6..=10 {
+        acked_alert(&mut svc, n);
+    }
+    let lost: Vec<_> = (6..=10).map(|n| (n, n, epoch)).collect();
+    assert_eq!(received(&mut dash, 5), lost);
+    assert_eq!(
+        c.nodes[1].metric("fleetcast_cluster_stream_rewinds_total"),
+        0,
+        "a restart that lost nothing is no rewind"
+    );
+    c.nats.stop();
+    std::fs::remove_dir_all(&store).unwrap();
+    std::fs::rename(&copy, &store).unwrap();
+    c.nats.up();
+    relink(&c);
+    // New alerts take positions 6-10 again: each reaches the dashboard, once, at those
+    // positions of a new epoch (a client never sees one (epoch, seq) twice).
+    for n in 11..=15 {
+        let ack = acked_alert(&mut svc, n);
+        assert_eq!(ack["payload"]["seq"], n - 5, "{ack}");
+    }
+    let new = received(&mut dash, 5);
+    assert_eq!(
+        new.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        (11..=15).map(|n| (n, n - 5)).collect::<Vec<_>>(),
+        "{new:?}"
+    );
+    let new_epoch = new[0].2;
+    assert!(new_epoch > epoch, "{new:?}");
+    assert!(new.iter().all(|a| a.2 == new_epoch), "{new:?}");
+    dash.expect_silence(Duration::from_millis(300));
+    assert_eq!(
+        c.nodes[1].metric("fleetcast_cluster_stream_rewinds_total"),
+        1,
+        "the node saw the stream lose what it had delivered"
+    );
+    // Positions of the new epoch resume; the old epoch's are not claimed as recovered.
+    let mut again = c.nodes[1].connect("fleet_a", Role::Viewer);
+    again.send(
+        json!({"type":"subscribe","id":"r","payload":{"action":"subscribe",
+        "channel":"alerts","since":{"epoch":new_epoch,"seq":7}}}),
+    );
+    let sub = again.expect("subscribed");
+    assert_eq!(sub["payload"]["recovered"], true, "{sub}");
+    let replay = received(&mut again, 3);
+    assert_eq!(
+        replay.iter().map(|a| a.0).collect::<Vec<_>>(),
+        [13, 14, 15],
+        "{replay:?}"
+    );
+    let mut stale = c.nodes[1].connect("fleet_a", Role::Viewer);
+    stale.send(
+        json!({"type":"subscribe","id":"r","payload":{"action":"subscribe",
+        "channel":"alerts","since":{"epoch":epoch,"seq":8}}}),
+    );
+    let sub = stale.expect("subscribed");
+    assert_eq!(sub["payload"]["recovered"], false, "{sub}");
 }
 
 /// The JSON answer to an iTrack `subscribe` with `hash` on `node` (`/v2/event/subscription`).
