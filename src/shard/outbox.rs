@@ -93,10 +93,26 @@ impl Outbox {
             .keys
             .state_key(ev.channel)
             .filter(|_| ev.channel.is_state());
-        let Some(key) = key.filter(|_| self.bytes > soft) else {
+        let Some(key) = key else {
             self.push_shared(ev);
             return false;
         };
+        let next_id = self.front_id + self.chunks.len() as u64;
+        if self.bytes <= soft {
+            // Under the bound again: queued behind the entity's pending value. If that
+            // value is tracked, track this one instead, or a later value past the bound
+            // would replace the older chunk, and this one would follow it (newer, then
+            // older).
+            if let Some(id) = self
+                .pending
+                .as_mut()
+                .and_then(|p| p[ev.channel.index()].get_mut(key))
+            {
+                *id = next_id;
+            }
+            self.push_shared(ev);
+            return false;
+        }
         let front_id = self.front_id;
         let partially_written = self.written > 0;
         let (d, z) = (self.dialect, self.deflate());
@@ -114,8 +130,7 @@ impl Outbox {
             *old = ev;
             return true;
         }
-        let id = front_id + self.chunks.len() as u64;
-        map.insert(key.into(), id);
+        map.insert(key.into(), next_id);
         self.push_shared(ev);
         false
     }
@@ -418,6 +433,92 @@ mod tests {
             .map(|(seq, c)| state_event("v", seq, c).frame.len())
             .sum();
         assert_eq!(sink.len(), total);
+    }
+
+    #[test]
+    fn a_value_queued_under_the_bound_is_not_overtaken_by_an_older_one() {
+        // Past the bound v1=1 is tracked; the socket takes some bytes, v1=2 queues under
+        // the bound; past it again v1=3 must replace 2, not 1 (CI once saw 599 then 547).
+        let mut o = Outbox::default();
+        let loc = Channel::VehicleLocations;
+        let frame = state_event("v1", 1, loc).frame.len();
+        o.push_owned(vec![0; 2 * frame]);
+        let soft = frame;
+        assert!(!o.push_event(state_event("v1", 1, loc), soft));
+        let mut w = Trickle {
+            out: Vec::new(),
+            cap: 2 * frame,
+            calls: 0,
+        };
+        assert!(!o.flush(&mut w, |_| {}).unwrap());
+        assert!(o.bytes() <= soft);
+        assert!(!o.push_event(state_event("v1", 2, loc), soft));
+        assert!(o.push_event(state_event("v1", 3, loc), soft));
+        let mut seqs = Vec::new();
+        while !o.flush(&mut w, |e| seqs.push(e.seq)).unwrap() {}
+        assert_eq!(seqs, [1, 3]);
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of state values, events and partial writes: per entity the
+        /// values written only go forward and end with the newest; events all arrive, in
+        /// order; the bytes written are the frames counted.
+        #[test]
+        fn conflation_never_reorders_and_keeps_the_newest(
+            ops in proptest::collection::vec((0u8..6, 1usize..400), 1..300),
+            soft in 0usize..600,
+        ) {
+            let mut o = Outbox::default();
+            let mut w = Trickle { out: Vec::new(), cap: 0, calls: 0 };
+            let mut n = 0u64;
+            let mut newest = [0u64; 3];
+            let mut alerts = Vec::new();
+            let mut written: Vec<(Channel, String, u64)> = Vec::new();
+            let mut record = |e: &Event| {
+                let v = e.keys.vehicle.as_deref().unwrap_or("").to_string();
+                written.push((e.channel, v, e.seq));
+            };
+            for (op, cap) in ops {
+                n += 1;
+                match op {
+                    0..=2 => {
+                        let v = format!("v{op}");
+                        o.push_event(state_event(&v, n, Channel::VehicleLocations), soft);
+                        newest[op as usize] = n;
+                    }
+                    3 => {
+                        o.push_event(state_event("v0", n, Channel::Alerts), soft);
+                        alerts.push(n);
+                    }
+                    _ => {
+                        w.cap = cap;
+                        w.calls = 0;
+                        let _ = o.flush(&mut w, &mut record).unwrap();
+                    }
+                }
+            }
+            w.cap = usize::MAX;
+            loop {
+                w.calls = 0;
+                if o.flush(&mut w, &mut record).unwrap() {
+                    break;
+                }
+            }
+            let mut last = [0u64; 3];
+            let mut got_alerts = Vec::new();
+            for (c, v, seq) in &written {
+                if *c == Channel::Alerts {
+                    got_alerts.push(*seq);
+                    continue;
+                }
+                let i: usize = v[1..].parse().unwrap();
+                proptest::prop_assert!(*seq > last[i], "{v}: {seq} after {}", last[i]);
+                last[i] = *seq;
+            }
+            proptest::prop_assert_eq!(last, newest);
+            proptest::prop_assert_eq!(got_alerts, alerts);
+            proptest::prop_assert_eq!(o.bytes(), 0);
+        }
     }
 }
 
