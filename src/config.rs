@@ -71,6 +71,10 @@ pub struct ClusterConfig {
     pub sync_timeout_ms: u64,
     /// Time to establish the NATS connection at start.
     pub connect_timeout_ms: u64,
+    /// Copies NATS keeps of each stream and bucket fleetcast creates (1 to 5). More than
+    /// 1 needs a NATS cluster with JetStream on at least that many servers; 3 keeps every
+    /// acknowledged event through the loss of any one of them.
+    pub replicas: usize,
 }
 
 impl Default for ClusterConfig {
@@ -83,6 +87,7 @@ impl Default for ClusterConfig {
             outbox_capacity: 65_536,
             sync_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,
+            replicas: 1,
         }
     }
 }
@@ -1048,6 +1053,9 @@ impl Config {
             "cluster.node_name must not be empty".to_string()
         });
         p.at_least("cluster.outbox_capacity", c.outbox_capacity as u64, 1);
+        // NATS keeps at most 5 copies of a stream.
+        p.at_least("cluster.replicas", c.replicas as u64, 1);
+        p.at_most("cluster.replicas", c.replicas as u64, 5);
     }
 
     /// Where `auth.api_keys[i]` came from: its line when the config was parsed from text

@@ -71,6 +71,15 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Copies NATS keeps of each stream and bucket (`cluster.replicas`).
+    fn replicas(&self) -> usize {
+        self.shared
+            .config
+            .cluster
+            .as_ref()
+            .map_or(1, |c| c.replicas)
+    }
+
     fn link(&self) -> &ClusterLink {
         self.shared.cluster.as_ref().expect("cluster mode")
     }
@@ -268,6 +277,7 @@ async fn ensure_bucket(ctx: &Ctx) -> anyhow::Result<()> {
             deny_delete: true,
             allow_direct: true,
             storage: stream::StorageType::File,
+            num_replicas: ctx.replicas(),
             ..Default::default()
         })
         .await?;
@@ -296,6 +306,7 @@ async fn event_stream(
             max_age,
             duplicate_window: window,
             storage: stream::StorageType::File,
+            num_replicas: ctx.replicas(),
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         })
@@ -613,6 +624,7 @@ async fn follow_sessions(ctx: &Ctx) -> anyhow::Result<()> {
             allow_rollup: true,
             allow_direct: true,
             storage: stream::StorageType::File,
+            num_replicas: ctx.replicas(),
             ..Default::default()
         })
         .await?;

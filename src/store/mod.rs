@@ -455,8 +455,11 @@ impl<'a> Store<'a> {
         } else {
             Default::default()
         };
+        // Cluster mode: a mirror that is not synced (its sync timed out) may lack events
+        // of the stream; a replay from it is not a recovery.
+        let complete = ch.epoch.is_none() || ch.synced;
         let replay = match since {
-            Some((e, seq)) if channel.is_event() && e == epoch => {
+            Some((e, seq)) if channel.is_event() && e == epoch && complete => {
                 ch.replay_after(seq, now.mono, self.history.max_age())
             }
             _ => None,
@@ -650,6 +653,33 @@ mod tests {
         assert!(matches!(loc("p2", 1_000), Published::Accepted { .. }));
         assert_eq!(loc("p2", 1_500), Published::Duplicate);
         assert_eq!(loc("p1", 2_500), Published::Duplicate, "p1 still seen");
+    }
+
+    #[test]
+    fn an_unsynced_cluster_mirror_recovers_nothing() {
+        let f = Fixture::new();
+        let hub = f.hubs.tenant("fleet_a");
+        hub.channel(Channel::Alerts).lock().reset_stream(5);
+        let sub = |f: &Fixture| {
+            f.store().subscribe(
+                &hub,
+                Channel::Alerts,
+                join(0),
+                &Selection::default(),
+                Some((5, 0)),
+                f.at(0),
+            )
+        };
+        // The stream's epoch, position 0, nothing mirrored yet: not "recovered".
+        let p = sub(&f);
+        assert_eq!((p.epoch, p.position), (5, 0));
+        assert!(p.replay.is_none());
+        f.store().mark_synced(&hub, Channel::Alerts);
+        assert_eq!(
+            sub(&f).replay.map(|r| r.len()),
+            Some(0),
+            "synced: up to date"
+        );
     }
 
     #[test]
