@@ -1436,6 +1436,21 @@ role = "viewer"
     }
 
     #[test]
+    fn cluster_replicas_bounds() {
+        refused("[cluster]\nreplicas = 0", "cluster.replicas");
+        refused("[cluster]\nreplicas = 6", "cluster.replicas");
+        assert!(errors("[cluster]\nreplicas = 3").is_empty());
+        assert_eq!(
+            Config::parse("[cluster]")
+                .unwrap()
+                .cluster
+                .unwrap()
+                .replicas,
+            1
+        );
+    }
+
+    #[test]
     fn listen_address_is_parsed_by_serde() {
         assert!(Config::parse("[server]\nlisten = \"127.0.0.1:99999\"").is_err());
         assert!(Config::parse("[server]\nlisten = \"nowhere\"").is_err());
