@@ -5,10 +5,9 @@
 //! pass, unless `FLEETCAST_REQUIRE_NATS` is set (`.ci/run` sets it and installs the
 //! Debian package).
 
-use crate::support::{Client, key};
+use crate::support::{Client, http_to, key};
 use fleetcast::model::Role;
 use serde_json::{Value, json};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -117,27 +116,6 @@ impl Nats {
     }
 }
 
-/// Sends one HTTP request and reads the answer to the end: (status, body).
-fn http(addr: SocketAddr, req: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(req.as_bytes());
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// Three nats-servers with JetStream, clustered over loopback routes, each with its own
 /// store and monitoring port.
 struct NatsTrio {
@@ -193,7 +171,7 @@ impl NatsTrio {
     /// `/jsz` of server `i` (`query`: e.g. `?streams=true`), or null.
     fn jsz(&self, i: usize, query: &str) -> Value {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.monitors[i]));
-        let (_, body) = http(addr, &format!("GET /jsz{query} HTTP/1.0\r\n\r\n"));
+        let (_, body) = http_to(addr, &format!("GET /jsz{query} HTTP/1.0\r\n\r\n"));
         serde_json::from_str(&body).unwrap_or(Value::Null)
     }
 
@@ -315,7 +293,7 @@ impl NodeProc {
     /// A raw request on a fresh connection; (status, body), or status 0 when the node
     /// does not answer (not listening yet, or killed).
     fn raw(&self, req: &str) -> (u16, String) {
-        http(self.addr, req)
+        http_to(self.addr, req)
     }
 
     fn metric(&self, name: &str) -> u64 {
@@ -399,6 +377,26 @@ fn acked_alert(c: &mut Client, n: u64) -> Value {
 
 fn location(vehicle: &str, lat: f64) -> Value {
     crate::support::location(vehicle, lat)
+}
+
+/// A viewer of fleet_a on `node` that subscribes to alerts resuming after (epoch, seq);
+/// returns it with the `subscribed` answer (waited for up to 15 s: the node may first
+/// have to sync the channel from the cluster).
+fn resume_alerts(node: &NodeProc, epoch: u64, seq: u64) -> (Client, Value) {
+    let mut c = node.connect("fleet_a", Role::Viewer);
+    c.send(
+        json!({"type":"subscribe","id":"resume","payload":{"action":"subscribe",
+        "channel":"alerts","since":{"epoch":epoch,"seq":seq}}}),
+    );
+    let end = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < end {
+        if let Ok(v) = c.next(Duration::from_millis(500))
+            && v["type"] == "subscribed"
+        {
+            return (c, v);
+        }
+    }
+    panic!("no answer to the resuming subscribe");
 }
 
 /// Reads events of `ty` until `n` arrived (or the bounded wait ends); returns them.
@@ -553,12 +551,7 @@ fn a_dashboard_resumes_on_another_node_after_its_node_is_killed() {
         acked_alert(&mut svc, n);
     }
     // Another node, which never had a subscriber of fleet_a's alerts.
-    let mut back = c.nodes[2].connect("fleet_a", Role::Viewer);
-    back.send(
-        json!({"type":"subscribe","id":"resume","payload":{"action":"subscribe",
-        "channel":"alerts","since":{"epoch":epoch,"seq":last_seq}}}),
-    );
-    let reply = back.expect("subscribed");
+    let (mut back, reply) = resume_alerts(&c.nodes[2], epoch, last_seq);
     assert_eq!(reply["payload"]["recovered"], true, "{reply}");
     assert_eq!(reply["payload"]["epoch"].as_u64(), Some(epoch));
     let gap = collect(&mut back, "safety_alert", 15);
@@ -715,12 +708,7 @@ fn nothing_acknowledged_is_lost_when_nats_restarts_or_goes_away() {
         .map(|v| v["payload"]["n"].as_u64().unwrap())
         .collect();
     if seen.len() < acked.len() {
-        let mut again = c.nodes[1].connect("fleet_a", Role::Viewer);
-        again.send(
-            json!({"type":"subscribe","id":"r","payload":{"action":"subscribe",
-            "channel":"alerts","since":{"epoch":epoch,"seq":0}}}),
-        );
-        again.expect("subscribed");
+        let (mut again, _) = resume_alerts(&c.nodes[1], epoch, 0);
         seen = collect(&mut again, "safety_alert", acked.len())
             .iter()
             .map(|v| v["payload"]["n"].as_u64().unwrap())
@@ -813,12 +801,7 @@ fn alerts_stored_after_nats_lost_stored_ones_are_delivered_with_a_new_epoch() {
         "the node saw the stream lose what it had delivered"
     );
     // Positions of the new epoch resume; the old epoch's are not claimed as recovered.
-    let mut again = c.nodes[1].connect("fleet_a", Role::Viewer);
-    again.send(
-        json!({"type":"subscribe","id":"r","payload":{"action":"subscribe",
-        "channel":"alerts","since":{"epoch":new_epoch,"seq":7}}}),
-    );
-    let sub = again.expect("subscribed");
+    let (mut again, sub) = resume_alerts(&c.nodes[1], new_epoch, 7);
     assert_eq!(sub["payload"]["recovered"], true, "{sub}");
     let replay = received(&mut again, 3);
     assert_eq!(
@@ -826,12 +809,7 @@ fn alerts_stored_after_nats_lost_stored_ones_are_delivered_with_a_new_epoch() {
         [13, 14, 15],
         "{replay:?}"
     );
-    let mut stale = c.nodes[1].connect("fleet_a", Role::Viewer);
-    stale.send(
-        json!({"type":"subscribe","id":"r","payload":{"action":"subscribe",
-        "channel":"alerts","since":{"epoch":epoch,"seq":8}}}),
-    );
-    let sub = stale.expect("subscribed");
+    let (_, sub) = resume_alerts(&c.nodes[1], epoch, 8);
     assert_eq!(sub["payload"]["recovered"], false, "{sub}");
 }
 
@@ -908,13 +886,7 @@ fn with_three_replicas_the_loss_of_a_nats_server_loses_no_acknowledged_alert() {
     );
     dash.expect_silence(Duration::from_millis(300));
     // The whole history is still there, from the other node.
-    let mut again = nodes[0].connect("fleet_a", Role::Viewer);
-    again.send(
-        json!({"type":"subscribe","id":"r","payload":{"action":"subscribe",
-        "channel":"alerts","since":{"epoch":epoch,"seq":0}}}),
-    );
-    let sub = again.next(Duration::from_secs(15)).expect("an answer");
-    assert_eq!(sub["type"], "subscribed", "{sub}");
+    let (mut again, sub) = resume_alerts(&nodes[0], epoch, 0);
     assert_eq!(sub["payload"]["recovered"], true, "{sub}");
     assert_eq!(
         ns(collect(&mut again, "safety_alert", 20)),

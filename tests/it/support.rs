@@ -104,21 +104,7 @@ impl Broker {
 
     /// Raw HTTP request; returns (status, body).
     pub fn http(&self, raw: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(raw.as_bytes()).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        http_to(self.addr, raw)
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -331,4 +317,31 @@ impl Broker {
             })
             .sum()
     }
+}
+
+/// Sends one raw HTTP request to `addr` and reads the answer to its end: (status, body);
+/// (0, "") when nothing listens there.
+pub fn http_to(addr: SocketAddr, raw: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(raw.as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    http_answer(&out)
+}
+
+/// (status, body) of a raw HTTP response.
+pub fn http_answer(out: &str) -> (u16, String) {
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

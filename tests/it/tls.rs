@@ -141,17 +141,7 @@ fn https(addr: SocketAddr, cfg: &Arc<ClientConfig>, raw: &str) -> (u16, String) 
     tls.write_all(raw.as_bytes()).unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out).to_string();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    crate::support::http_answer(&String::from_utf8_lossy(&out))
 }
 
 fn get(addr: SocketAddr, cfg: &Arc<ClientConfig>, path: &str) -> (u16, String) {
