@@ -68,9 +68,12 @@ pub struct Broker {
 
 impl Broker {
     /// Starts a node in this process. `FLEETCAST_IO` (mio, io_uring) picks its IO driver,
-    /// as it does for the binary: CI runs the suite once with each.
+    /// as it does for the binary: CI runs the suite once with each. A test that chose
+    /// io_uring itself keeps it.
     pub fn start(mut cfg: Config) -> Broker {
-        if let Ok(io) = std::env::var("FLEETCAST_IO") {
+        if let Ok(io) = std::env::var("FLEETCAST_IO")
+            && cfg.server.io == fleetcast::config::IoDriver::Mio
+        {
             cfg.server.io = io.parse().expect("FLEETCAST_IO is mio or io_uring");
         }
         let node = Node::start(cfg).expect("node starts");
