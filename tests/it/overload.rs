@@ -4,8 +4,8 @@
 //! per vehicle locations only ever newer, and the newest one always arrives. The metrics
 //! account for every skipped update.
 //!
-//! Whether the overload path skips anything depends on timing (see the note at the end of
-//! the test), so the test prints the number of skipped updates rather than asserting it.
+//! Whether the overload path skips anything depends on timing (see the test), so a burst
+//! that skipped nothing is repeated on a fresh node, up to three times.
 
 use crate::support::*;
 use fleetcast::model::Role;
@@ -110,6 +110,25 @@ fn read_all(i: usize, mut c: Client) -> u64 {
 
 #[test]
 fn overloaded_shard_keeps_every_alert_and_the_newest_location() {
+    // With a 1 ms limit, 300 viewers and this burst the shard is overloaded and skips
+    // superseded locations in nearly every run (this failed in ~40% of runs while a stray
+    // writable pass with nothing written could end overload at once; see
+    // `judge_overload`). Whether a drained batch holds two updates of one vehicle still
+    // depends on timing (CI once saw a burst with none skipped), so a burst that skipped
+    // nothing, its guarantees checked all the same, is tried again on a fresh node: the
+    // overload path must run in one of three.
+    for attempt in 1..=3 {
+        if burst_on_a_fresh_node() > 0 {
+            return;
+        }
+        println!("overload: burst {attempt} skipped nothing; again");
+    }
+    panic!("the overload path did not run in 3 bursts");
+}
+
+/// One burst to 300 viewers on a new node with a 1 ms overload limit: checks every
+/// guarantee and the accounting, and returns the updates the overload path skipped.
+fn burst_on_a_fresh_node() -> u64 {
     let started = Instant::now();
     // config() relaxes the limits (rates, per-vehicle location interval, connection caps).
     let mut cfg = config(1);
@@ -214,11 +233,6 @@ fn overloaded_shard_keeps_every_alert_and_the_newest_location() {
         overload > 0
     );
 
-    // With a 1 ms limit, 300 viewers and this burst the shard is overloaded and skips
-    // superseded locations (this failed in ~40% of runs while a stray writable pass with
-    // nothing written could end overload at once; see `judge_overload`).
-    assert!(overload > 0, "the overload path did not run");
-
     // Quiet again, the shard leaves overload (each /metrics request is a loop turn).
     let deadline = Instant::now() + Duration::from_secs(3);
     while b.metric("fleetcast_shard_overloaded", "shard=\"0\"") != 0 {
@@ -228,4 +242,5 @@ fn overloaded_shard_keeps_every_alert_and_the_newest_location() {
         );
         thread::sleep(Duration::from_millis(20));
     }
+    overload
 }
