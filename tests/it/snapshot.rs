@@ -181,7 +181,15 @@ type Seen = BTreeMap<(String, String), (u64, u64)>;
 /// once, in order, up to the publisher's last.
 #[test]
 fn snapshot_then_live_has_no_gap_and_no_duplicate() {
-    let b = Broker::with_shards(2);
+    // A viewer thread descheduled for a while on a loaded machine must not make the
+    // broker conflate (soft bound) or thin (overload) its updates: those skip values by
+    // design (slow_consumer.rs, overload.rs); here every counter must arrive (CI once saw
+    // a skip from 680 to 1035 under the default bounds).
+    let mut cfg = config(2);
+    cfg.limits.soft_outbound_bytes = 64 << 20;
+    cfg.limits.max_outbound_bytes = 64 << 20;
+    cfg.limits.overload_lag_ms = 600_000;
+    let b = Broker::start(cfg);
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -242,6 +250,13 @@ fn snapshot_then_live_has_no_gap_and_no_duplicate() {
         firsts.extend(seen.values().map(|&(f, _)| f));
         assert!(seen.values().all(|&(_, l)| l == fin));
     }
+    assert_eq!(
+        (
+            b.metric("fleetcast_drops_total", "reason=\"conflated\""),
+            b.metric("fleetcast_drops_total", "reason=\"overload\"")
+        ),
+        (0, 0)
+    );
     // The viewers really did join mid-stream, at different points.
     assert!(
         firsts.len() > 1,
