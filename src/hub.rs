@@ -343,7 +343,8 @@ impl std::hash::Hasher for PrehashedId {
 impl Dedup {
     /// Records the id made of `parts` (publisher, channel, id: one publisher can never
     /// suppress another's events); returns true if it was already seen (see the type's
-    /// bounds).
+    /// bounds). The store uses [`Dedup::record`], which also gives the key to forget.
+    #[cfg(test)]
     pub fn check(
         &mut self,
         parts: &[&[u8]],
@@ -354,8 +355,9 @@ impl Dedup {
         self.record(parts, now, window, max_ids).is_none()
     }
 
-    /// Records the id made of `parts` unless already seen: returns its key (for
-    /// [`Dedup::forget`]), or `None` for a duplicate.
+    /// Records the id made of `parts` (publisher, channel, id: one publisher can never
+    /// suppress another's events) unless already seen (see the type's bounds): returns
+    /// its key (for [`Dedup::forget`]), or `None` for a duplicate.
     pub fn record(
         &mut self,
         parts: &[&[u8]],

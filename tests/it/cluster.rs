@@ -343,24 +343,30 @@ fn cluster(n: usize) -> Option<Cluster> {
 
 /// `n` nodes whose configs end with `extra` (TOML).
 fn cluster_with(n: usize, extra: &str) -> Option<Cluster> {
-    let dir = std::env::temp_dir().join(format!(
-        "fleetcast-cluster-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let nats = Nats::start(&dir)?;
+    let dir = temp_dir("cluster");
+    let nats = Nats::start(&dir.0)?;
     let nodes = (0..n)
         .map(|i| {
             let url = format!("\"{}\"", nats.url());
-            NodeProc::start(&dir, &format!("node{i}"), &url, extra)
+            NodeProc::start(&dir.0, &format!("node{i}"), &url, extra)
         })
         .collect();
     Some(Cluster {
         nats,
         nodes,
-        _dir: TempDir(dir),
+        _dir: dir,
     })
+}
+
+/// A new directory under the system's temporary one, removed when dropped.
+fn temp_dir(kind: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!(
+        "fleetcast-{kind}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
 }
 
 fn alert(n: u64) -> Value {
@@ -373,6 +379,27 @@ fn acked_alert(c: &mut Client, n: u64) -> Value {
     m["ack"] = json!(true);
     c.send(m);
     c.expect("ack")
+}
+
+/// Publishes alert `n` with `ack`, retrying with the same id after each 503 (as a
+/// publisher does; the stream drops a retry of a stored one) for up to 30 s. Returns the
+/// refusals.
+fn publish_until_stored(svc: &mut Client, n: u64) -> u32 {
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    while Instant::now() < end {
+        let mut m = alert(n);
+        m["ack"] = json!(true);
+        svc.send(m);
+        let r = svc.recv();
+        if r["type"] == "ack" {
+            return refused;
+        }
+        assert_eq!(r["payload"]["code"], 503, "{r}");
+        refused += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("alert {n} never stored");
 }
 
 fn location(vehicle: &str, lat: f64) -> Value {
@@ -815,42 +842,20 @@ fn alerts_stored_after_nats_lost_stored_ones_are_delivered_with_a_new_epoch() {
 
 #[test]
 fn with_three_replicas_the_loss_of_a_nats_server_loses_no_acknowledged_alert() {
-    let dir = std::env::temp_dir().join(format!(
-        "fleetcast-trio-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _dir = TempDir(dir.clone());
-    let Some(mut trio) = NatsTrio::start(&dir) else {
+    let dir = temp_dir("trio");
+    let Some(mut trio) = NatsTrio::start(&dir.0) else {
         return;
     };
     let nodes: Vec<NodeProc> = (0..2)
-        .map(|i| NodeProc::start(&dir, &format!("node{i}"), &trio.urls(), "replicas = 3"))
+        .map(|i| NodeProc::start(&dir.0, &format!("node{i}"), &trio.urls(), "replicas = 3"))
         .collect();
     let mut dash = nodes[1].connect("fleet_a", Role::Viewer);
     let epoch = dash.subscribe("alerts", json!({}))["payload"]["epoch"]
         .as_u64()
         .unwrap();
     let mut svc = nodes[0].connect("fleet_a", Role::Service);
-    // Retries with the same id until stored, as a publisher does after a 503.
-    let mut publish = |n: u64| {
-        let end = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < end {
-            let mut m = alert(n);
-            m["ack"] = json!(true);
-            svc.send(m);
-            let r = svc.recv();
-            if r["type"] == "ack" {
-                return;
-            }
-            assert_eq!(r["payload"]["code"], 503, "{r}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("alert {n} never stored");
-    };
     for n in 1..=10 {
-        publish(n);
+        publish_until_stored(&mut svc, n);
     }
     let ns = |got: Vec<Value>| -> Vec<u64> {
         got.iter()
@@ -868,7 +873,7 @@ fn with_three_replicas_the_loss_of_a_nats_server_loses_no_acknowledged_alert() {
     let i: usize = leader[1..].parse().unwrap();
     trio.servers[i].kill();
     for n in 11..=20 {
-        publish(n);
+        publish_until_stored(&mut svc, n);
     }
     // The operator brings the server back. (nats-server 2.9 may go on placing new
     // consumers on a peer it has not yet found dead, for tens of seconds: both nodes
@@ -1017,20 +1022,7 @@ fn a_publisher_that_retries_loses_nothing_and_duplicates_nothing_across_a_nats_r
         ));
         let mut refused = 0;
         for n in 1..=TOTAL {
-            // Retry with the same id until stored: the stream drops a retry of a stored one.
-            for attempt in 0.. {
-                assert!(attempt < 400, "alert {n} never stored");
-                let mut m = alert(n);
-                m["ack"] = json!(true);
-                svc.send(m);
-                let r = svc.recv();
-                if r["type"] == "ack" {
-                    break;
-                }
-                assert_eq!(r["payload"]["code"], 503, "{r}");
-                refused += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            refused += publish_until_stored(&mut svc, n);
             std::thread::sleep(Duration::from_millis(5));
         }
         refused
