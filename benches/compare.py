@@ -6,7 +6,8 @@
     python3 benches/compare.py --max-ratio 1.5
 
 The machines are shared and noisy, so only a large regression (2x or worse by default)
-fails; the printed ratios are the figures to read.
+fails, and only if a second run confirms it (each bench keeps its faster median); the
+printed ratios are the figures to read.
 """
 import argparse
 import json
@@ -72,6 +73,14 @@ def main():
         return 0
     with open(BASELINE) as f:
         base = json.load(f)
+    over = [n for n in base if n in now and now[n] / base[n] >= args.max_ratio]
+    if over and not args.no_run:
+        # One short run on a shared VM can read 1.8x on unchanged code (2026-12-06): run
+        # again and keep each bench's faster median. A real regression is slow both times.
+        print(f"over {args.max_ratio}x once: {', '.join(sorted(over))}; running the benches again")
+        first = now
+        run_benches()
+        now = {n: min(v, first.get(n, v)) for n, v in read_results().items()}
     worst = 0.0
     print(f"{'bench':<45} {'baseline':>12} {'now':>12} {'ratio':>7}")
     for name in sorted(base):
